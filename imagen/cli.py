@@ -1,0 +1,105 @@
+"""The ``imagen`` command: one sub-command per pipeline stage, so each stage also runs alone.
+
+Every sub-command reads params.yaml (``--params``), applies ``--set key.path=value`` overrides,
+validates the whole config before doing any work, and then calls the ``main(args, params)`` of
+the module that implements it. Modules are imported lazily so ``imagen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). Each module defines add_arguments(parser) and
+# main(args, params) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("imagen.nn.presets", "list the UNet presets with their parameter counts"),
+    "ingest": ("imagen.data.ingest", "write webdataset shards + manifest from a source"),
+    "precache": ("imagen.data.precache", "encode every caption with the T5 text encoder"),
+    "train": ("imagen.train", "train one cascade stage (base64, sr256 or sr1024)"),
+    "sample": ("imagen.cascade", "generate images for prompts with the trained cascade"),
+    "evaluate": ("imagen.evaluate", "FID-CLIP sweep over guidance scales; register models"),
+    "pipeline": ("imagen.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
+}
+
+OFFLINE_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _set_threads() -> None:
+    import torch
+
+    n = int(os.environ.get("IMAGEN_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(1, n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagen",
+        description=(
+            "Imagen cascaded text-to-image diffusion (64 -> 256 -> 1024). Each sub-command is "
+            "one pipeline stage; `dvc repro` chains them, the Prefect deployment "
+            "imagen/cascade-train runs them, and every run is logged to MLflow."
+        ),
+        epilog="Run `imagen <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        p.add_argument(
+            "--set",
+            "-S",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a params.yaml value, e.g. -S stages.base64.trainer.max_steps=10",
+        )
+        p.set_defaults(_module=module)
+        # Only import the module whose options are being parsed (keeps --help fast).
+        if name in sys.argv[1:2]:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        args = build_parser().parse_args(argv)
+    finally:
+        sys.argv = saved
+    from imagen.config import ConfigError, load_params
+
+    module = importlib.import_module(args._module)
+    try:
+        params = load_params(args.params, args.overrides) if args.command != "presets" else None
+    except ConfigError as e:
+        print(f"imagen {args.command}: {e}", file=sys.stderr)
+        return 2
+    _set_threads()
+    try:
+        return int(module.main(args, params) or 0)
+    except ConfigError as e:
+        print(f"imagen {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imagen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
