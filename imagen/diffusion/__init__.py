@@ -1,0 +1,64 @@
+"""Diffusion: EDM and continuous-DDPM preconditioning, samplers, guidance, noise augmentation.
+
+Every preconditioning is a :class:`Denoiser` (``denoiser(x, sigma, **cond) -> x0_hat`` with
+``x = x0 + sigma * eps``; ``denoiser.loss(x0, cond)`` for training), and every sampler works
+with every preconditioning through that one interface. :func:`sample` is the entry point.
+"""
+
+from imagen.diffusion.denoiser import (
+    DDPMDenoiser,
+    Denoiser,
+    EDMDenoiser,
+    build_denoiser,
+    elementwise_loss,
+)
+from imagen.diffusion.guidance import (
+    GuidedDenoiser,
+    apply_threshold,
+    drop_mask,
+    dynamic_threshold,
+    static_threshold,
+)
+from imagen.diffusion.noise_aug import augment_lowres, lowres_condition, sample_aug_level
+from imagen.diffusion.samplers import (
+    SAMPLERS,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
+from imagen.diffusion.schedules import (
+    karras_sigmas,
+    log_snr_cosine,
+    log_snr_linear,
+    uniform_t_sigmas,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "DDPMDenoiser",
+    "Denoiser",
+    "EDMDenoiser",
+    "GuidedDenoiser",
+    "apply_threshold",
+    "augment_lowres",
+    "build_denoiser",
+    "drop_mask",
+    "dynamic_threshold",
+    "elementwise_loss",
+    "karras_sigmas",
+    "log_snr_cosine",
+    "log_snr_linear",
+    "lowres_condition",
+    "sample",
+    "sample_aug_level",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_heun",
+    "static_threshold",
+    "uniform_t_sigmas",
+]

@@ -1,0 +1,598 @@
+"""Cascade sampling: text -> 64 px (base64) -> 256 px (sr256) -> 1024 px (sr1024).
+
+Imagen generates in three diffusion stages (Saharia et al. 2022, Sec. 2.4): the base model turns
+T5 text embeddings into a 64 px image, then two text-conditioned super-resolution models take
+the previous stage's output as their low-res input, noised at a small fixed augmentation level,
+and produce 256 px and 1024 px images. Each stage samples with its own sampler, step count and
+classifier-free guidance scale (``stages.<name>.sampling`` in params.yaml, or overrides here).
+
+:class:`Cascade` holds the stage networks (loaded from the self-describing stage model files
+``models/<stage>/model.pt``, or from the MLflow model registry via :mod:`imagen.registry`) and
+the T5 text encoder. ``imagen sample`` is its command line: PNGs per prompt and stage, plus a
+grid with the stages side by side.
+
+Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
+same on the same machine (every random draw comes from a generator seeded by
+``(seed, stage, batch)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from imagen.checkpoint import MODEL_FILE
+from imagen.config import (
+    STAGES,
+    ConditioningConfig,
+    ConfigError,
+    Params,
+    SamplingConfig,
+    StageConfig,
+)
+
+__all__ = [
+    "Cascade",
+    "CascadeStage",
+    "add_arguments",
+    "cascade_grid",
+    "image_grid",
+    "main",
+    "missing_stage_message",
+    "parse_stage_values",
+    "to_pil",
+]
+
+T = TypeVar("T")
+PerStage = T | Mapping[str, T] | None  # one value for every stage, or stage -> value
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One image (3, H, W) in [-1, 1] -> an RGB PIL image."""
+    x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) in [0, 255]."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any, max_lines: int) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
+    return lines
+
+
+def image_grid(
+    images: Sequence[Image.Image],
+    captions: Sequence[str] | None = None,
+    *,
+    cols: int | None = None,
+    cell: int = 128,
+    caption_lines: int = 3,
+) -> Image.Image:
+    """A white sheet of ``images`` resized to ``cell`` px, each with its wrapped caption below."""
+    n = len(images)
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    font = ImageFont.load_default()
+    text_h = 12 * caption_lines + 4 if captions else 0
+    cell_w = max(cell, 120 if captions else cell)
+    pad = 6
+    sheet = Image.new(
+        "RGB", (cols * (cell_w + pad) + pad, rows * (cell + text_h + pad) + pad), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (cell_w + pad), pad + r * (cell + text_h + pad)
+        sheet.paste(
+            img.convert("RGB").resize((cell, cell), Image.LANCZOS), (x0 + (cell_w - cell) // 2, y0)
+        )
+        if captions:
+            for k, line in enumerate(_wrap(draw, captions[i], cell_w, font, caption_lines)):
+                draw.text((x0, y0 + cell + 2 + 12 * k), line, fill="black", font=font)
+    return sheet
+
+
+def cascade_grid(
+    images: Mapping[str, torch.Tensor], prompts: Sequence[str], *, cell: int = 256
+) -> Image.Image:
+    """Rows = prompts, columns = stages (64 -> 256 -> 1024), every image shown at ``cell`` px.
+
+    Each stage is resized with nearest-neighbour so a 64 px image shows its real pixels beside
+    the 256 px and 1024 px ones.
+    """
+    stages = [s for s in STAGES if s in images]
+    font = ImageFont.load_default()
+    label_w, head_h, pad = 180, 18, 6
+    width = label_w + len(stages) * (cell + pad) + pad
+    height = head_h + len(prompts) * (cell + pad) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, stage in enumerate(stages):
+        res = images[stage].shape[-1]
+        draw.text((label_w + j * (cell + pad), 3), f"{stage} ({res} px)", fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y0 = head_h + i * (cell + pad)
+        for k, line in enumerate(_wrap(draw, prompt, label_w - 10, font, cell // 12)):
+            draw.text((pad, y0 + 12 * k), line, fill="black", font=font)
+        for j, stage in enumerate(stages):
+            img = to_pil(images[stage][i])
+            resample = Image.NEAREST if img.width <= cell else Image.LANCZOS
+            sheet.paste(img.resize((cell, cell), resample), (label_w + j * (cell + pad), y0))
+    return sheet
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage option values
+# --------------------------------------------------------------------------------------------
+def parse_stage_values(text: str | None, cast: type, option: str) -> PerStage:
+    """``"30"`` -> 30 (all stages); ``"base64=30,sr256=20"`` -> {"base64": 30, "sr256": 20}."""
+    if text is None:
+        return None
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return cast(text)
+        except ValueError as e:
+            raise ConfigError(f"{option}: {text!r} is not a {cast.__name__}") from e
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ConfigError(f"{option}: {part!r} should be stage=value (e.g. base64=30)")
+        stage, value = (s.strip() for s in part.split("=", 1))
+        if stage not in STAGES:
+            raise ConfigError(f"{option}: unknown stage {stage!r}; allowed: {list(STAGES)}")
+        try:
+            out[stage] = cast(value)
+        except ValueError as e:
+            raise ConfigError(f"{option}: {stage}={value!r} is not a {cast.__name__}") from e
+    return out
+
+
+def _for_stage(value: PerStage, stage: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(stage)
+    return value
+
+
+def missing_stage_message(path: Path, stage: str) -> str:
+    """What to run when a stage model file is missing."""
+    return (
+        f"{path}: no trained {stage} model. Train it with `imagen train --stage {stage}` "
+        f"(or `dvc repro train@{stage}`; `dvc repro` trains the whole cascade), or point "
+        "--models at a folder holding <stage>/model.pt files or at a registered model "
+        "(models:/imagen-cascade@champion)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The cascade
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CascadeStage:
+    """One loaded stage: its network wrapped in its preconditioning, and its config."""
+
+    name: str
+    config: StageConfig
+    net: nn.Module
+    denoiser: nn.Module
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    def sampling(
+        self,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+    ) -> SamplingConfig:
+        """The stage's SamplingConfig with the given overrides (validated)."""
+        update = {"steps": steps, "guidance_scale": guidance, "sampler": sampler}
+        update = {k: v for k, v in update.items() if v is not None}
+        if not update:
+            return self.config.sampling
+        try:
+            return SamplingConfig.model_validate({**self.config.sampling.model_dump(), **update})
+        except ValueError as e:
+            raise ConfigError(f"sampling override for {self.name}: {e}") from e
+
+
+def _batch_generator(seed: int, stage_index: int, batch_index: int) -> torch.Generator:
+    # One CPU generator per (seed, stage, batch): noise is drawn on the CPU and moved, so the
+    # same seed gives the same images on any device.
+    return torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
+    )
+
+
+class Cascade:
+    """The loaded cascade: stage networks (in order base64, sr256, sr1024) + the text encoder.
+
+    Any prefix of the cascade works: base only, base + sr256, or all three.
+    """
+
+    def __init__(
+        self,
+        stages: Mapping[str, tuple[nn.Module, StageConfig]],
+        encoder: Any,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from imagen.diffusion import build_denoiser
+
+        names = [s for s in STAGES if s in stages]
+        if not names or names[0] != "base64":
+            raise ConfigError("a cascade needs the base64 stage (it generates from text)")
+        if names != list(STAGES[: len(names)]):
+            raise ConfigError(f"stages {names}: a cascade is a prefix of {list(STAGES)}")
+        self.device = torch.device(device)
+        self.encoder = encoder
+        self.stages: dict[str, CascadeStage] = {}
+        for name in names:
+            net, cfg = stages[name]
+            net = net.to(self.device).eval().requires_grad_(False)
+            self.stages[name] = CascadeStage(name, cfg, net, build_denoiser(cfg.model, net))
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_files(
+        cls,
+        files: Mapping[str, str | Path],
+        *,
+        encoder_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Cascade:
+        """Load stage model files (stage -> model.pt or its folder) and the text encoder.
+
+        ``encoder_path`` overrides the encoder folder the base stage was trained with
+        (``model.conditioning.encoder_path`` inside its model file).
+        """
+        from imagen.checkpoint import load_stage
+
+        loaded: dict[str, tuple[nn.Module, StageConfig]] = {}
+        for name, path in files.items():
+            path = Path(path)
+            file = path / MODEL_FILE if path.is_dir() or path.suffix != ".pt" else path
+            if not file.exists():
+                raise FileNotFoundError(missing_stage_message(file, name))
+            net, cfg = load_stage(file, device="cpu")
+            if cfg.name != name:
+                raise ConfigError(f"{file}: holds stage {cfg.name!r}, expected {name!r}")
+            loaded[name] = (net, cfg)
+        if "base64" not in loaded:
+            raise ConfigError("a cascade needs the base64 stage model")
+        cond = loaded["base64"][1].model.conditioning
+        encoder = load_encoder(cond, encoder_path, device)
+        return cls(loaded, encoder, device)
+
+    @classmethod
+    def from_models_dir(
+        cls,
+        models_dir: str | Path = "models",
+        *,
+        depth: str = "sr1024",
+        encoder_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Cascade:
+        """Load ``models_dir/<stage>/model.pt`` for every stage up to ``depth``."""
+        names = stages_to(depth)
+        files = {name: Path(models_dir) / name / MODEL_FILE for name in names}
+        for name, file in files.items():  # report the first missing stage before loading any
+            if not file.exists():
+                raise FileNotFoundError(missing_stage_message(file, name))
+        return cls.from_files(files, encoder_path=encoder_path, device=device)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        depth: str = "sr1024",
+        tracking_uri: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Cascade:
+        """A models folder, or a registered model URI (``models:/imagen-cascade@champion``)."""
+        if str(source).startswith(("models:/", "runs:/")):
+            from imagen.registry import load_registered_cascade
+
+            return load_registered_cascade(
+                str(source), depth=depth, tracking_uri=tracking_uri, device=device
+            )
+        return cls.from_models_dir(source, depth=depth, device=device)
+
+    # ---------------------------------------------------------------- sampling
+    @property
+    def depth(self) -> str:
+        """The last stage loaded."""
+        return list(self.stages)[-1]
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (T5 embeddings (B, L, D), mask (B, L)) on the cascade's device."""
+        embeds, mask = self.encoder.encode(list(prompts))
+        return embeds.to(self.device, torch.float32), mask.to(self.device)
+
+    @torch.no_grad()
+    def sample_stage(
+        self,
+        name: str,
+        text_embed: torch.Tensor,
+        text_mask: torch.Tensor,
+        lowres: torch.Tensor | None = None,
+        *,
+        sampling: SamplingConfig | None = None,
+        noise_aug: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """One stage for one batch: (B, 3, res, res) in [-1, 1].
+
+        SR stages take ``lowres`` (the previous stage's output), resize it to the stage's
+        ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's
+        ``model.noise_cond_aug.sample_level``) -- Imagen's noise conditioning augmentation.
+        """
+        from imagen.diffusion import augment_lowres, sample
+
+        stage = self.stages[name]
+        cfg = stage.config
+        b = text_embed.shape[0]
+        cond: dict[str, Any] = {"text_embed": text_embed, "text_mask": text_mask}
+        if stage.net.is_sr:
+            if lowres is None:
+                raise ValueError(f"{name} is a super-resolution stage: it needs a lowres image")
+            size = cfg.lowres or lowres.shape[-1]
+            if lowres.shape[-1] != size:
+                lowres = F.interpolate(lowres, size=(size, size), mode="bilinear", antialias=True)
+            aug = cfg.model.noise_cond_aug
+            level = aug.sample_level if noise_aug is None else float(noise_aug)
+            if not aug.enabled:
+                level = 0.0
+            level_t = torch.full((b,), level, device=self.device)
+            cond["lowres"] = augment_lowres(lowres.to(self.device), level_t, generator)
+            cond["aug_level"] = level_t
+        shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)
+        out = sample(
+            stage.denoiser,
+            shape,
+            cond,
+            sampling or cfg.sampling,
+            generator=generator,
+            progress=progress,
+        )
+        return out.clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        depth: str | None = None,
+        steps: PerStage[int] = None,
+        guidance: PerStage[float] = None,
+        sampler: PerStage[str] = None,
+        noise_aug: PerStage[float] = None,
+        seed: int = 0,
+        batch_size: int = 4,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Generate every prompt through the cascade up to ``depth``.
+
+        Returns stage -> images (N, 3, res, res) in [-1, 1] on the CPU. ``steps``,
+        ``guidance``, ``sampler`` and ``noise_aug`` are one value for every stage or a mapping
+        stage -> value; what is not given comes from each stage's ``sampling`` config.
+        """
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise ValueError("no prompts to generate")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        depth = depth or self.depth
+        names = stages_to(depth)
+        missing = [n for n in names if n not in self.stages]
+        if missing:
+            raise ConfigError(
+                f"depth {depth!r} needs stages {missing}, which this cascade did not load"
+            )
+        samplings = {
+            n: self.stages[n].sampling(
+                _for_stage(steps, n), _for_stage(guidance, n), _for_stage(sampler, n)
+            )
+            for n in names
+        }
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        bar = _progress_bar(len(batches) * len(names), progress)
+        for bi, batch in enumerate(batches):
+            text_embed, text_mask = self.encode(batch)
+            lowres = None
+            for k, name in enumerate(names):
+                if bar is not None:
+                    bar.set_description(f"{name} batch {bi + 1}/{len(batches)}")
+                images = self.sample_stage(
+                    name,
+                    text_embed,
+                    text_mask,
+                    lowres,
+                    sampling=samplings[name],
+                    noise_aug=_for_stage(noise_aug, name),
+                    generator=_batch_generator(seed, k, bi),
+                )
+                out[name].append(images.cpu())
+                lowres = images
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return {n: torch.cat(v) for n, v in out.items()}
+
+
+def stages_to(depth: str) -> list[str]:
+    """["base64"], ["base64", "sr256"] or all three, by the last stage named."""
+    if depth not in STAGES:
+        raise ConfigError(f"depth: unknown stage {depth!r}; allowed: {list(STAGES)}")
+    return list(STAGES[: STAGES.index(depth) + 1])
+
+
+def load_encoder(
+    cond: ConditioningConfig, encoder_path: str | Path | None, device: str | torch.device = "cpu"
+) -> Any:
+    """The T5 encoder of ``cond``, optionally from another folder (e.g. a registry artifact)."""
+    from imagen.text import load_text_encoder
+
+    if encoder_path is not None:
+        cond = cond.model_copy(update={"encoder_path": str(encoder_path)})
+    return load_text_encoder(cond, device=device)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="stage-batch", file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# imagen sample
+# --------------------------------------------------------------------------------------------
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe short form of a prompt."""
+    s = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "prompt"
+
+
+def save_images(
+    images: Mapping[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path
+) -> list[Path]:
+    """Write ``out_dir/<stage>/<index>_<slug>.png`` for every prompt and stage + ``grid.png``."""
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for stage, batch in images.items():
+        folder = out_dir / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, prompt in enumerate(prompts):
+            path = folder / f"{i:03d}_{slug(prompt)}.png"
+            to_pil(batch[i]).save(path)
+            written.append(path)
+    grid = out_dir / "grid.png"
+    cascade_grid(images, prompts, cell=256).save(grid)
+    written.append(grid)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="*", help="text prompts (one image per prompt)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--depth",
+        default="sr1024",
+        choices=list(STAGES),
+        help="last stage to run: base64 (64 px), sr256 or sr1024 (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--steps", help="sampling steps: one number, or per stage e.g. base64=30,sr256=20"
+    )
+    parser.add_argument(
+        "--guidance", help="classifier-free guidance scale, one or per stage (base64=7.5)"
+    )
+    parser.add_argument(
+        "--sampler", help="heun | euler | ddpm | ddim | dpmpp_2m, one or per stage (base64=heun)"
+    )
+    parser.add_argument(
+        "--noise-aug",
+        help="noise augmentation level of the SR stages' low-res input (default: each stage's "
+        "model.noise_cond_aug.sample_level), one or per stage",
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="folder with <stage>/model.pt (default: params models_dir), or a registered model "
+        "URI such as models:/imagen-cascade@champion",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file: {path} not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("imagen sample: give at least one prompt (or --prompts-file)", file=sys.stderr)
+        return 2
+    steps = parse_stage_values(args.steps, int, "--steps")
+    guidance = parse_stage_values(args.guidance, float, "--guidance")
+    sampler = parse_stage_values(args.sampler, str, "--sampler")
+    noise_aug = parse_stage_values(args.noise_aug, float, "--noise-aug")
+    source = args.models or params.models_dir
+    from imagen.tracking import tracking_uri
+
+    try:
+        cascade = Cascade.load(
+            source,
+            depth=args.depth,
+            tracking_uri=tracking_uri(params),
+            device=resolve_device(args.device),
+        )
+    except FileNotFoundError as e:
+        print(f"imagen sample: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    images = cascade.generate(
+        prompts,
+        depth=args.depth,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        noise_aug=noise_aug,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    elapsed = time.perf_counter() - start
+    written = save_images(images, prompts, args.out)
+    print(
+        f"imagen sample: {len(prompts)} prompt(s) to {args.depth} in {elapsed:.1f} s; "
+        f"{len(written)} files in {args.out}/ (grid: {written[-1]})"
+    )
+    return 0

@@ -1,0 +1,342 @@
+"""Streaming training data: webdataset shards -> per-stage image pyramids + T5 embeddings.
+
+:class:`ImagenDataModule` streams the encoded shards (``data.encoded_dir``; the raw ingested
+shards of ``data.shards_dir`` when ``online_encoding`` is on) with webdataset:
+
+    shard list (reshuffled each epoch, same order on every rank)
+      -> split by node (rank) -> split by worker      (webdataset's split_by_node/_worker)
+      -> tar samples -> shuffle buffer (trainer.shuffle_buffer) -> decode
+      -> stage pyramid + text features -> DataLoader batches
+
+Each epoch every sample is read by exactly one (rank, worker): shards are dealt out when there
+are at least ranks x workers of them, and when there are fewer, every stream reads all shards
+and keeps every (ranks x workers)-th sample. Training streams repeat epochs forever (training
+is step-based); validation / held-out streams are one epoch.
+
+The stage pyramid (square images, as ingest stores them):
+
+- base64: the image resized (antialiased) to the UNet's ``unet.image_size``.
+- SR stages (resolution R, low resolution r, UNet crop C): the image is resized to R, the low-
+  res image is that R image downsampled to r, and a random C crop of the R image is paired
+  with the aligned ``C*r/R`` crop of the r image (offsets on the low-res pixel grid), e.g.
+  sr256 with C=128: a 128 crop of the 256 image + the matching 32 crop of the 64 image;
+  sr1024 with C=256: a 256 crop of the 1024 image + the matching 64 crop of the 256 image.
+
+Batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) in [-1, 1], ``text_embed``
+(B,token_length,D) float32 zero-padded, ``text_mask`` (B,token_length) bool, ``caption`` and
+``key`` lists.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from imagen.config import ConfigError, Params, StageConfig
+from imagen.text import TextEncoder, from_storage, load_text_encoder, pad_or_trim
+
+Split = str  # "train" | "holdout"
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and splitting
+# --------------------------------------------------------------------------------------------
+def shard_paths(params: Params, split: Split = "train") -> list[str]:
+    """The shards a split streams from (encoded unless online encoding), in name order."""
+    cond = params.conditioning
+    folder = Path(params.data.shards_dir if cond.online_encoding else params.data.encoded_dir)
+    shards = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
+    if not shards:
+        run = "imagen ingest" if cond.online_encoding else "imagen ingest && imagen precache"
+        raise ConfigError(f"no {split}-*.tar shards in {folder}; run `{run}` first")
+    return shards
+
+
+def stream_position() -> tuple[int, int]:
+    """(this stream's index, number of streams) over all ranks x DataLoader workers, as
+    webdataset sees them (RANK/WORLD_SIZE or torch.distributed; the DataLoader worker info)."""
+    import webdataset as wds
+
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return rank * workers + worker, world * workers
+
+
+class ShardStream(IterableDataset):
+    """Raw webdataset samples of a set of shards, split across ranks and workers.
+
+    ``epochs=None`` repeats forever. The shard order of each epoch is shuffled with
+    ``seed + epoch`` (identical on every rank, so the split stays disjoint) when ``shuffle``.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        epochs: int | None = 1,
+        shuffle: bool = False,
+        buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shards, self.epochs, self.shuffle, self.buffer, self.seed = (
+            list(shards),
+            epochs,
+            shuffle,
+            buffer,
+            seed,
+        )
+
+    def _epoch_urls(self, epoch: int) -> tuple[list[str], bool]:
+        """This stream's shards for ``epoch`` and whether samples must be split instead."""
+        import webdataset as wds
+
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        _, streams = stream_position()
+        if len(order) >= streams:
+            return list(wds.split_by_worker(wds.split_by_node(order))), False
+        return order, True  # too few shards: every stream reads all, keeps its share
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        index, streams = stream_position()
+        epochs = itertools.count() if self.epochs is None else range(self.epochs)
+        for epoch in epochs:
+            urls, by_sample = self._epoch_urls(epoch)
+            src: Any = wds.tarfile_to_samples()(dict(url=u) for u in urls)
+            if by_sample:
+                src = (s for i, s in enumerate(src) if i % streams == index)
+            if self.buffer > 1:
+                src = wds.shuffle(self.buffer, initial=min(self.buffer, 100))(src)
+            yield from src
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage pyramid
+# --------------------------------------------------------------------------------------------
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _resize(img: Image.Image, size: int) -> Image.Image:
+    if img.size == (size, size):
+        return img
+    # PIL widens the filter support by the scale factor when shrinking: antialiased.
+    return img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+class StagePyramid:
+    """The image(s) one stage trains on, from a stored (square) image."""
+
+    def __init__(self, stage: StageConfig, random_crop: bool = True) -> None:
+        self.crop = stage.model.unet.image_size
+        self.res = stage.resolution
+        self.lowres = stage.lowres if stage.model.is_sr else None
+        self.random_crop = random_crop
+        if self.crop > self.res:
+            raise ConfigError(
+                f"stages.{stage.name}.model.unet.image_size: {self.crop} is larger than the "
+                f"stage resolution {self.res}"
+            )
+        if self.lowres is not None:
+            if self.res % self.lowres or (self.crop * self.lowres) % self.res:
+                raise ConfigError(
+                    f"stages.{stage.name}.lowres: {self.lowres} must divide the resolution "
+                    f"{self.res} and the crop {self.crop} must map to whole low-res pixels"
+                )
+            self.low_crop = self.crop * self.lowres // self.res
+        else:
+            # base stage: the UNet sees the whole image at its own size
+            self.res = self.crop
+
+    def _offset(self, span: int) -> int:
+        if span <= 0:
+            return 0
+        if self.random_crop:
+            return int(torch.randint(0, span + 1, ()).item())
+        return span // 2
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = img.convert("RGB")
+        if img.size[0] != img.size[1]:  # ingest stores squares; be lenient with other shards
+            s = min(img.size)
+            left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        full = _resize(img, self.res)
+        if self.lowres is None:
+            i, j = self._offset(self.res - self.crop), self._offset(self.res - self.crop)
+            return {"image": _to_tensor(full.crop((j, i, j + self.crop, i + self.crop)))}
+        low = _resize(full, self.lowres)  # downsample the whole image, then crop aligned
+        f = self.res // self.lowres
+        i, j = self._offset(self.lowres - self.low_crop), self._offset(self.lowres - self.low_crop)
+        hi = full.crop((j * f, i * f, j * f + self.crop, i * f + self.crop))
+        lo = low.crop((j, i, j + self.low_crop, i + self.low_crop))
+        return {"image": _to_tensor(hi), "lowres": _to_tensor(lo)}
+
+
+# --------------------------------------------------------------------------------------------
+# Samples -> training examples
+# --------------------------------------------------------------------------------------------
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+class StageExamples(IterableDataset):
+    """Decoded training examples for one stage: pyramid + padded text features."""
+
+    def __init__(self, params: Params, stage: StageConfig, stream: ShardStream, train: bool):
+        super().__init__()
+        self.stream = stream
+        self.pyramid = StagePyramid(stage, random_crop=train)
+        self.cond = params.conditioning
+        self.npy_key = f"{self.cond.precached_key}.npy"
+
+    def example(self, s: dict[str, Any]) -> dict[str, Any]:
+        key = s.get("__key__", "?")
+        where = f"{s.get('__url__', '?')}: sample {key!r}"
+        data = next((s[k] for k in IMAGE_KEYS if k in s), None)
+        if data is None:
+            raise ConfigError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
+        with Image.open(io.BytesIO(data)) as im:
+            out = self.pyramid(im)
+        out["caption"] = s["txt"].decode("utf-8") if "txt" in s else ""
+        out["key"] = key
+        if not self.cond.online_encoding:
+            if self.npy_key not in s:
+                raise ConfigError(
+                    f"{where} has no {self.npy_key} (model.conditioning.precached_key); "
+                    "run `imagen precache` with the same params"
+                )
+            emb = from_storage(np.load(io.BytesIO(s[self.npy_key])))
+            if emb.ndim != 2 or emb.shape[1] != self.cond.embed_dim:
+                raise ConfigError(
+                    f"{where}: embedding shape {emb.shape} does not match "
+                    f"model.conditioning.embed_dim {self.cond.embed_dim}; re-run `imagen precache`"
+                )
+            out["text_embed"], out["text_mask"] = pad_or_trim(emb, self.cond.token_length)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for s in self.stream:
+            yield self.example(s)
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep strings as lists."""
+    batch: dict[str, Any] = {}
+    for k in examples[0]:
+        vals = [e[k] for e in examples]
+        batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else list(vals)
+    return batch
+
+
+def make_dataset(
+    params: Params,
+    stage: StageConfig,
+    split: Split = "train",
+    epochs: int | None = None,
+    train: bool | None = None,
+) -> StageExamples:
+    """The example stream of ``split`` for ``stage``. Training (``train``: shuffled shards,
+    shuffle buffer, random crops) is the default for the train split."""
+    train = split == "train" if train is None else train
+    stream = ShardStream(
+        shard_paths(params, split),
+        epochs=epochs,
+        shuffle=train,
+        buffer=stage.trainer.shuffle_buffer if train else 0,
+        seed=stage.trainer.seed + params.data.seed,
+    )
+    return StageExamples(params, stage, stream, train)
+
+
+class OnlineEncoding:
+    """Adds ``text_embed`` / ``text_mask`` to batches that carry only captions."""
+
+    def __init__(self, params: Params) -> None:
+        self.cond = params.conditioning
+        self.encoder: TextEncoder | None = None
+
+    def __call__(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict:
+        if "text_embed" in batch:
+            return batch
+        if self.encoder is None or self.encoder.device != torch.device(device):
+            self.encoder = load_text_encoder(self.cond, device=device)
+        batch["text_embed"], batch["text_mask"] = self.encoder.encode(batch["caption"])
+        return batch
+
+
+class ImagenDataModule(pl.LightningDataModule):
+    """Lightning data for one cascade stage, streamed from the (encoded) shards."""
+
+    def __init__(self, params: Params, stage: StageConfig, split: Split = "train") -> None:
+        super().__init__()
+        self.params, self.stage, self.split = params, stage, split
+        self.online = OnlineEncoding(params) if params.conditioning.online_encoding else None
+
+    def setup(self, stage: str | None = None) -> None:
+        # webdataset's split_by_node reads RANK / WORLD_SIZE (or torch.distributed, which
+        # spawned DataLoader workers do not inherit): publish what the Trainer knows.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            os.environ.setdefault("RANK", str(trainer.global_rank))
+            os.environ.setdefault("WORLD_SIZE", str(trainer.world_size))
+
+    def _loader(self, split: Split, epochs: int | None, train: bool) -> DataLoader:
+        t = self.stage.trainer
+        ds = make_dataset(self.params, self.stage, split, epochs=epochs, train=train)
+        return DataLoader(
+            ds,
+            batch_size=t.batch_size,
+            num_workers=t.num_workers,
+            collate_fn=collate,
+            persistent_workers=t.num_workers > 0 and epochs is None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.split, epochs=None, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("holdout", epochs=1, train=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        if self.online is not None:
+            batch = self.online(batch, device=batch["image"].device)
+        return batch
+
+
+def holdout_batches(
+    params: Params, n: int, stage: str | StageConfig = "base64", batch_size: int | None = None
+) -> list[dict[str, Any]]:
+    """The first ``n`` held-out examples (center crops, file order) as batches, for evaluation.
+
+    Each batch has the training keys (text features included, encoded on the fly when
+    ``online_encoding``) plus ``attributes`` (from the sample metadata, for the embedded set).
+    """
+    st = params.stage(stage) if isinstance(stage, str) else stage
+    ds = make_dataset(params, st, "holdout", epochs=1, train=False)
+    online = OnlineEncoding(params) if params.conditioning.online_encoding else None
+    size = batch_size or n
+    examples = []
+    for s in itertools.islice(ds.stream, n):
+        ex = ds.example(s)
+        meta = json.loads(s["json"]) if "json" in s else {}
+        ex["attributes"] = meta.get("attributes", {})
+        examples.append(ex)
+    batches = [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+    return [online(b) for b in batches] if online else batches

@@ -1,0 +1,206 @@
+"""``imagen precache``: encode every caption once with the T5 encoder and store the embeddings.
+
+NeMo recommends training from precached T5 embeddings (loading T5-XXL during training costs
+a large share of the step time). For each input shard ``<shards_dir>/<name>.tar`` this writes
+``<encoded_dir>/<name>.tar`` holding the same samples plus ``<precached_key>.npy``: the caption's
+token embeddings, UNPADDED (only the real tokens, ``(n, D)`` with n <= token_length) in
+``model.conditioning.storage_dtype``. The mask is implied by n; the loader pads or trims to
+``token_length`` and builds the mask. Storing unpadded fp16 instead of padded fp32 is what keeps
+precached data sets of web scale affordable; the manifest reports the bytes per sample.
+
+Beside the shards: ``encoder.json`` (the encoder folder used, its config and a sha256 of its
+config + weights), one ``<name>.tar.json`` per shard (the input shard's sha256 and the encoder
+hash: a re-run skips a shard whose output exists and whose record matches), and
+``manifest.json``. Shards are written to a temporary file and renamed, so an interrupted run
+leaves only whole shards.
+
+With ``online_encoding: true`` nothing is encoded: the loader encodes the raw captions on the
+fly; precache still builds/checks the encoder and records it, so training finds it ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
+from imagen.data.ingest import sha256_file, write_tar
+from imagen.text import TextEncoder, encoder_fingerprint, load_text_encoder, to_storage
+
+
+def input_shards(data: DataConfig) -> list[Path]:
+    """The ingested shards (train first, then holdout), or a ConfigError saying what to run."""
+    folder = Path(data.shards_dir)
+    shards = sorted(folder.glob("train-*.tar")) + sorted(folder.glob("holdout-*.tar"))
+    if not shards:
+        raise ConfigError(
+            f"data.shards_dir: no train-*.tar / holdout-*.tar shards in {folder}; "
+            "run `imagen ingest` first"
+        )
+    return shards
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_shard(
+    src: Path,
+    dst: Path,
+    encoder: TextEncoder,
+    cond: ConditioningConfig,
+    batch_size: int,
+    on_batch: Callable[[int], Any] = lambda n: None,
+) -> dict[str, Any]:
+    """Copy one shard's samples to ``dst`` adding ``<precached_key>.npy``; returns its stats."""
+    import webdataset as wds
+
+    samples = []
+    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
+        samples.append({k: v for k, v in s.items() if not k.startswith("_") or k == "__key__"})
+    name = f"{cond.precached_key}.npy"
+    tokens, emb_bytes = 0, 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        captions = []
+        for s in chunk:
+            if "txt" not in s:
+                raise ConfigError(f"{src}: sample {s['__key__']!r} has no caption (.txt)")
+            captions.append(s["txt"].decode("utf-8"))
+        for s, emb in zip(chunk, encoder.encode_unpadded(captions), strict=True):
+            blob = _npy_bytes(to_storage(emb, cond.storage_dtype))
+            s[name] = blob
+            tokens += emb.shape[0]
+            emb_bytes += len(blob)
+        on_batch(len(chunk))
+    info = write_tar(dst, samples)
+    info.update(tokens=tokens, embedding_bytes=emb_bytes)
+    return info
+
+
+def precache(
+    params: Params, batch_size: int = 64, progress: bool = True, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
+    """Encode every ingested caption (skipping finished shards); returns the manifest."""
+    from tqdm import tqdm
+
+    cond, data = params.conditioning, params.data
+    out = Path(data.encoded_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = load_text_encoder(cond)  # builds the embedded default on first use
+    fp = encoder_fingerprint(encoder.path)
+    record = {
+        **fp,
+        "embed_dim": cond.embed_dim,
+        "token_length": cond.token_length,
+        "storage_dtype": cond.storage_dtype,
+        "precached_key": cond.precached_key,
+        "online_encoding": cond.online_encoding,
+    }
+    _atomic_json(out / "encoder.json", record)
+    if cond.online_encoding:
+        manifest = {"online_encoding": True, "encoder": record, "shards": []}
+        _atomic_json(out / "manifest.json", manifest)
+        log(
+            "precache: skipped (model.conditioning.online_encoding is true: the loader encodes "
+            f"captions on the fly from {data.shards_dir} with the encoder at {encoder.path})"
+        )
+        return manifest
+    shards = input_shards(data)
+    expect = {
+        "encoder_sha256": fp["sha256"],
+        "token_length": cond.token_length,
+        "storage_dtype": cond.storage_dtype,
+        "precached_key": cond.precached_key,
+    }
+    ingest_manifest = Path(data.shards_dir) / "manifest.json"
+    counts: dict[str, int] = {}
+    if ingest_manifest.exists():  # only for the progress bar's total
+        counts = {
+            s["name"]: s["samples"] for s in json.loads(ingest_manifest.read_text())["shards"]
+        }
+    total = sum(counts.get(s.name, 0) for s in shards) or None
+    bar = tqdm(total=total, desc="precache", unit="caption", disable=not progress, file=sys.stderr)
+    results, encoded, t0 = [], 0, time.perf_counter()
+    try:
+        for src in shards:
+            dst, side = out / src.name, out / f"{src.name}.json"
+            in_hash = sha256_file(src)
+            if dst.exists() and side.exists():
+                prev = json.loads(side.read_text())
+                if prev.get("input_sha256") == in_hash and all(
+                    prev.get(k) == v for k, v in expect.items()
+                ):
+                    bar.update(prev["samples"])
+                    results.append({**prev, "skipped": True})
+                    continue
+
+            def tick(n: int) -> None:
+                bar.update(n)
+
+            info = encode_shard(src, dst, encoder, cond, batch_size, on_batch=tick)
+            encoded += info["samples"]
+            entry = {**info, "input_sha256": in_hash, "split": src.name.split("-")[0], **expect}
+            _atomic_json(side, entry)
+            results.append({**entry, "skipped": False})
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    names = {s.name for s in shards}
+    for old in out.glob("*.tar"):
+        if old.name not in names:  # shards of an earlier ingest that no longer exist
+            old.unlink()
+            Path(f"{old}.json").unlink(missing_ok=True)
+    n = sum(r["samples"] for r in results)
+    emb_bytes = sum(r["embedding_bytes"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    itemsize = 4 if cond.storage_dtype == "float32" else 2
+    manifest = {
+        "online_encoding": False,
+        "encoder": record,
+        "samples": n,
+        "bytes_per_sample": emb_bytes / max(1, n),
+        "mean_tokens": tokens / max(1, n),
+        "padded_float32_bytes_per_sample": cond.token_length * cond.embed_dim * 4,
+        "payload_bytes_per_sample": tokens / max(1, n) * cond.embed_dim * itemsize,
+        "shards": [{k: r[k] for k in sorted(r)} for r in results],
+    }
+    _atomic_json(out / "manifest.json", manifest)
+    rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
+    skipped = sum(r["skipped"] for r in results)
+    log(
+        f"precache: {n} samples in {len(results)} shards ({skipped} already finished, skipped) "
+        f"-> {out}; embeddings {manifest['bytes_per_sample']:.0f} bytes/sample "
+        f"({cond.storage_dtype}, {manifest['mean_tokens']:.1f} tokens of {cond.embed_dim}; "
+        f"padded float32 would be {manifest['padded_float32_bytes_per_sample']}); "
+        f"{encoded} captions encoded at {rate:.1f} captions/s"
+    )
+    manifest["captions_per_s"] = rate
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per T5 forward")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    precache(params, batch_size=args.batch_size, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,250 @@
+"""Attention for the UNets: the core masked multi-head attention and the four block types.
+
+Block types (seed, "Attention Blocks"):
+    self     multi-head self-attention over the H*W positions
+    cross    queries from the image, keys/values from the projected text tokens
+    stacked  self-attention, then cross-attention, then a GEGLU feed-forward; zero-init output
+    fused    queries from the image; keys/values = [image kv ; normalised text kv], one softmax
+             over both (Imagen's base64/SR256 block); text padding is masked
+
+Backends of :func:`attention` (the one place attention is computed):
+    * flash-attn kernels when ``flash`` is set AND the package imports AND the tensors are on
+      CUDA in bf16/fp16 AND no key is masked;
+    * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
+  The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
+``stable``: q, k and v are cast to float32 for the softmax(QK^T/sqrt(d))V product (SDPA
+subtracts the row maximum before exponentiating), and the result is cast back. Under bf16
+autocast this keeps the logits and the softmax normaliser in fp32, which is what makes the
+backward pass numerically stable; without autocast it changes nothing. flash-attn kernels
+already use an fp32 online softmax, so with both flags set the flash path is taken.
+
+Keys that are all masked (cross-attention for a caption dropped for classifier-free guidance)
+attend to nothing: that sample's attention output is exactly zero, never NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imagen.nn.layers import group_norm, maybe_checkpoint, zero_module
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+try:  # optional GPU extra: pip install imagen-cascade[gpu]
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the install
+    _flash_attn_func = None
+
+
+def _log_backend(name: str) -> None:
+    if name not in _LOGGED:
+        _LOGGED.add(name)
+        log.info("attention backend: %s", name)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    *,
+    stable: bool = False,
+    flash: bool = False,
+) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over the keys where ``key_mask`` is True.
+
+    q: (B, heads, N, d); k, v: (B, heads, M, d); key_mask: (B, M) bool or None.
+    Returns (B, heads, N, d) in q's dtype.
+    """
+    if (
+        flash
+        and _flash_attn_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and (key_mask is None or bool(key_mask.all()))
+    ):
+        _log_backend("flash-attn")
+        # flash-attn takes (B, seq, heads, d)
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    _log_backend("sdpa-fp32" if stable else "sdpa")
+    dtype = q.dtype
+    if stable:
+        q, k, v = q.float(), k.float(), v.float()
+    empty = None
+    mask = None
+    if key_mask is not None:
+        empty = ~key_mask.any(dim=-1)  # (B,) samples with no valid key
+        # let empty rows attend to every key (finite), then zero their output below
+        mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out.to(dtype)
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, heads*d) -> (B, heads, N, d)."""
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    """(B, heads, N, d) -> (B, N, heads*d)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _to_image(t: Tensor, like: Tensor) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W) with ``like``'s spatial size."""
+    b, c, h, w = like.shape
+    return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+class AttentionBlock(nn.Module):
+    """Common interface: ``block(x, context, context_mask) -> x + attention(x, ...)``."""
+
+    def __init__(self, *, stable: bool, flash: bool, checkpointing: bool) -> None:
+        super().__init__()
+        self.stable = stable
+        self.flash = flash
+        self.checkpointing = checkpointing
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return attention(q, k, v, mask, stable=self.stable, flash=self.flash)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        return maybe_checkpoint(self.checkpointing, self._forward, x, context, context_mask)
+
+    def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class SelfAttention(AttentionBlock):
+    """Multi-head self-attention over the image positions."""
+
+    def __init__(self, channels: int, heads: int, **kw: bool) -> None:
+        super().__init__(**kw)
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        h = _to_tokens(self.norm(x))  # (B, HW, C)
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(h).chunk(3, dim=-1))
+        out = _merge_heads(self._attend(q, k, v, None))  # (B, HW, C)
+        return x + _to_image(self.proj_out(out), x)
+
+
+class CrossAttention(AttentionBlock):
+    """Queries from the image, keys/values from the LayerNorm-ed text tokens."""
+
+    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+        super().__init__(**kw)
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.norm_context = nn.LayerNorm(cond_dim)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(cond_dim, 2 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        q = _split_heads(self.q(_to_tokens(self.norm(x))), self.heads)  # (B, heads, HW, d)
+        kv = self.kv(self.norm_context(context))  # (B, L, 2C)
+        k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))  # (B, heads, L, d)
+        out = _merge_heads(self._attend(q, k, v, context_mask))
+        return x + _to_image(self.proj_out(out), x)
+
+
+class FusedAttention(AttentionBlock):
+    """One softmax over [image keys ; text keys] (Imagen's combined self/cross attention)."""
+
+    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+        super().__init__(**kw)
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.norm_context = nn.LayerNorm(cond_dim)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.kv_context = nn.Linear(cond_dim, 2 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        h = _to_tokens(self.norm(x))  # (B, HW, C)
+        q, k_img, v_img = self.qkv(h).chunk(3, dim=-1)
+        k_txt, v_txt = self.kv_context(self.norm_context(context)).chunk(2, dim=-1)  # (B, L, C)
+        k = _split_heads(torch.cat([k_img, k_txt], dim=1), self.heads)  # (B, heads, HW+L, d)
+        v = _split_heads(torch.cat([v_img, v_txt], dim=1), self.heads)
+        img_mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)  # (B, HW)
+        mask = torch.cat([img_mask, context_mask], dim=1)  # (B, HW+L)
+        out = _merge_heads(self._attend(_split_heads(q, self.heads), k, v, mask))
+        return x + _to_image(self.proj_out(out), x)
+
+
+class FeedForward(nn.Module):
+    """GroupNorm -> GEGLU (4x inner width) -> Linear, residual (per-position MLP)."""
+
+    def __init__(self, channels: int, mult: int = 4) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Linear(channels, 2 * mult * channels)
+        self.proj_out = nn.Linear(mult * channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _to_tokens(self.norm(x))  # (B, HW, C)
+        a, gate = self.proj_in(h).chunk(2, dim=-1)  # GEGLU: a * GELU(gate)
+        return x + _to_image(self.proj_out(a * F.gelu(gate)), x)
+
+
+class StackedAttention(AttentionBlock):
+    """Self-attention, then cross-attention, then feed-forward; zero-initialised output."""
+
+    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+        super().__init__(**kw)
+        inner = {"stable": kw["stable"], "flash": kw["flash"], "checkpointing": False}
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.self_attn = SelfAttention(channels, heads, **inner)
+        self.cross_attn = CrossAttention(channels, heads, cond_dim, **inner)
+        self.ff = FeedForward(channels)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        h = self.proj_in(self.norm(x))
+        h = self.self_attn(h, context, context_mask)
+        h = self.cross_attn(h, context, context_mask)
+        h = self.ff(h)
+        return x + self.proj_out(h)
+
+
+def make_attention(
+    kind: str,
+    channels: int,
+    heads: int,
+    cond_dim: int,
+    *,
+    stable: bool,
+    flash: bool,
+    checkpointing: bool,
+) -> AttentionBlock:
+    """Build the attention block named by ``unet.attention_type``."""
+    kw = {"stable": stable, "flash": flash, "checkpointing": checkpointing}
+    if kind == "self":
+        return SelfAttention(channels, heads, **kw)
+    if kind == "cross":
+        return CrossAttention(channels, heads, cond_dim, **kw)
+    if kind == "stacked":
+        return StackedAttention(channels, heads, cond_dim, **kw)
+    if kind == "fused":
+        return FusedAttention(channels, heads, cond_dim, **kw)
+    raise ValueError(f"unet.attention_type: unknown {kind!r}; allowed: self, cross, stacked, fused")

@@ -1,0 +1,401 @@
+"""The MLflow model registry: the three stage models and the ``imagen-cascade`` pyfunc model.
+
+After evaluation the cascade is published in two forms, both in the tracking server's model
+registry (the SQLite backend by default):
+
+- ``imagen-base64``, ``imagen-sr256``, ``imagen-sr1024``: each stage model file
+  (``models/<stage>/model.pt``: EMA weights + resolved stage config, loaded with
+  ``weights_only=True``) as a model version whose source is the evaluate run's artifact folder
+  ``stages/<stage>``.
+- ``imagen-cascade``: an MLflow ``pyfunc`` model (:class:`CascadePyfunc`) whose artifacts are
+  those same stage files plus the T5 text encoder folder. No torch module is pickled: the
+  python model object holds no weights, and :meth:`CascadePyfunc.load_context` rebuilds the
+  networks from the state dicts. The model carries the ``imagen`` package in its
+  ``code_paths`` (``code/imagen``), so it loads wherever its pip requirements are installed,
+  with or without this repository; when the package is also installed, MLflow puts the bundled
+  copy first on ``sys.path``, so the code that logged the model is the code that runs it.
+
+Every version gets the alias ``mlflow.model_alias`` (default ``champion``) and the evaluation
+summary as tags. Then::
+
+    model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["a red circle on the left"]}),
+                        params={"depth": "sr256", "seed": 0})
+    # out: DataFrame[prompt, stage, width, height, image]; image = base64-encoded PNG
+
+and ``mlflow models serve -m models:/imagen-cascade@champion --env-manager local`` answers
+``POST /invocations`` with ``{"dataframe_records": [{"prompt": "..."}], "params": {...}}``
+(or ``{"inputs": ["...", "..."]}``) with ``{"predictions": [{"prompt", "stage", "width",
+"height", "image"}, ...]}``.
+
+Predict params (all optional): ``depth`` (base64 | sr256 | sr1024; default: every stage
+logged), ``seed`` (0), ``steps`` (0 = each stage's own), ``guidance_scale`` (< 0 = each
+stage's own), ``batch_size`` (4), ``all_stages`` (false: only the last stage's image per
+prompt; true: one row per prompt and stage).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import torch
+
+from imagen.checkpoint import MODEL_FILE
+from imagen.config import STAGES
+
+__all__ = [
+    "CASCADE_MODEL",
+    "CascadePyfunc",
+    "STAGE_MODELS",
+    "decode_png",
+    "load_registered_cascade",
+    "log_cascade_model",
+    "pyfunc_signature",
+    "register_models",
+    "register_stage_models",
+]
+
+STAGE_MODELS: dict[str, str] = {s: f"imagen-{s}" for s in STAGES}
+CASCADE_MODEL = "imagen-cascade"
+ENCODER_ARTIFACT = "encoder"
+PYFUNC_ARTIFACT = "imagen-cascade"
+
+
+# --------------------------------------------------------------------------------------------
+# The pyfunc model
+# --------------------------------------------------------------------------------------------
+def encode_png(image: Any) -> str:
+    """A PIL image -> base64 PNG text."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(text: str) -> Any:
+    """Base64 PNG text (a prediction's ``image``) -> an RGB PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")
+
+
+def _prompts(model_input: Any) -> list[str]:
+    """A DataFrame with a "prompt" column, a list of strings, or one string -> prompts."""
+    import pandas as pd
+
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" in model_input.columns:
+            return [str(p) for p in model_input["prompt"]]
+        if model_input.shape[1] == 1:  # a bare list arrives as a one-column frame
+            return [str(p) for p in model_input.iloc[:, 0]]
+        raise ValueError(
+            f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}"
+        )
+    if isinstance(model_input, pd.Series):
+        return [str(p) for p in model_input]
+    if isinstance(model_input, Mapping) and "prompt" in model_input:
+        value = model_input["prompt"]
+        return [value] if isinstance(value, str) else [str(p) for p in value]
+    if isinstance(model_input, Sequence):
+        return [str(p) for p in model_input]
+    raise ValueError(
+        f"input must be a DataFrame with a 'prompt' column or a list of strings, "
+        f"got {type(model_input).__name__}"
+    )
+
+
+class CascadePyfunc(mlflow.pyfunc.PythonModel):
+    """``imagen-cascade``: prompts -> base64 PNG images through the cascade.
+
+    The artifacts (``base64``, ``sr256``, ``sr1024`` stage folders with a model.pt, and
+    ``encoder``) are loaded in :meth:`load_context`; the object itself holds no weights.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from imagen.cascade import Cascade
+
+        files = {s: context.artifacts[s] for s in STAGES if s in context.artifacts}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cascade = Cascade.from_files(
+            files, encoder_path=context.artifacts.get(ENCODER_ARTIFACT), device=device
+        )
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        import pandas as pd
+
+        from imagen.cascade import to_pil
+
+        p = dict(params or {})
+        prompts = _prompts(model_input)
+        steps = int(p.get("steps") or 0) or None
+        guidance = p.get("guidance_scale")
+        guidance = None if guidance is None or float(guidance) < 0 else float(guidance)
+        images = self.cascade.generate(
+            prompts,
+            depth=p.get("depth") or self.cascade.depth,
+            steps=steps,
+            guidance=guidance,
+            seed=int(p.get("seed") or 0),
+            batch_size=int(p.get("batch_size") or 4),
+        )
+        stages = list(images) if p.get("all_stages") else [list(images)[-1]]
+        rows = []
+        for i, prompt in enumerate(prompts):
+            for stage in stages:
+                img = to_pil(images[stage][i])
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "stage": stage,
+                        "width": img.width,
+                        "height": img.height,
+                        "image": encode_png(img),
+                    }
+                )
+        return pd.DataFrame(rows, columns=["prompt", "stage", "width", "height", "image"])
+
+
+def pyfunc_signature(depth: str) -> Any:
+    """Input: a "prompt" string column; output: prompt, stage, width, height, image (base64
+    PNG); params: depth, seed, steps, guidance_scale, batch_size, all_stages."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "prompt"),
+                ColSpec("string", "stage"),
+                ColSpec("long", "width"),
+                ColSpec("long", "height"),
+                ColSpec("string", "image"),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("depth", "string", depth),
+                ParamSpec("seed", "long", 0),
+                ParamSpec("steps", "long", 0),
+                ParamSpec("guidance_scale", "double", -1.0),
+                ParamSpec("batch_size", "long", 4),
+                ParamSpec("all_stages", "boolean", False),
+            ]
+        ),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc needs at load time (pinned to the versions that logged it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in (
+        "torch",
+        "transformers",
+        "pydantic",
+        "pillow",
+        "numpy",
+        "pandas",
+        "pyyaml",
+        "sentencepiece",
+        "mlflow",
+    ):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+# --------------------------------------------------------------------------------------------
+# Logging and registering
+# --------------------------------------------------------------------------------------------
+def _stage_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _new_version(
+    client: Any,
+    name: str,
+    source: str,
+    run_id: str,
+    alias: str | None,
+    tags: Mapping[str, Any] | None,
+    description: str,
+) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=description)
+    mv = client.create_model_version(
+        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def register_stage_models(
+    run_id: str,
+    files: Mapping[str, str | Path],
+    *,
+    tracking_uri: str | None = None,
+    alias: str | None = "champion",
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Upload each stage model file to ``run_id``'s artifacts ``stages/<stage>/model.pt`` and
+    register it as ``imagen-<stage>``; returns stage -> version."""
+    client = _client(tracking_uri)
+    versions: dict[str, str] = {}
+    for stage, path in files.items():
+        file = _stage_file(path)
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: stage model to register not found")
+        client.log_artifact(run_id, str(file), f"stages/{stage}")
+        source = f"{client.get_run(run_id).info.artifact_uri}/stages/{stage}"
+        versions[stage] = _new_version(
+            client,
+            STAGE_MODELS[stage],
+            source,
+            run_id,
+            alias,
+            {"imagen.stage": stage, **dict(tags or {})},
+            f"Imagen {stage} stage model (imagen-stage/1 file: EMA weights + stage config)",
+        )
+    return versions
+
+
+def log_cascade_model(
+    run_id: str,
+    files: Mapping[str, str | Path],
+    encoder_path: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    alias: str | None = "champion",
+    tags: Mapping[str, Any] | None = None,
+    register: bool = True,
+) -> str | None:
+    """Save the ``imagen-cascade`` pyfunc model, upload it to ``run_id``'s artifacts
+    (``imagen-cascade/``) and register it; returns the version (None when not registering)."""
+    import imagen
+
+    stages = [s for s in STAGES if s in files]
+    client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="imagen-pyfunc-") as tmp:
+        staged = Path(tmp) / "inputs"
+        artifacts: dict[str, str] = {}
+        for stage in stages:  # one folder per stage so the three model.pt files do not clash
+            (staged / stage).mkdir(parents=True)
+            shutil.copy2(_stage_file(files[stage]), staged / stage / MODEL_FILE)
+            artifacts[stage] = str(staged / stage)
+        encoder = Path(encoder_path)
+        if not (encoder / "config.json").exists():
+            raise FileNotFoundError(f"{encoder}: not a text encoder folder (no config.json)")
+        artifacts[ENCODER_ARTIFACT] = str(encoder)
+        model_dir = Path(tmp) / PYFUNC_ARTIFACT
+        mlflow.pyfunc.save_model(
+            path=str(model_dir),
+            python_model=CascadePyfunc(),
+            artifacts=artifacts,
+            code_paths=[str(Path(imagen.__file__).parent)],
+            signature=pyfunc_signature(stages[-1]),
+            pip_requirements=pip_requirements(),
+            metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},
+        )
+        client.log_artifacts(run_id, str(model_dir), PYFUNC_ARTIFACT)
+    if not register:
+        return None
+    source = f"{client.get_run(run_id).info.artifact_uri}/{PYFUNC_ARTIFACT}"
+    return _new_version(
+        client,
+        CASCADE_MODEL,
+        source,
+        run_id,
+        alias,
+        {"imagen.stages": ",".join(stages), **dict(tags or {})},
+        "Imagen cascade (pyfunc): prompts -> base64 PNG images; see imagen.registry",
+    )
+
+
+def register_models(
+    run_id: str,
+    models_dir: str | Path,
+    encoder_path: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    alias: str | None = "champion",
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Register every stage found in ``models_dir`` and the cascade pyfunc; name -> version."""
+    files = {s: Path(models_dir) / s / MODEL_FILE for s in STAGES}
+    files = {s: f for s, f in files.items() if f.exists()}
+    if "base64" not in files:
+        raise FileNotFoundError(f"{Path(models_dir) / 'base64' / MODEL_FILE}: nothing to register")
+    stages = list(files)
+    files = {s: files[s] for s in STAGES[: len(stages)] if s in files}  # a prefix only
+    out = {
+        STAGE_MODELS[s]: v
+        for s, v in register_stage_models(
+            run_id, files, tracking_uri=tracking_uri, alias=alias, tags=tags
+        ).items()
+    }
+    out[CASCADE_MODEL] = log_cascade_model(
+        run_id, files, encoder_path, tracking_uri=tracking_uri, alias=alias, tags=tags
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a registered cascade for `imagen sample --models models:/...`
+# --------------------------------------------------------------------------------------------
+def load_registered_cascade(
+    uri: str,
+    *,
+    depth: str = "sr1024",
+    tracking_uri: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Download a registered ``imagen-cascade`` pyfunc model (``models:/name@alias`` or
+    ``models:/name/version``) and build a :class:`~imagen.cascade.Cascade` from its artifacts."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from imagen.cascade import Cascade, stages_to
+
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as e:
+        raise FileNotFoundError(
+            f"{uri}: cannot be downloaded from the MLflow registry at {tracking_uri} ({e}); "
+            "run `imagen evaluate` to register the cascade"
+        ) from e
+    folder = local / "artifacts"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{uri}: not an imagen-cascade pyfunc model (no artifacts/)")
+    files = {s: folder / s for s in stages_to(depth)}
+    for stage, f in files.items():
+        if not (f / MODEL_FILE).exists():
+            raise FileNotFoundError(f"{uri}: holds no {stage} stage (depth {depth!r} needs it)")
+    return Cascade.from_files(files, encoder_path=folder / ENCODER_ARTIFACT, device=device)

@@ -1,0 +1,257 @@
+"""The T5 text encoder: load (or build the embedded default), tokenise, encode, pad/trim, mask.
+
+Imagen conditions every UNet on the token embeddings of a frozen T5 encoder (Saharia et al.
+2022, Sec. 2.1). :func:`load_text_encoder` is the one way the project gets that encoder:
+
+- ``encoder_path`` names a local folder (``config.json`` + weights + tokenizer, as written by
+  ``save_pretrained``) or a hub id already in the local Hugging Face cache (for example
+  ``google/t5-v1_1-xxl``): it is loaded with ``T5EncoderModel`` and ``AutoTokenizer``.
+- ``encoder_path`` is the project's own folder (default ``data/encoder``) and does not exist:
+  a small T5 v1.1-style encoder is built from ``model.conditioning.encoder`` with a fixed seed
+  and the ByT5 byte tokenizer (which needs no vocabulary file), saved there, and loaded back
+  from disk, so every later stage loads the very same weights.
+
+About the embedded default's features: the model is randomly initialised with the transformers
+T5 initialisation (``initializer_factor=1``) and never trained. Its output passes through T5's
+final RMS layer norm (weight 1 at init), so every token feature has unit RMS whatever the depth,
+which keeps the conditioning well scaled for the UNet; attention over the bytes makes each
+token's feature depend on its context, so distinct captions give distinct embeddings. It is a
+stand-in that keeps the real code path, not a language model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagen.config import ConditioningConfig, ConfigError
+
+DEFAULT_ENCODER_PATH: str = ConditioningConfig.model_fields["encoder_path"].default
+BUILT_MARKER = "imagen_encoder.json"  # written beside a built default encoder
+
+
+def is_default_path(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is the project's own encoder folder (built on demand)."""
+    return Path(path).resolve() == Path(DEFAULT_ENCODER_PATH).resolve()
+
+
+def _missing_message(path: str) -> str:
+    return (
+        f"model.conditioning.encoder_path: T5 encoder {path!r} not found: it is neither a local "
+        "folder nor a model in the local Hugging Face cache (this machine is offline). To use a "
+        "real T5, download it where there is internet, e.g. "
+        "`huggingface-cli download google/t5-v1_1-xxl --local-dir t5-v1_1-xxl`, copy the folder "
+        "here and set model.conditioning.encoder_path to that folder. To use the embedded "
+        f"default encoder instead, set encoder_path to {DEFAULT_ENCODER_PATH!r} (it is built on "
+        "first use)."
+    )
+
+
+def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]) -> Path:
+    """Build the small T5 encoder of ``cond.encoder`` + the ByT5 tokenizer and save them.
+
+    The folder appears atomically (written to a temporary sibling, then renamed), so two
+    processes starting at once never load half a folder.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enc = cond.encoder
+    if enc.d_model != cond.embed_dim:
+        raise ConfigError(
+            f"model.conditioning.embed_dim: is {cond.embed_dim} but the embedded encoder's "
+            f"d_model (model.conditioning.encoder.d_model) is {enc.d_model}; they must be equal"
+        )
+    if enc.d_model % enc.num_heads:
+        raise ConfigError(
+            f"model.conditioning.encoder.num_heads: {enc.num_heads} does not divide "
+            f"d_model {enc.d_model}"
+        )
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=enc.d_model,
+        d_kv=enc.d_model // enc.num_heads,
+        d_ff=enc.d_ff,
+        num_layers=enc.num_layers,
+        num_heads=enc.num_heads,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as t5-v1_1-xxl
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(enc.seed)
+        model = T5EncoderModel(config).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"built_from": cond.encoder.model_dump(), "tokenizer": "ByT5Tokenizer"}
+        (tmp / BUILT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / "config.json").exists():  # lost the race to nobody: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_encoder_path(cond: ConditioningConfig) -> str:
+    """The folder or hub id to load, building the embedded default first when needed."""
+    path = cond.encoder_path
+    if Path(path).is_dir():
+        return path
+    if is_default_path(path):
+        return str(build_default_encoder(cond, path))
+    if Path(path).exists():
+        raise ConfigError(f"model.conditioning.encoder_path: {path!r} is a file, not a folder")
+    return path  # a hub id: loaded from the local cache or a clear error
+
+
+def encoder_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Identity of an encoder folder: its path, config and a hash of config + weights."""
+    folder = Path(path)
+    h = hashlib.sha256()
+    config: dict[str, Any] = {}
+    if folder.is_dir():
+        cfg = folder / "config.json"
+        if cfg.exists():
+            config = json.loads(cfg.read_text())
+        for f in sorted(folder.iterdir()):
+            if f.suffix in {".json", ".safetensors", ".bin", ".model"} and f.is_file():
+                h.update(f.name.encode())
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    else:
+        h.update(str(path).encode())
+    keep = ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size", "feed_forward_proj")
+    return {
+        "path": str(path),
+        "sha256": h.hexdigest(),
+        "config": {k: config.get(k) for k in keep if k in config},
+    }
+
+
+@dataclass
+class TextEncoder:
+    """A frozen T5 encoder + its tokenizer; :meth:`encode` gives padded embeddings and a mask."""
+
+    model: Any
+    tokenizer: Any
+    token_length: int
+    path: str
+    device: torch.device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> ``(embeds (B, L, D) float32, mask (B, L) bool)`` with L = token_length.
+
+        Captions longer than ``token_length`` tokens are truncated (the end-of-sequence token
+        is kept); padding positions are zero and masked out.
+        """
+        enc = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.token_length,
+            return_tensors="pt",
+        )
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device).bool()  # (B, L)
+        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        embeds = out.float() * mask.unsqueeze(-1)  # (B, L, D), zero at padding
+        return embeds, mask
+
+    def encode_unpadded(self, captions: list[str]) -> list[np.ndarray]:
+        """Per caption, only its real tokens: a list of ``(n_i, D)`` float32 arrays."""
+        embeds, mask = self.encode(captions)
+        lengths = mask.sum(1).tolist()
+        return [embeds[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
+
+
+def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """Load the T5 encoder named by ``cond.encoder_path`` (building the embedded default).
+
+    Raises :class:`ConfigError` when the encoder cannot be found (saying how to provide one)
+    or when its ``d_model`` differs from ``model.conditioning.embed_dim``.
+    """
+    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_encoder_path(cond)
+    local = Path(path).is_dir()
+    try:  # a hub id resolves from the local cache (HF_HUB_OFFLINE=1) or downloads when online
+        model = T5EncoderModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if local:
+            raise ConfigError(
+                f"model.conditioning.encoder_path: {path!r} is not a loadable T5 encoder "
+                f"folder ({type(e).__name__}: {e})"
+            ) from e
+        raise ConfigError(_missing_message(path)) from e
+    d_model = int(model.config.d_model)
+    if d_model != cond.embed_dim:
+        raise ConfigError(
+            f"model.conditioning.embed_dim: is {cond.embed_dim} but the T5 encoder at {path!r} "
+            f"has d_model {d_model}; set embed_dim to {d_model} (t5-v1_1-xxl: 4096, "
+            "t5-large: 1024)"
+        )
+    dev = torch.device(device)
+    model = model.to(dev).eval().requires_grad_(False)
+    return TextEncoder(model, tokenizer, cond.token_length, str(path), dev)
+
+
+def pad_or_trim(
+    embeds: np.ndarray | torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded ``(n, D)`` tokens -> ``(length, D)`` float32 zero-padded/trimmed + ``(length,)``
+    bool mask (True on real tokens)."""
+    t = torch.as_tensor(np.asarray(embeds, dtype=np.float32))
+    n = min(t.shape[0], length)
+    out = torch.zeros(length, t.shape[1], dtype=torch.float32)
+    out[:n] = t[:n]
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[:n] = True
+    return out, mask
+
+
+# Storage of unpadded embeddings in shards: numpy has no bfloat16, so bf16 keeps its bit
+# pattern as uint16 (the upper half of a float32) and is widened back on load.
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``(n, D)`` -> the array stored in a shard for ``storage_dtype``."""
+    if dtype == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(x, dtype=np.dtype(dtype))
+
+
+def from_storage(x: np.ndarray) -> np.ndarray:
+    """The stored array -> float32 (uint16 arrays are bfloat16 bit patterns)."""
+    if x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)

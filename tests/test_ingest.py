@@ -1,0 +1,245 @@
+"""`imagen ingest`: bad input is counted not fatal, shards are deterministic, all sources work."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from imagen.config import DataConfig
+from imagen.data.ingest import ingest
+
+SIZE, MIN_RES = 64, 32
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _noise(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    ch = {"RGB": 3, "RGBA": 4, "CMYK": 4}.get(mode)
+    shape = (size[1], size[0], ch) if ch else (size[1], size[0])
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def make_bad_corpus(folder: Path) -> None:
+    """One file per case a real scrape contains; the caption is a .txt beside the image."""
+    folder.mkdir(parents=True)
+    files: dict[str, bytes] = {
+        "good_rgb.jpg": _jpg(_noise((80, 60), seed=1)),  # not square: center-cropped
+        "big.png": _png(_noise((200, 200), seed=2)),  # larger: resized to SIZE
+        "exact.jpg": _jpg(_noise((SIZE, SIZE), seed=3)),  # kept byte for byte
+        "cmyk.jpg": _jpg(_noise((64, 64), "CMYK", seed=4)),
+        "grey.png": _png(_noise((64, 64), "L", seed=5)),
+        "rgba.png": _png(_noise((64, 64), "RGBA", seed=6)),
+        "grey16.png": _png(Image.fromarray(np.full((40, 40), 65535, np.uint16))),
+        "tiny.png": _png(_noise((16, 16), seed=8)),  # below min_resolution
+        "zero.png": b"",
+        "notes.jpg": b"this is not an image at all\n",
+        "empty_caption.png": _png(_noise((48, 48), seed=9)),
+        "latin1.png": _png(_noise((48, 48), seed=10)),
+        "long.png": _png(_noise((48, 48), seed=11)),
+        "uncaptioned.png": _png(_noise((48, 48), seed=12)),
+        "dup.png": _png(_noise((48, 48), seed=13)),
+        "dup.jpg": _jpg(_noise((48, 48), seed=14)),  # same key "dup" as dup.jpg: later one skipped
+    }
+    pal = _noise((48, 48), seed=15).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    files["palette.png"] = _png(pal)
+    trunc = _jpg(_noise((64, 64), seed=16))
+    files["truncated.jpg"] = trunc[: len(trunc) // 2]
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        stem = name.rsplit(".", 1)[0]
+        if stem != "uncaptioned":
+            (folder / f"{stem}.txt").write_bytes(f"a caption for {stem}".encode())
+    (folder / "empty_caption.txt").write_bytes(b"   \n")
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (folder / "long.txt").write_bytes(b"word " * 400)
+
+
+def read_shards(folder: Path, split: str = "train") -> dict[str, dict]:
+    out = {}
+    for shard in sorted(folder.glob(f"{split}-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+            out[s["__key__"]] = s
+    return out
+
+
+def _cfg(tmp_path: Path, **kw) -> DataConfig:
+    base = dict(
+        image_size=SIZE,
+        min_resolution=MIN_RES,
+        samples_per_shard=4,
+        max_caption_chars=100,
+        num_holdout=0,
+        shards_dir=str(tmp_path / "shards"),
+    )
+    return DataConfig(**(base | kw))
+
+
+def test_bad_input_is_skipped_or_normalised_and_counted(tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    make_bad_corpus(src)
+    m = ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    assert m["rejected_by_reason"] == {
+        "below_min_resolution": 1,
+        "duplicate_key": 1,
+        "empty_caption": 1,
+        "empty_file": 1,
+        "missing_caption": 1,
+        "not_an_image": 1,
+        "truncated_or_corrupt_image": 1,
+    }
+    files = {r["file"]: reason for reason, rs in m["rejected"].items() for r in rs}
+    assert files == {
+        "tiny.png": "below_min_resolution",
+        "dup.png": "duplicate_key",  # dup.jpg comes first in sorted order and is kept
+        "empty_caption.png": "empty_caption",
+        "zero.png": "empty_file",
+        "uncaptioned.png": "missing_caption",
+        "notes.jpg": "not_an_image",
+        "truncated.jpg": "truncated_or_corrupt_image",
+    }
+    good = read_shards(tmp_path / "shards")
+    assert sorted(good) == sorted(
+        [
+            "good_rgb",
+            "big",
+            "exact",
+            "cmyk",
+            "grey",
+            "rgba",
+            "grey16",
+            "latin1",
+            "long",
+            "dup",
+            "palette",
+        ]
+    )
+    assert m["counts"] == {"seen": 18, "written": 11, "train": 11, "holdout": 0, "rejected": 7}
+    for key, s in good.items():
+        ext = "jpg" if "jpg" in s else "png"
+        img = Image.open(io.BytesIO(s[ext]))
+        assert img.mode == "RGB", key
+        assert img.size[0] == img.size[1] <= SIZE, key
+        meta = json.loads(s["json"])
+        assert meta["source"].startswith(key)
+    assert Image.open(io.BytesIO(good["big"]["png"])).size == (SIZE, SIZE)
+    assert Image.open(io.BytesIO(good["good_rgb"]["jpg"])).size == (60, 60)
+    assert good["exact"]["jpg"] == (src / "exact.jpg").read_bytes()  # untouched JPEG kept
+    assert json.loads(good["good_rgb"]["json"])["original_size"] == [80, 60]
+    # alpha composited on white: fully transparent pixels become white
+    rgba = np.asarray(Image.open(io.BytesIO(good["grey16"]["png"])))
+    assert rgba.min() == 255  # 16-bit full scale -> 8-bit 255
+    assert good["latin1"]["txt"].decode() == "café au lait"
+    assert len(good["long"]["txt"].decode()) <= 100
+    for note in (
+        "caption_truncated",
+        "caption_not_utf8",
+        "cmyk_converted",
+        "greyscale_converted",
+        "alpha_composited_on_white",
+        "high_bit_depth_converted",
+        "palette_converted",
+        "center_cropped",
+        "resized",
+    ):
+        assert m["normalised"].get(note, 0) >= 1, note
+    assert m["resolution_filter"]["min_resolution"] == MIN_RES
+    assert all(len(s["sha256"]) == 64 for s in m["shards"])
+
+
+def test_rerun_gives_byte_identical_shards(tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    make_bad_corpus(src)
+    cfg = _cfg(tmp_path, source="folder", source_path=str(src), num_holdout=2, num_train=8)
+    ingest(cfg, progress=False)
+    shards = tmp_path / "shards"
+    first = {p.name: p.read_bytes() for p in sorted(shards.iterdir())}
+    ingest(cfg, workers=2, progress=False)  # a parallel re-run writes the same bytes
+    assert {p.name: p.read_bytes() for p in sorted(shards.iterdir())} == first
+    assert any(n.startswith("holdout-") for n in first)
+    with tarfile.open(shards / "train-000000.tar") as tf:
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in tf.getmembers()} == {
+            (0, 0, 0, "", "")
+        }
+
+
+@pytest.mark.parametrize("index_kind", ["csv", "jsonl"])
+def test_folder_caption_index_files(tmp_path: Path, index_kind: str) -> None:
+    src = tmp_path / "images"
+    (src / "sub").mkdir(parents=True)
+    names = ["a.png", "sub/b.jpg"]
+    (src / "a.png").write_bytes(_png(_noise((40, 40), seed=1)))
+    (src / "sub" / "b.jpg").write_bytes(_jpg(_noise((40, 40), seed=2)))
+    if index_kind == "csv":
+        (src / "captions.csv").write_text(
+            "file,caption\n" + "".join(f'{n},"caption, of {n}"\n' for n in names)
+        )
+    else:
+        (src / "captions.jsonl").write_text(
+            "".join(json.dumps({"file": n, "caption": f"caption, of {n}"}) + "\n" for n in names)
+        )
+    m = ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    assert m["counts"]["written"] == 2
+    got = {k: s["txt"].decode() for k, s in read_shards(tmp_path / "shards").items()}
+    assert got == {"a": "caption, of a.png", "sub_b": "caption, of sub/b.jpg"}
+
+
+def _source_tar(path: Path) -> None:
+    """An img2dataset-layout shard with two good samples and a broken one."""
+    with wds.TarWriter(str(path)) as w:
+        for i in range(2):
+            w.write(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": _jpg(_noise((50, 70), seed=i)),
+                    "txt": f"caption {i}".encode(),
+                    "json": json.dumps({"url": f"http://x/{i}", "width": 70}).encode(),
+                }
+            )
+        w.write({"__key__": "000000002", "jpg": b"\xff\xd8broken", "txt": b"bad"})
+        w.write({"__key__": "000000003", "json": b'{"caption": "no image here"}'})
+
+
+@pytest.mark.parametrize("how", ["path", "file_url", "pipe"])
+def test_webdataset_source(tmp_path: Path, how: str) -> None:
+    tar = tmp_path / "src-000.tar"
+    _source_tar(tar)
+    url = {"path": str(tar), "file_url": f"file://{tar}", "pipe": f"pipe:cat {tar}"}[how]
+    m = ingest(_cfg(tmp_path, source="webdataset", source_path=url), progress=False)
+    assert m["counts"]["written"] == 2
+    assert m["rejected_by_reason"] == {"missing_image": 1, "not_an_image": 1}
+    got = read_shards(tmp_path / "shards")
+    assert sorted(got) == ["000000000", "000000001"]
+    meta = json.loads(got["000000001"]["json"])
+    assert meta["source_meta"]["url"] == "http://x/1" and meta["original_size"] == [50, 70]
+    assert got["000000001"]["txt"] == b"caption 1"
+
+
+def test_embedded_source_writes_train_and_holdout(tmp_path: Path) -> None:
+    pytest.importorskip("imagen.data.embedded")
+    cfg = _cfg(tmp_path, source="embedded", num_train=6, num_holdout=3)
+    m = ingest(cfg, progress=False)
+    assert m["counts"] == {"seen": 9, "written": 9, "train": 6, "holdout": 3, "rejected": 0}
+    train, hold = read_shards(tmp_path / "shards"), read_shards(tmp_path / "shards", "holdout")
+    assert len(train) == 6 and len(hold) == 3 and not set(train) & set(hold)
+    s = next(iter(hold.values()))
+    assert Image.open(io.BytesIO(s["png"])).size == (SIZE, SIZE)
+    assert json.loads(s["json"])["attributes"]

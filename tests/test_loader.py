@@ -1,0 +1,164 @@
+"""The streaming loader: per-stage shapes, padding and masks, disjoint DDP x worker streams,
+aligned SR pairs, online encoding and held-out batches."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+
+from imagen.config import Params, deep_merge, resolve_params
+from imagen.data.ingest import ingest
+from imagen.data.loader import ImagenDataModule, collate, holdout_batches, make_dataset
+from imagen.data.precache import precache
+from imagen.text import pad_or_trim
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_params(root: Path, data: dict[str, Any], **cond: Any) -> Params:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    text = {
+        "token_length": 16,
+        "embed_dim": 32,
+        "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
+    } | cond
+    over = {
+        "data": {
+            "num_holdout": 2,
+            "shards_dir": str(root / "shards"),
+            "encoded_dir": str(root / "encoded"),
+        }
+        | data,
+        "model": {"conditioning": text},
+        "trainer": {"num_workers": 0, "shuffle_buffer": 4},
+    }
+    return resolve_params(deep_merge(raw, over))
+
+
+def prepare(root: Path, data: dict[str, Any], **cond: Any) -> Params:
+    params = make_params(root, data, **cond)
+    ingest(params.data, progress=False)
+    precache(params, progress=False)
+    return params
+
+
+@pytest.fixture(scope="module")
+def data256(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    root = tmp_path_factory.mktemp("data256")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        return prepare(root, {"num_train": 6, "image_size": 256, "samples_per_shard": 4})
+
+
+@pytest.fixture
+def in_project(data256: Params, monkeypatch: pytest.MonkeyPatch) -> Params:
+    monkeypatch.chdir(Path(data256.data.shards_dir).parent)  # data/encoder lives there
+    return data256
+
+
+@pytest.mark.parametrize(
+    ("stage", "image", "lowres"), [("base64", 64, None), ("sr256", 128, 32), ("sr1024", 128, 32)]
+)
+def test_batch_shapes_per_stage(in_project: Params, stage: str, image: int, lowres: int) -> None:
+    params = in_project
+    st = params.stage(stage).model_copy(deep=True)
+    st.trainer.batch_size = 3
+    dm = ImagenDataModule(params, st)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (3, 3, image, image) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    if lowres is None:
+        assert "lowres" not in batch
+    else:
+        assert batch["lowres"].shape == (3, 3, lowres, lowres)
+    assert batch["text_embed"].shape == (3, 16, 32) and batch["text_embed"].dtype == torch.float32
+    mask = batch["text_mask"]
+    assert mask.shape == (3, 16) and mask.dtype == torch.bool
+    for i, cap in enumerate(batch["caption"]):
+        n = min(len(cap.encode()) + 1, 16)  # ByT5: one token per byte + </s>, truncated
+        assert mask[i].sum() == n and mask[i, :n].all()
+        assert (batch["text_embed"][i, n:] == 0).all() and batch["text_embed"][
+            i, :n
+        ].abs().sum() > 0
+    assert len(batch["key"]) == 3 and all(k.startswith("train-") for k in batch["key"])
+
+
+def test_training_stream_repeats_past_an_epoch(in_project: Params) -> None:
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size = 4
+    batches = list(itertools.islice(iter(ImagenDataModule(in_project, st).train_dataloader()), 4))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == 16 and len(set(keys)) == 6  # 6 training samples, seen again and again
+
+
+def test_pad_or_trim() -> None:
+    x = torch.arange(12.0).reshape(6, 2)
+    padded, mask = pad_or_trim(x, 8)
+    assert padded.shape == (8, 2) and mask.tolist() == [True] * 6 + [False] * 2
+    assert torch.equal(padded[:6], x) and (padded[6:] == 0).all()
+    trimmed, mask = pad_or_trim(x, 4)
+    assert torch.equal(trimmed, x[:4]) and mask.all()
+
+
+def test_sr_pairs_are_aligned(in_project: Params) -> None:
+    st = in_project.stage("sr256").model_copy(deep=True)
+    st.trainer.batch_size = 6
+    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
+    down = F.interpolate(batch["image"], size=32, mode="bicubic", antialias=True)
+    aligned = (down - batch["lowres"]).abs().mean()
+    shifted = (down[..., 2:, 2:] - batch["lowres"][..., :-2, :-2]).abs().mean()
+    assert aligned < 0.05, aligned
+    assert aligned < 0.5 * shifted, (aligned, shifted)
+
+
+def _keys_seen(params: Params, rank: int, world: int, mp: pytest.MonkeyPatch) -> list[str]:
+    mp.setenv("RANK", str(rank))  # what torchrun / Lightning DDP give each process
+    mp.setenv("WORLD_SIZE", str(world))
+    ds = make_dataset(params, params.stage("base64"), "train", epochs=1)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
+    return [k for b in loader for k in b["key"]]
+
+
+@pytest.mark.parametrize("per_shard", [1, 5])  # 10 shards (dealt out) / 2 shards (< 4 streams)
+def test_ddp_ranks_and_workers_see_disjoint_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_shard: int
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = prepare(tmp_path, {"num_train": 10, "image_size": 64, "samples_per_shard": per_shard})
+    seen = [_keys_seen(params, rank, 2, monkeypatch) for rank in range(2)]
+    all_keys = [k for s in seen for k in s]
+    assert len(all_keys) == len(set(all_keys)) == 10  # disjoint, and together the whole set
+    assert all(seen)
+
+
+def test_online_encoding_encodes_captions_on_the_fly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = prepare(tmp_path, {"num_train": 4, "image_size": 64}, online_encoding=True)
+    st = params.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size = 2
+    dm = ImagenDataModule(params, st)
+    batch = next(iter(dm.train_dataloader()))
+    assert "text_embed" not in batch  # raw shards: captions only
+    batch = dm.on_after_batch_transfer(batch, 0)
+    assert batch["text_embed"].shape == (2, 16, 32) and batch["text_mask"].shape == (2, 16)
+
+
+def test_holdout_batches(in_project: Params) -> None:
+    batches = holdout_batches(in_project, 2, "sr256", batch_size=1)
+    assert len(batches) == 2
+    assert [b["key"][0] for b in batches] == ["holdout-0000000", "holdout-0000001"]
+    b = batches[0]
+    assert b["image"].shape == (1, 3, 128, 128) and b["lowres"].shape == (1, 3, 32, 32)
+    assert b["text_embed"].shape == (1, 16, 32) and b["attributes"][0]
+    again = holdout_batches(in_project, 2, "sr256", batch_size=1)  # center crops: repeatable
+    assert torch.equal(again[0]["image"], b["image"])
