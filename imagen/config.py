@@ -251,9 +251,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "500m_res_64": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=256, image_size=64, channel_mult=[1, 2, 3, 4], num_res_blocks=3,
-            num_attn_heads=4, per_head_channels=64, cond_dim=512, attention_type="fused",
-            attention_resolutions=[8, 16, 32], stable_attention=True,
+            embed_dim=256,
+            image_size=64,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            num_attn_heads=4,
+            per_head_channels=64,
+            cond_dim=512,
+            attention_type="fused",
+            attention_resolutions=[8, 16, 32],
+            stable_attention=True,
         ),
     },
     # Exception to the 2% rule: the seed's 2b configuration (Regular UNet, 3 blocks per level,
@@ -263,9 +270,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2b_res_64": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=512, image_size=64, channel_mult=[1, 2, 3, 4], num_res_blocks=3,
-            num_attn_heads=8, per_head_channels=64, cond_dim=2048, attention_type="fused",
-            attention_resolutions=[8, 16, 32], stable_attention=True,
+            embed_dim=512,
+            image_size=64,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            num_attn_heads=8,
+            per_head_channels=64,
+            cond_dim=2048,
+            attention_type="fused",
+            attention_resolutions=[8, 16, 32],
+            stable_attention=True,
         ),
     },
     # Regular UNet SR with per-level ResBlocks 2,2,3,4,3 and fused attention at 32/16 px.
@@ -274,10 +288,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "400m_res_256": {
         "unet_type": "sr-unet",
         "unet": dict(
-            embed_dim=128, image_size=256, channel_mult=[1, 2, 4, 6, 6], num_res_blocks=2,
-            num_resblocks=[2, 2, 3, 4, 3], num_attn_heads=8, per_head_channels=64,
-            cond_dim=512, attention_type="fused", attention_resolutions=[32, 16],
-            resblock_updown=True, stable_attention=True,
+            embed_dim=128,
+            image_size=256,
+            channel_mult=[1, 2, 4, 6, 6],
+            num_res_blocks=2,
+            num_resblocks=[2, 2, 3, 4, 3],
+            num_attn_heads=8,
+            per_head_channels=64,
+            cond_dim=512,
+            attention_type="fused",
+            attention_resolutions=[32, 16],
+            resblock_updown=True,
+            stable_attention=True,
         ),
     },
     # 641.0M with the seed's cond_dim 512 (NeMo's code projects text to its own dim, 1024,
@@ -285,10 +307,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "600m_res_256": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=128, image_size=256, channel_mult=[1, 2, 4, 8, 8],
-            num_resblocks=[2, 4, 8, 8, 8], atnn_enabled_at=[0, 0, 0, 1, 1], stride=2,
-            num_attn_heads=8, per_head_channels=64, cond_dim=512, attention_type="fused",
-            stable_attention=False, skip_connection_scaling=True,
+            embed_dim=128,
+            image_size=256,
+            channel_mult=[1, 2, 4, 8, 8],
+            num_resblocks=[2, 4, 8, 8, 8],
+            atnn_enabled_at=[0, 0, 0, 1, 1],
+            stride=2,
+            num_attn_heads=8,
+            per_head_channels=64,
+            cond_dim=512,
+            attention_type="fused",
+            stable_attention=False,
+            skip_connection_scaling=True,
         ),
     },
     # The published 1024 configuration is not public (NeMo's 5-level config counts 639M, a
@@ -299,35 +329,66 @@ PRESETS: dict[str, dict[str, Any]] = {
     "400m_res_1024": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=128, image_size=256, channel_mult=[1, 2, 4, 8, 8],
-            num_resblocks=[2, 4, 8, 8, 3], atnn_enabled_at=[0, 0, 0, 1, 1], stride=2,
-            num_attn_heads=8, per_head_channels=64, cond_dim=512, attention_type="cross",
-            stable_attention=False, skip_connection_scaling=True,
+            embed_dim=128,
+            image_size=256,
+            channel_mult=[1, 2, 4, 8, 8],
+            num_resblocks=[2, 4, 8, 8, 3],
+            atnn_enabled_at=[0, 0, 0, 1, 1],
+            stride=2,
+            num_attn_heads=8,
+            per_head_channels=64,
+            cond_dim=512,
+            attention_type="cross",
+            stable_attention=False,
+            skip_connection_scaling=True,
         ),
     },
     # --- small presets: train on a 2-core CPU in minutes (the embedded default) ---
     "small_res_64": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=32, image_size=64, channel_mult=[1, 2, 2, 2], num_res_blocks=1,
-            num_attn_heads=2, per_head_channels=32, cond_dim=128, attention_type="fused",
-            attention_resolutions=[8], stable_attention=True,
+            embed_dim=32,
+            image_size=64,
+            channel_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            num_attn_heads=2,
+            per_head_channels=32,
+            cond_dim=128,
+            attention_type="fused",
+            attention_resolutions=[8],
+            stable_attention=True,
         ),
     },
     "small_res_256": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=16, image_size=128, channel_mult=[1, 2, 4], num_resblocks=[1, 1, 2],
-            atnn_enabled_at=[0, 0, 1], stride=2, num_attn_heads=2, per_head_channels=32,
-            cond_dim=64, attention_type="fused", skip_connection_scaling=True,
+            embed_dim=16,
+            image_size=128,
+            channel_mult=[1, 2, 4],
+            num_resblocks=[1, 1, 2],
+            atnn_enabled_at=[0, 0, 1],
+            stride=2,
+            num_attn_heads=2,
+            per_head_channels=32,
+            cond_dim=64,
+            attention_type="fused",
+            skip_connection_scaling=True,
         ),
     },
     "small_res_1024": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=8, image_size=128, channel_mult=[1, 2, 4], num_resblocks=[1, 1, 2],
-            atnn_enabled_at=[0, 0, 1], stride=2, num_attn_heads=2, per_head_channels=16,
-            cond_dim=64, attention_type="cross", skip_connection_scaling=True,
+            embed_dim=8,
+            image_size=128,
+            channel_mult=[1, 2, 4],
+            num_resblocks=[1, 1, 2],
+            atnn_enabled_at=[0, 0, 1],
+            stride=2,
+            num_attn_heads=2,
+            per_head_channels=16,
+            cond_dim=64,
+            attention_type="cross",
+            skip_connection_scaling=True,
         ),
     },
 }
@@ -642,8 +703,10 @@ def resolve_params(raw: Mapping[str, Any]) -> Params:
         if sc.model.is_sr and sc.lowres is None:
             errors.append(f"{where}.lowres: an SR stage needs the low-res input size")
         if not sc.model.is_sr and name != "base64":
-            errors.append(f"{where}.model.unet_type: {name} is a super-resolution stage; "
-                          "allowed: 'sr-unet' or 'sr'")
+            errors.append(
+                f"{where}.model.unet_type: {name} is a super-resolution stage; "
+                "allowed: 'sr-unet' or 'sr'"
+            )
         if name == "base64" and sc.model.is_sr:
             errors.append(f"{where}.model.unet_type: base64 generates from text; allowed: 'base'")
         stages[name] = sc

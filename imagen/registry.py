@@ -66,6 +66,14 @@ STAGE_MODELS: dict[str, str] = {s: f"imagen-{s}" for s in STAGES}
 CASCADE_MODEL = "imagen-cascade"
 ENCODER_ARTIFACT = "encoder"
 PYFUNC_ARTIFACT = "imagen-cascade"
+MODEL_SCRIPT = '''"""The imagen-cascade pyfunc model (MLflow models-from-code: nothing pickled)."""
+
+import mlflow
+
+from imagen.registry import CascadePyfunc
+
+mlflow.models.set_model(CascadePyfunc())
+'''
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +136,8 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
             files, encoder_path=context.artifacts.get(ENCODER_ARTIFACT), device=device
         )
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    # No type hints on predict: MLflow would read them as an input schema of their own.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import pandas as pd
 
         from imagen.cascade import to_pil
@@ -164,13 +173,17 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
 
 
 def pyfunc_signature(depth: str) -> Any:
-    """Input: a "prompt" string column; output: prompt, stage, width, height, image (base64
-    PNG); params: depth, seed, steps, guidance_scale, batch_size, all_stages."""
+    """The pyfunc's signature.
+
+    Input: one string column (a DataFrame "prompt" column or a list of strings). Output:
+    prompt, stage, width, height, image (base64 PNG). Params: depth, seed, steps,
+    guidance_scale, batch_size, all_stages.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
+        inputs=Schema([ColSpec("string")]),
         outputs=Schema(
             [
                 ColSpec("string", "prompt"),
@@ -310,12 +323,20 @@ def log_cascade_model(
         if not (encoder / "config.json").exists():
             raise FileNotFoundError(f"{encoder}: not a text encoder folder (no config.json)")
         artifacts[ENCODER_ARTIFACT] = str(encoder)
+        # The package travels with the model (code/imagen), without byte-code caches.
+        code = Path(tmp) / "code" / "imagen"
+        shutil.copytree(
+            Path(imagen.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        # Models from code: MLflow runs this file to get the model, so nothing is pickled.
+        script = Path(tmp) / "imagen_cascade_model.py"
+        script.write_text(MODEL_SCRIPT)
         model_dir = Path(tmp) / PYFUNC_ARTIFACT
         mlflow.pyfunc.save_model(
             path=str(model_dir),
-            python_model=CascadePyfunc(),
+            python_model=str(script),
             artifacts=artifacts,
-            code_paths=[str(Path(imagen.__file__).parent)],
+            code_paths=[str(code)],
             signature=pyfunc_signature(stages[-1]),
             pip_requirements=pip_requirements(),
             metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},

@@ -314,11 +314,12 @@ class CheckpointTracker(Callback):
 
 
 class SampleGrid:
-    """Fixed prompts (and, for SR stages, fixed low-res images) sampled with the EMA weights.
+    """Fixed prompts (and, for SR stages, fixed low-res inputs) sampled with the EMA weights.
 
-    Prompts: ``trainer.sample_prompts`` if given, else held-out captions of the embedded set
-    (or the first training batch's captions for other sources). SR stages condition on real
-    held-out images downsampled to the stage's input size.
+    Prompts and images are the first ``trainer.sample_grid_size`` held-out examples (center
+    crops, the SR stages' low-res input downsampled from the real held-out image), or
+    ``trainer.sample_prompts`` for the base stage; without held-out shards, the first training
+    batch. Samples have the UNet's training size (the crop size for SR stages).
     """
 
     def __init__(self, params: Params, stage: StageConfig) -> None:
@@ -327,46 +328,51 @@ class SampleGrid:
         self.text_embed: torch.Tensor | None = None
         self.text_mask: torch.Tensor | None = None
         self.lowres: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None
         n = stage.trainer.sample_grid_size
         prompts = list(stage.trainer.sample_prompts)
-        if not prompts and params.data.source == "embedded":
-            from imagen.data.embedded import holdout_captions
-
-            prompts = [c for c, _ in holdout_captions(n, params.data.seed)]
-        if prompts:
+        if prompts and not stage.model.is_sr:
             from imagen.text import load_text_encoder
 
             self.captions = prompts[:n]
             encoder = load_text_encoder(stage.model.conditioning)
             self.text_embed, self.text_mask = encoder.encode(self.captions)
-            del encoder
-        if stage.model.is_sr and params.data.source == "embedded":
-            self.lowres = _embedded_lowres(len(self.captions), params.data.seed, stage)
+            return
+        from imagen.data.loader import holdout_batches, shard_paths
+
+        if shard_paths(params, "holdout"):
+            batches = holdout_batches(params, n, stage)
+            if batches:
+                self.fill_from_batch(batches[0])
+
+    @property
+    def ready(self) -> bool:
+        return self.text_embed is not None and (
+            not self.stage.model.is_sr or self.lowres is not None
+        )
 
     def fill_from_batch(self, batch: dict[str, Any]) -> None:
-        """Take prompts / low-res images from a training batch where none were fixed."""
+        """Take the grid's prompts (and low-res inputs) from a batch."""
         n = self.stage.trainer.sample_grid_size
-        if self.text_embed is None:
-            self.captions = list(batch["caption"][:n])
-            self.text_embed = batch["text_embed"][:n].detach().float().cpu()
-            self.text_mask = batch["text_mask"][:n].detach().bool().cpu()
-        if self.stage.model.is_sr and self.lowres is None:
-            self.lowres = batch["lowres"][: len(self.captions)].detach().float().cpu()
+        self.captions = list(batch["caption"][:n])
+        self.text_embed = batch["text_embed"][:n].detach().float().cpu()
+        self.text_mask = batch["text_mask"][:n].detach().bool().cpu()
+        if self.stage.model.is_sr:
+            self.lowres = batch["lowres"][:n].detach().float().cpu()
+            self.real = batch["image"][:n].detach().float().cpu()
 
     @torch.no_grad()
     def images(self, module: ImagenStage, seed: int = 0) -> torch.Tensor:
-        """(N, 3, S, S) in [-1, 1], sampled with the EMA weights."""
+        """(N, 3, S, S) in [-1, 1], sampled with the EMA weights (S = the UNet's image_size)."""
         from imagen.diffusion import sample
         from imagen.diffusion.noise_aug import lowres_condition
 
         assert self.text_embed is not None and self.text_mask is not None
         device = module.device
-        denoiser = module.ema_denoiser()
         cond: dict[str, Any] = {
             "text_embed": self.text_embed.to(device),
             "text_mask": self.text_mask.to(device),
         }
-        size = self.stage.resolution
         if self.stage.model.is_sr:
             assert self.lowres is not None
             g = torch.Generator().manual_seed(seed)
@@ -374,11 +380,15 @@ class SampleGrid:
                 self.lowres, self.stage.model.noise_cond_aug, training=False, generator=g
             )
             cond["lowres"], cond["aug_level"] = lowres.to(device), level.to(device)
+        size = self.stage.model.unet.image_size
         shape = (len(self.captions), self.stage.model.unet.channels, size, size)
-        return sample(denoiser, shape, cond, self.stage.sampling, seed=seed).float().cpu()
+        return (
+            sample(module.ema_denoiser(), shape, cond, self.stage.sampling, seed=seed).float().cpu()
+        )
 
     def write(self, module: ImagenStage, step: int, out: Path, run: StageRun) -> Path | None:
-        if self.text_embed is None:
+        """Sample, save ``samples/step_<step>.png`` (captions under the images), log it."""
+        if not self.ready:
             return None
         was_training = module.training
         module.eval()
@@ -387,36 +397,12 @@ class SampleGrid:
         finally:
             module.train(was_training)
         path = out / "samples" / f"step_{step:07d}.png"
-        lowres = self.lowres if self.stage.model.is_sr else None
-        grid = grid_image(x, self.captions, lowres=lowres)
+        columns = [self.lowres, x, self.real] if self.stage.model.is_sr else [x]
+        grid = grid_image(columns, self.captions)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         run.log_artifact(path, "samples")
         return path
-
-
-def _embedded_lowres(n: int, seed: int, stage: StageConfig) -> torch.Tensor:
-    """(n, 3, lowres, lowres) in [-1, 1]: held-out embedded images rendered at the stage's
-    resolution and downsampled to its input size (as the training data is made)."""
-    from PIL import Image
-
-    from imagen.data.embedded import EmbeddedDataset
-
-    data = EmbeddedDataset(n, seed=seed, size=stage.resolution, split="holdout")
-    s = int(stage.lowres or stage.resolution)
-    out = []
-    for i in range(n):
-        img = data[i]["image"].convert("RGB").resize((s, s), Image.BICUBIC)
-        out.append(pil_to_tensor(img))
-    return torch.stack(out)
-
-
-def pil_to_tensor(img: Any) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    import numpy as np
-
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float() / 127.5 - 1.0
 
 
 def tensor_to_pil(x: torch.Tensor) -> Any:
@@ -427,32 +413,27 @@ def tensor_to_pil(x: torch.Tensor) -> Any:
     return Image.fromarray(a)
 
 
-def grid_image(
-    x: torch.Tensor, captions: list[str], lowres: torch.Tensor | None = None, cols: int = 4
-) -> Any:
-    """A sheet of images (with their low-res inputs beside them for SR) and captions under."""
+def grid_image(images: list[torch.Tensor | None], captions: list[str], cols: int = 4) -> Any:
+    """A sheet of cells with the caption under each; a cell shows the i-th image of every
+    tensor in ``images`` side by side (SR: low-res input, sample, real image)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    n, _, size, _ = x.shape
-    cell = max(size, 128)
-    pair = 2 if lowres is not None else 1
+    parts = [t for t in images if t is not None]
+    n = parts[0].shape[0]
+    cell = max(max(t.shape[-1] for t in parts), 96)
+    width = len(parts) * cell
     cols = max(1, min(cols, n))
     rows = math.ceil(n / cols)
     text_h = 40
-    sheet = Image.new(
-        "RGB", (cols * (pair * cell + 8) + 8, rows * (cell + text_h + 8) + 8), "white"
-    )
+    sheet = Image.new("RGB", (cols * (width + 8) + 8, rows * (cell + text_h + 8) + 8), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for i in range(n):
         r, c = divmod(i, cols)
-        x0, y0 = 8 + c * (pair * cell + 8), 8 + r * (cell + text_h + 8)
-        if lowres is not None:
-            sheet.paste(tensor_to_pil(lowres[i]).resize((cell, cell), Image.NEAREST), (x0, y0))
-            x0 += cell
-        sheet.paste(tensor_to_pil(x[i]).resize((cell, cell), Image.NEAREST), (x0, y0))
-        width = pair * cell
-        left = x0 - (pair - 1) * cell
+        x0, y0 = 8 + c * (width + 8), 8 + r * (cell + text_h + 8)
+        for k, t in enumerate(parts):
+            img = tensor_to_pil(t[i]).resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(img, (x0 + k * cell, y0))
         words, lines, line = captions[i].split(), [], ""
         for word in words:  # greedy wrap to the cell width
             trial = f"{line} {word}".strip()
@@ -463,7 +444,7 @@ def grid_image(
                 line = trial
         lines.append(line)
         for j, text in enumerate(lines[:3]):
-            draw.text((left, y0 + cell + 2 + 12 * j), text, fill="black", font=font)
+            draw.text((x0, y0 + cell + 2 + 12 * j), text, fill="black", font=font)
     return sheet
 
 
@@ -627,7 +608,7 @@ def train_stage(
         if record_keys:
             callbacks.append(KeyRecorder(out))
         trainer = build_trainer(stage, out, callbacks, logger=StageRunLogger(run))
-        data = ImagenDataModule(params, stage_name, split="train")
+        data = ImagenDataModule(params, stage, split="train")
         ckpt = resume_path(out)
         if ckpt is not None and is_zero:
             print(f"imagen train: resuming {stage_name} from {ckpt}", file=sys.stderr, flush=True)
@@ -635,7 +616,7 @@ def train_stage(
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
         final = out / "checkpoints" / LAST_CKPT
         # the final state, also when max_steps was already reached before this run
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final, weights_only=False)
         if not trainer.is_global_zero:
             return {}
         if grid is not None and progress.start_step < trainer.global_step:

@@ -88,5 +88,17 @@ def make_tiny_cascade(
         stage = params.stages[name]
         torch.manual_seed(100 + i)
         net = build_unet(stage.model)
+        with torch.no_grad():  # wake the zero-initialised layers so text and guidance matter
+            for param in net.parameters():
+                if param.ndim > 1 and not param.any():
+                    param.normal_(0.0, 0.05)
         save_stage(Path(params.models_dir) / name, stage, net.state_dict(), step=1)
     return params
+
+
+def write_params_yaml(params_raw: dict[str, Any], path: Path) -> Path:
+    """The params mapping as a params.yaml file (for the CLI)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(params_raw, sort_keys=False))
+    return path

@@ -46,14 +46,8 @@ def test_parse_caption_recovers_every_attribute() -> None:
     for split in ("train", "holdout"):
         data = EmbeddedDataset(300, seed=5, split=split)  # type: ignore[arg-type]
         for i in range(len(data)):
-            assert (
-                parse_caption(data.caption(i), strict=True) == data[i]["attributes"]
-                if i < 40
-                else True
-            )
-            assert parse_caption(data.caption(i)) == {
-                k: getattr(data.scene(i), k) for k in ATTRIBUTES
-            }, data.caption(i)
+            want = {k: getattr(data.scene(i), k) for k in ATTRIBUTES}
+            assert parse_caption(data.caption(i), strict=True) == want, data.caption(i)
     assert parse_caption("a big violet disk at the top on a black backdrop") == {
         "shape": "circle",
         "color": "purple",
@@ -154,9 +148,11 @@ def test_frechet_distance_with_torchmetrics_separates_real_from_fake() -> None:
     real_a, _ = _batch(200, 64, split="train")
     real_b, _ = _batch(200, 64, split="holdout")
 
+    metric = FrechetInceptionDistance(feature=EmbeddedEvaluator(), reset_real_features=False)
+    metric.update(real_a, real=True)
+
     def fid(fake: torch.Tensor) -> float:
-        metric = FrechetInceptionDistance(feature=EmbeddedEvaluator())
-        metric.update(real_a, real=True)
+        metric.reset()  # keeps the real features
         metric.update(fake, real=False)
         return float(metric.compute())
 
@@ -166,6 +162,6 @@ def test_frechet_distance_with_torchmetrics_separates_real_from_fake() -> None:
     blurred = (_blur(real_b.float(), 2.0)).round().clamp(0, 255).to(torch.uint8)
     real_vs_blurred = fid(blurred)
     assert real_vs_real >= 0.0
-    assert real_vs_noise > 10 * real_vs_real, (real_vs_real, real_vs_noise)
-    assert real_vs_blobs > 5 * real_vs_real, (real_vs_real, real_vs_blobs)
-    assert real_vs_blurred > 2 * real_vs_real, (real_vs_real, real_vs_blurred)
+    assert real_vs_noise > 100 * real_vs_real, (real_vs_real, real_vs_noise)
+    assert real_vs_blobs > 10 * real_vs_real, (real_vs_real, real_vs_blobs)
+    assert real_vs_blurred > 4 * real_vs_real, (real_vs_real, real_vs_blurred)

@@ -44,6 +44,7 @@ __all__ = [
     "render",
     "sample_scene",
     "save_preview",
+    "scene_dict",
     "shape_sdf",
 ]
 
@@ -428,3 +429,15 @@ def save_preview(
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+if __name__ == "__main__":  # python -m imagen.data.embedded preview.png [n] [size]
+    import sys
+
+    args = sys.argv[1:] or ["embedded_preview.png"]
+    out = save_preview(
+        args[0],
+        n=int(args[1]) if len(args) > 1 else 16,
+        size=int(args[2]) if len(args) > 2 else 128,
+    )
+    print(out)

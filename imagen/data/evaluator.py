@@ -20,7 +20,9 @@ How an image is read (all at a working size of 64 px, whatever the input size):
 
 :meth:`EmbeddedEvaluator.features` concatenates soft versions of these statistics (attribute
 probabilities, moments, IoUs, mask edge softness, gradient energy), a coarse joint RGB
-histogram and a 4x4 luma thumbnail: :data:`NUM_FEATURES` numbers. The module's ``forward`` is
+histogram and a 4x4 luma thumbnail: :data:`NUM_FEATURES` numbers, each standardized by its mean
+and standard deviation on 256 fixed reference renders (so real data has unit scale in every
+feature and a shift in edge softness counts as much as one in color). The module's ``forward`` is
 ``features`` and it carries ``num_features``, so it plugs into torchmetrics as
 ``FrechetInceptionDistance(feature=EmbeddedEvaluator())`` (feed uint8 images, ``normalize=False``).
 
@@ -47,6 +49,8 @@ from imagen.data.embedded import (
     KEYWORDS,
     POSITION_XY,
     SIZE_RADIUS,
+    render,
+    sample_scene,
     shape_sdf,
 )
 
@@ -115,17 +119,43 @@ def parse_caption(caption: str, strict: bool = False) -> dict[str, str]:
     return found
 
 
+_REFERENCE_SEED, _REFERENCE_NUM = 20_240_101, 256
+_reference_cache: tuple[Tensor, Tensor] | None = None
+
+
+def _reference_statistics() -> tuple[Tensor, Tensor]:
+    """Mean and (floored) standard deviation of the raw features on fixed reference renders.
+
+    Dividing by them gives every feature unit scale on real data, so that a Frechet distance
+    weighs a shift in edge softness as much as one in color; computed once per process (~0.5 s).
+    """
+    global _reference_cache
+    if _reference_cache is None:
+        scenes = [sample_scene(i, seed=_REFERENCE_SEED) for i in range(_REFERENCE_NUM)]
+        images = images_to_tensor([render(sc, WORK_SIZE) for sc in scenes])
+        raw = EmbeddedEvaluator(standardize=False).features(images).double()
+        mean, std = raw.mean(dim=0), raw.std(dim=0)
+        _reference_cache = (mean.float(), std.clamp_min(0.02).float())
+    return _reference_cache
+
+
 class EmbeddedEvaluator(nn.Module):
     """Attribute predictions, caption-agreement scores and Frechet features for images."""
 
     num_features: int = NUM_FEATURES
 
-    def __init__(self, input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    def __init__(
+        self, input_range: tuple[float, float] = (-1.0, 1.0), standardize: bool = True
+    ) -> None:
         super().__init__()
         lo, hi = input_range
         if not hi > lo:
             raise ValueError(f"input_range must be (low, high) with high > low, got {input_range}")
         self.input_range = (float(lo), float(hi))
+        self.standardize = standardize
+        mean, scale = _reference_statistics() if standardize else (None, None)
+        self.register_buffer("feature_mean", mean, persistent=False)
+        self.register_buffer("feature_scale", scale, persistent=False)
 
     # ------------------------------------------------------------------ preprocessing
     def _prepare(self, images: Tensor) -> np.ndarray:
@@ -332,7 +362,10 @@ class EmbeddedEvaluator(nn.Module):
         ]
         feats = np.concatenate([p.reshape(b, -1).astype(np.float32) for p in parts], axis=1)
         assert feats.shape[1] == NUM_FEATURES, feats.shape
-        return torch.from_numpy(feats).to(images.device)
+        out = torch.from_numpy(feats)
+        if self.feature_mean is not None:
+            out = (out - self.feature_mean.cpu()) / self.feature_scale.cpu()
+        return out.to(images.device)
 
     def forward(self, images: Tensor) -> Tensor:
         """Features (so the module can serve as torchmetrics' FID ``feature`` extractor)."""

@@ -267,14 +267,14 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
 # --------------------------------------------------------------------------------------------
 # Checking and normalising one record (runs in worker processes)
 # --------------------------------------------------------------------------------------------
-_EMBEDDED_CACHE: dict[tuple[str, int, int], Any] = {}
+_EMBEDDED_CACHE: dict[tuple[str, int, int, int], Any] = {}
 
 
 def _embedded_item(cfg: DataConfig, split: str, index: int) -> dict[str, Any]:
     from imagen.data.embedded import EmbeddedDataset
 
     total = cfg.num_train if split == "train" else cfg.num_holdout
-    ck = (split, cfg.seed, cfg.image_size)
+    ck = (split, cfg.seed, cfg.image_size, total)
     if ck not in _EMBEDDED_CACHE:
         _EMBEDDED_CACHE[ck] = EmbeddedDataset(
             total, seed=cfg.seed, size=cfg.image_size, split=split
@@ -348,10 +348,8 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
     extra = dict(rec.extra)
     key, split, image, caption = rec.key, rec.split, rec.image, rec.caption
     if rec.embedded_index is not None:
-        try:
-            item = _embedded_item(cfg, rec.split or "train", rec.embedded_index)
-        except Exception as e:  # a generator bug must not hide the rest of the data
-            return Result(rec.key, rec.origin, split, reason="embedded_error", detail=repr(e))
+        # generated data cannot be bad input: a failure here is a bug and stops the run
+        item = _embedded_item(cfg, rec.split or "train", rec.embedded_index)
         key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
         extra["attributes"] = item.get("attributes", {})
     res = Result(key, rec.origin, split)
@@ -421,7 +419,7 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
         ext, data = "jpg", buf.getvalue()
     else:
         buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=6)
+        img.save(buf, format="PNG", compress_level=3)
         ext, data = "png", buf.getvalue()
     meta = {
         "source": rec.origin,

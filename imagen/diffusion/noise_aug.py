@@ -33,7 +33,9 @@ def augment_lowres(
     if level.ndim == 0:
         level = level.expand(lowres.shape[0])
     if level.shape != (lowres.shape[0],):
-        raise ValueError(f"level must be a float or of shape ({lowres.shape[0]},), got {level.shape}")
+        raise ValueError(
+            f"level must be a float or of shape ({lowres.shape[0]},), got {level.shape}"
+        )
     if bool(((level < 0) | (level > 1)).any()):
         raise ValueError("noise augmentation level must lie in [0, 1]")
     alpha, sigma = aug_alpha_sigma(level)

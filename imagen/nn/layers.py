@@ -63,7 +63,9 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool) -> None:
         super().__init__()
-        self.op = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1) if use_conv else None
+        self.op = (
+            nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1) if use_conv else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.op is not None:

@@ -78,9 +78,7 @@ class UNetBase(nn.Module):
         return x, emb, context, mask
 
 
-def run_block(
-    module: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor
-) -> Tensor:
+def run_block(module: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
     """Dispatch on the block kind: ResBlock(h, emb), attention(h, context, mask), or h."""
     if isinstance(module, ResBlock):
         return module(h, emb)
