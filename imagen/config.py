@@ -371,6 +371,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     },
 }
+
 PAPER_PRESETS: tuple[str, ...] = (
     "500m_res_64",
     "2b_res_64",

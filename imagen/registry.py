@@ -40,6 +40,7 @@ import base64
 import io
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,15 +333,19 @@ def log_cascade_model(
         script = Path(tmp) / "imagen_cascade_model.py"
         script.write_text(MODEL_SCRIPT)
         model_dir = Path(tmp) / PYFUNC_ARTIFACT
-        mlflow.pyfunc.save_model(
-            path=str(model_dir),
-            python_model=str(script),
-            artifacts=artifacts,
-            code_paths=[str(code)],
-            signature=pyfunc_signature(stages[-1]),
-            pip_requirements=pip_requirements(),
-            metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},
-        )
+        with warnings.catch_warnings():
+            # MLflow suggests type hints and an input example; the explicit signature serves
+            # instead (an input example would run the whole cascade at logging time).
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir),
+                python_model=str(script),
+                artifacts=artifacts,
+                code_paths=[str(code)],
+                signature=pyfunc_signature(stages[-1]),
+                pip_requirements=pip_requirements(),
+                metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},
+            )
         client.log_artifacts(run_id, str(model_dir), PYFUNC_ARTIFACT)
     if not register:
         return None

@@ -103,7 +103,6 @@ class ImagenStage(pl.LightningModule):
         if stage.model.inductor:
             net.compile()  # in place: the state dict keeps its keys
         self.skipped_nonfinite = 0
-        self.last_checkpoint: str | None = None
         self._ema_step = 0
 
     @property
@@ -144,7 +143,7 @@ class ImagenStage(pl.LightningModule):
         if bad:
             step = self.trainer.global_step
             if self.stage.trainer.nan_policy == "stop":
-                where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                where = self.last_good_checkpoint() or "none (no checkpoint was written yet)"
                 raise NonFiniteLossError(
                     f"step {step}: the training loss is {loss.item()} (not finite); stopping "
                     f"(trainer.nan_policy=stop). Last good checkpoint: {where}"
@@ -157,6 +156,13 @@ class ImagenStage(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest checkpoint written by this run, else the one it resumed from."""
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.last_model_path and Path(ckpt.last_model_path).is_file():
+            return ckpt.last_model_path
+        return self.trainer.ckpt_path
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # update the EMA once per optimiser step (not per micro-batch, not on skipped batches)
@@ -300,17 +306,6 @@ class Progress(Callback):
         now = time.perf_counter()
         self.train_seconds += now - self._t_last
         self._t_last = now
-
-
-class CheckpointTracker(Callback):
-    """Tells the module the last good checkpoint (named when a non-finite loss stops a run)."""
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: ImagenStage, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.last_model_path and Path(ckpt.last_model_path).is_file():
-            pl_module.last_checkpoint = ckpt.last_model_path
 
 
 class SampleGrid:
@@ -602,7 +597,7 @@ def train_stage(
         module = ImagenStage(stage)
         grid = SampleGrid(params, stage) if is_zero else None
         progress = Progress(stage, out, grid, run)
-        callbacks: list[Callback] = [progress, CheckpointTracker()]
+        callbacks: list[Callback] = [progress]
         if grid is not None:
             callbacks.append(_GridFromFirstBatch(grid))
         if record_keys:
@@ -612,7 +607,6 @@ def train_stage(
         ckpt = resume_path(out)
         if ckpt is not None and is_zero:
             print(f"imagen train: resuming {stage_name} from {ckpt}", file=sys.stderr, flush=True)
-        module.last_checkpoint = str(ckpt) if ckpt else None
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
         final = out / "checkpoints" / LAST_CKPT
         # the final state, also when max_steps was already reached before this run

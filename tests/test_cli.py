@@ -86,7 +86,10 @@ def test_a_process_finds_the_dvc_process_it_runs_under(tmp_path: Path) -> None:
     dvc.write_text(f"#!/bin/sh\n'{sys.executable}' -c '{probe}'\n")
     dvc.chmod(dvc.stat().st_mode | stat.S_IEXEC)
     out = subprocess.run(
-        [str(dvc), "repro"], capture_output=True, text=True, check=True,
+        [str(dvc), "repro"],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout.split()
     pid, command, key = int(out[0]), " ".join(out[1:3]), out[3]

@@ -35,6 +35,16 @@ F64 = torch.float64
 N = 4000  # samples per distribution check
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tensors here are tiny (n x 3): a second thread only adds synchronisation, which costs
+    # 20x on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gaussian() -> GaussianMixture:
     # anisotropic, correlated, image-like scale: eigenvalues about 0.29, 0.09, 0.04
     a = torch.tensor([[0.5, 0.15, 0.0], [0.0, 0.25, 0.1], [0.1, 0.0, 0.2]], dtype=F64)
@@ -201,8 +211,16 @@ class _TinyNet(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
         self.text = torch.nn.Linear(8, 3)
 
-    def forward(self, x, noise_cond, text_embed=None, text_mask=None, lowres=None,
-                aug_level=None, drop_text=None):
+    def forward(
+        self,
+        x,
+        noise_cond,
+        text_embed=None,
+        text_mask=None,
+        lowres=None,
+        aug_level=None,
+        drop_text=None,
+    ):
         h = self.conv(x) * torch.cos(noise_cond)[:, None, None, None]
         if text_embed is not None:
             t = self.text(text_embed.mean(1))

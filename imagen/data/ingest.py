@@ -574,5 +574,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
-    manifest = ingest(params.data, workers=args.workers, progress=not args.no_progress)
+    from imagen.tracking import stage_run
+
+    # the stage's MLflow run (nested under the pipeline's parent run): counts + the manifest
+    with stage_run(params, "ingest") as run:
+        manifest = ingest(params.data, workers=args.workers, progress=not args.no_progress)
+        run.log_metrics({f"samples/{k}": v for k, v in manifest["counts"].items()})
+        run.log_artifact(Path(params.data.shards_dir) / "manifest.json")
     return 0 if manifest["counts"]["written"] > 0 else 1

@@ -202,5 +202,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
-    precache(params, batch_size=args.batch_size, progress=not args.no_progress)
+    from imagen.tracking import stage_run
+
+    # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
+    with stage_run(params, "precache") as run:
+        manifest = precache(params, batch_size=args.batch_size, progress=not args.no_progress)
+        run.log_metrics(
+            {
+                k: v
+                for k, v in manifest.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        run.log_artifact(Path(params.data.encoded_dir) / "manifest.json")
     return 0

@@ -233,8 +233,9 @@ class DDPMDenoiser(Denoiser):
     """Continuous-time DDPM: t ~ U(0, 1), a log-SNR schedule, a variance-preserving network input.
 
     The network sees ``x_vp = alpha x0 + s eps`` (``alpha^2 = sigmoid(log_snr)``,
-    ``s^2 = sigmoid(-log_snr)``) and ``noise_cond = -log_snr / 8`` (= ln(sigma) / 4, the scaling EDM uses; order 1:
-    [-1.1, 2.5] for the cosine schedule, [-2.5, 1.3] for the linear one) and predicts
+    ``s^2 = sigmoid(-log_snr)``) and ``noise_cond = -log_snr / 8`` (= ln(sigma) / 4, the
+    scaling EDM uses; order 1: [-1.1, 2.5] for the cosine schedule, [-2.5, 1.3] for the
+    linear one) and predicts
     ``pred_objective``: the noise eps, the clean x0 ("x_start") or v = alpha eps - s x0.
     In VE terms ``sigma = s / alpha`` and ``x = x_vp / alpha``.
     """

@@ -32,7 +32,7 @@ def drop_mask(
 
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
-    """Imagen's dynamic thresholding: s = max(1, quantile(|x0|, p)) per sample; clip(x0, -s, s)/s."""
+    """Imagen's dynamic thresholding: s = max(1, quantile(|x0|, p)) per sample, clip(x0, ±s)/s."""
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"dynamic threshold percentile must be in (0, 1], got {percentile}")
     flat = x0.reshape(x0.shape[0], -1).abs()

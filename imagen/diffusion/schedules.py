@@ -40,7 +40,8 @@ def karras_sigmas(
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     i = torch.arange(n, dtype=torch.float64)
     frac = i / (n - 1) if n > 1 else i
-    # Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
+    # Karras et al. 2022, eq. 5:
+    #   sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     sigmas = (hi + frac * (lo - hi)) ** rho
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -33,6 +33,7 @@ class UNetBase(nn.Module):
         self.channels = cfg.channels
         self.in_channels = 2 * cfg.channels if is_sr else cfg.channels
         self.emb_dim = 4 * cfg.embed_dim
+        self.channels_last = False  # build_unet sets it with model.channels_last
         self.cond = Conditioning(
             embed_dim=cfg.embed_dim,
             text_embed_dim=text_embed_dim,
@@ -72,6 +73,8 @@ class UNetBase(nn.Module):
             x = torch.cat([x, resize_lowres(lowres, x)], dim=1)  # (B, 2C, H, W)
         elif lowres is not None:
             raise ValueError("lowres was given to a UNet built without low-res conditioning")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if noise_cond.ndim == 0:
             noise_cond = noise_cond.expand(x.shape[0])
         emb, context, mask = self.cond(noise_cond, text_embed, text_mask, aug_level, drop_text)

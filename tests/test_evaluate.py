@@ -1,0 +1,224 @@
+"""`imagen evaluate`: real torchmetrics FID / CLIPScore on tiny local models, reports, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_cascade import make_tiny_cascade
+from PIL import Image
+from torch import nn
+
+from imagen.config import ConfigError, resolve_params
+from imagen.evaluate import (
+    AGREEMENT,
+    FD_EMBEDDED,
+    Alignment,
+    Fidelity,
+    best_tradeoff,
+    evaluate,
+    load_holdout,
+)
+
+
+# --------------------------------------------------------------------------- tiny models
+def write_tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP saved like a downloaded one: model, BPE tokenizer, processor.
+
+    The tokenizer's vocabulary is the 256 byte symbols (with and without the end-of-word mark)
+    and no merges, so it tokenises any text without downloaded files.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = sorted(set(bytes_to_unicode().values()))
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=128,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv feature extractor for uint8 images (the FID ``feature`` module)."""
+
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 127.5 - 1).flatten(1)
+
+
+def _images(seed: int, n: int = 32, size: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_frechet_distance_through_torchmetrics_with_a_feature_net() -> None:
+    fid = Fidelity(feature=TinyFeatures())
+    real = _images(0)
+    fid.set_real(real)
+    same = fid.compute(real)
+    shifted = fid.compute((real.float() * 0.3).to(torch.uint8))  # darker images
+    assert abs(same) < 1e-3
+    assert shifted > 0.1
+    assert fid.compute(real) == pytest.approx(same, abs=1e-6)  # real stats kept across scales
+
+
+def test_fd_embedded_is_named_as_not_fid() -> None:
+    fd = Fidelity()  # the embedded evaluator's features
+    assert fd.name == FD_EMBEDDED and "not FID" in fd.label
+    from imagen.data.embedded import EmbeddedDataset
+    from imagen.evaluate import _pil_to_uint8
+
+    data = EmbeddedDataset(24, size=32, split="holdout")
+    real = torch.stack([_pil_to_uint8(x["image"], 32) for x in data])
+    fd.set_real(real)
+    assert fd.compute(real) < 1e-3
+    assert fd.compute(torch.full_like(real, 128)) > 1.0  # flat grey is far from the scenes
+
+
+def test_inception_path_without_torch_fidelity_says_how_to_install(tmp_path: Path) -> None:
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if _TORCH_FIDELITY_AVAILABLE:
+        pytest.skip("torch-fidelity is installed here")
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"pip install 'imagen-cascade\[inception\]'"):
+        Fidelity(str(weights))
+    with pytest.raises(ConfigError, match="does not exist"):
+        Fidelity(str(tmp_path / "missing.pth"))
+
+
+def test_clip_score_through_torchmetrics_with_a_local_tiny_clip(tmp_path: Path) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = write_tiny_clip(tmp_path / "clip")
+    align = Alignment(str(folder))
+    assert align.name == "clip_score"
+    images = _images(2, n=4, size=40)
+    captions = ["a red circle", "a blue square on the left", "green", "a small yellow diamond"]
+    attrs = [{"color": "red", "shape": "circle"}, {}, {"color": "green"}, {"size": "small"}]
+    got = align.compute(images, captions, attrs)
+    # the same numbers computed by hand with the same model
+    model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pix = proc(images=list(images), return_tensors="pt")["pixel_values"]
+        img = model.get_image_features(pixel_values=pix).pooler_output
+        tok = proc(text=captions, return_tensors="pt", padding=True)
+        txt = model.get_text_features(**tok).pooler_output
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert got["clip_score"] == pytest.approx(float((100 * cos).clamp_min(0).mean()), abs=1e-3)
+    assert AGREEMENT in got and "agreement_color" in got  # embedded agreement reported too
+    with pytest.raises(ConfigError, match="clip_path"):
+        Alignment(str(tmp_path / "nothing-here"))
+
+
+def test_best_tradeoff_rule() -> None:
+    rows = [
+        {"guidance_scale": 1.0, "fd": 5.0, "agree": 0.50},
+        {"guidance_scale": 3.0, "fd": 7.0, "agree": 0.78},
+        {"guidance_scale": 5.0, "fd": 9.0, "agree": 0.80},
+        {"guidance_scale": 7.0, "fd": 12.0, "agree": 0.79},
+    ]
+    # within 10% of the range (0.30) of the best agreement: 3, 5, 7 -> lowest fd is w=3
+    assert best_tradeoff(rows, "fd", "agree", 0.1)["guidance_scale"] == 3.0
+    assert best_tradeoff(rows, "fd", "agree", 0.0)["guidance_scale"] == 5.0
+    assert best_tradeoff(rows, "fd", "agree", 1.0)["guidance_scale"] == 1.0
+
+
+# --------------------------------------------------------------------------- held-out data
+def test_holdout_from_ingest_shards(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "holdout-000000.tar")) as sink:
+        for i, (color, caption) in enumerate([("red", "a small red square"), ("blue", "x")]):
+            buf = io.BytesIO()
+            Image.new("RGB", (48, 48), color).save(buf, format="PNG")
+            meta = {"attributes": {"color": color}} if i == 0 else {}
+            sink.write({"__key__": f"h{i}", "png": buf.getvalue(), "txt": caption, "json": meta})
+    params = resolve_params({"stages": {"base64": {}}, "data": {"shards_dir": str(shards)}})
+    held = load_holdout(params, 5, 16)
+    assert held.captions == ["a small red square", "x"]
+    assert held.attributes[0] == {"color": "red"}  # from the shard's json
+    assert held.images.shape == (2, 3, 16, 16) and held.images.dtype == torch.uint8
+    assert held.images[1, 2].float().mean() > 200  # blue
+    assert "holdout shard" in held.source
+
+
+# --------------------------------------------------------------------------- the stage
+@pytest.mark.slow
+def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    params = make_tiny_cascade(
+        tmp_path,
+        evaluate={
+            "guidance_scales": [1, 4],
+            "num_images": 8,
+            "batch_size": 8,
+            "steps": 2,
+            "grid_images": 4,
+            "cascade_prompts": 2,
+            "cascade_steps": 1,
+        },
+    )
+    metrics = evaluate(params, log=None)
+    reports = Path(params.evaluate.reports_dir)
+    saved = json.loads((reports / "metrics.json").read_text())
+    assert saved["fidelity_metric"] == FD_EMBEDDED and saved["alignment_metric"] == AGREEMENT
+    assert [r["guidance_scale"] for r in saved["scales"]] == [1.0, 4.0]
+    assert saved["best"]["guidance_scale"] in (1.0, 4.0) and "rule" in saved["best"]
+    assert saved["registered"]["imagen-cascade"] == "1"
+    assert metrics["cascade"]["stages"] == ["base64", "sr256", "sr1024"]
+    rows = list(csv.reader((reports / "fid_clip.csv").open()))
+    assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3
+    assert "FID" not in rows[0]
+    for name in ("fid_clip.png", "cascade.png", "grids/scale_1.png", "grids/scale_4.png"):
+        assert Image.open(reports / name).size[0] > 100
+    client = MlflowClient(params.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`imagen.stage` = 'evaluate'")
+    assert run.info.status == "FINISHED"
+    assert "best_fd_embedded" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, FD_EMBEDDED)
+    assert len(history) == 2
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert "reports/metrics.json" in arts and "reports/fid_clip.png" in arts
+    mv = client.get_model_version_by_alias("imagen-base64", "champion")
+    assert mv.run_id == run.info.run_id

@@ -1,0 +1,155 @@
+"""The DVC pipeline end to end on tiny params: `dvc repro` of the whole cascade, caching,
+narrow params dependencies, metrics, plots, experiments, and the MLflow run structure."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _project import copy_project, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
+
+STAGE_RUNS = {"ingest", "precache", "base64", "sr256", "sr1024", "evaluate"}
+
+
+def _runs(root: Path) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("imagen")
+    assert exp is not None, "no MLflow experiment 'imagen' was created"
+    return list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+def _parents(runs: list[Any]) -> list[Any]:
+    return [r for r in runs if r.data.tags.get("imagen.kind") == "pipeline"]
+
+
+def _children(runs: list[Any], parent_id: str) -> list[Any]:
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
+    start = time.monotonic()
+    first = run(["dvc", "repro"], root, timeout=1200)
+    elapsed = time.monotonic() - start
+    assert first.returncode == 0, first.stdout[-6000:]
+    return {"root": root, "output": first.stdout, "seconds": elapsed}
+
+
+def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) -> None:
+    root = project["root"]
+    assert _ran(project["output"]) == {
+        "ingest",
+        "precache",
+        "train@base64",
+        "train@sr256",
+        "train@sr1024",
+        "evaluate",
+    }
+    for stage in ("base64", "sr256", "sr1024"):
+        assert (root / "models" / stage / "model.pt").is_file()
+        assert json.loads((root / "models" / stage / "metrics.json").read_text())["steps"] >= 1
+    reports = root / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["scales"] and "best" in metrics
+    assert (reports / "fid_clip.csv").read_text().startswith("guidance_scale,")
+    assert (reports / "fid_clip.png").stat().st_size > 0
+    assert (reports / "cascade.png").stat().st_size > 0
+    assert list((reports / "grids").glob("*.png"))
+    assert (root / "dvc.lock").is_file()
+    print(f"tiny dvc repro of the whole cascade: {project['seconds']:.0f} s")
+
+
+def test_one_parent_run_holds_every_stage_run(project: dict[str, Any]) -> None:
+    runs = _runs(project["root"])
+    parents = _parents(runs)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["imagen.pipeline.trigger"] == "dvc repro"
+    assert "imagen.pipeline.execution" in parent.data.tags
+    children = _children(runs, parent.info.run_id)
+    assert {r.data.tags["imagen.stage"] for r in children} == STAGE_RUNS
+    assert len(children) == len(STAGE_RUNS)
+    assert len(runs) == 1 + len(STAGE_RUNS)  # nothing unparented
+    commit = parent.data.tags["mlflow.source.git.commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    for r in children:
+        assert r.info.status == "FINISHED", r.data.tags["imagen.stage"]
+        assert r.data.tags["mlflow.source.git.commit"] == commit
+        assert r.data.tags["imagen.params_hash"] == parent.data.tags["imagen.params_hash"]
+
+
+def test_a_second_repro_does_nothing(project: dict[str, Any]) -> None:
+    root = project["root"]
+    before = len(_runs(root))
+    start = time.monotonic()
+    again = run(["dvc", "repro"], root)
+    seconds = time.monotonic() - start
+    assert again.returncode == 0, again.stdout
+    assert _ran(again.stdout) == set()
+    assert "didn't change, skipping" in again.stdout
+    assert len(_runs(root)) == before
+    assert seconds < 60, f"a no-op dvc repro took {seconds:.0f} s"
+
+
+def test_metrics_and_plots(project: dict[str, Any], tmp_path: Path) -> None:
+    root = project["root"]
+    shown = run(["dvc", "metrics", "show", "--json"], root)
+    assert shown.returncode == 0, shown.stdout
+    text = shown.stdout
+    assert "reports/metrics.json" in text and "models/base64/metrics.json" in text
+    assert "final_loss" in text and "seconds" in text
+    plots = run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], root)
+    assert plots.returncode == 0, plots.stdout
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "fid_clip.csv" in html and "fid_clip.png" in html
+
+
+def test_a_base64_param_change_reruns_only_base64_and_evaluate(project: dict[str, Any]) -> None:
+    root = project["root"]
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    raw = yaml.safe_load(original)
+    raw["stages"]["base64"]["trainer"]["max_steps"] += 1
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        status = run(["dvc", "status", "--json"], root)
+        assert status.returncode == 0, status.stdout
+        assert set(json.loads(status.stdout)) == {"train@base64", "evaluate"}
+        dry = run(["dvc", "repro", "--dry"], root)
+        assert dry.returncode == 0, dry.stdout
+        assert _ran(dry.stdout) == {"train@base64", "evaluate"}
+    finally:
+        params_file.write_text(original)
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout) == {}
+
+
+def test_dvc_exp_run_with_a_set_param_logs_its_own_parent_run(project: dict[str, Any]) -> None:
+    root = project["root"]
+    before = {r.info.run_id for r in _runs(root)}
+    exp = run(["dvc", "exp", "run", "-S", "evaluate.grid_images=2"], root, timeout=900)
+    assert exp.returncode == 0, exp.stdout[-6000:]
+    assert _ran(exp.stdout) == {"evaluate"}
+    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["grid_images"] == 2
+    new = [r for r in _runs(root) if r.info.run_id not in before]
+    parents = _parents(new)
+    assert len(parents) == 1
+    assert parents[0].data.tags["imagen.pipeline.trigger"] == "dvc exp run"
+    children = _children(new, parents[0].info.run_id)
+    assert [r.data.tags["imagen.stage"] for r in children] == ["evaluate"]
+    shown = run(["dvc", "exp", "show", "--json"], root)
+    assert shown.returncode == 0 and "grid_images" in shown.stdout
