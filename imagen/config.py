@@ -120,6 +120,16 @@ class UNetConfig(_Strict):
     stride: int = Field(2, ge=2)
     skip_connection_scaling: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _alt_spelling(cls, data: Any) -> Any:
+        # Presets use the seed's spelling; `attn_enabled_at` can only come from the user,
+        # so it wins over a preset's `atnn_enabled_at`.
+        if isinstance(data, Mapping) and "attn_enabled_at" in data:
+            data = dict(data)
+            data["atnn_enabled_at"] = data.pop("attn_enabled_at")
+        return data
+
     @field_validator("dropout", mode="before")
     @classmethod
     def _bool_dropout(cls, v: Any) -> Any:
@@ -416,7 +426,17 @@ class ModelConfig(_Strict):
             block = data.get("preconditioning")
             if isinstance(block, Mapping) and kind in ("EDM", "DDPM"):
                 klass = EDMConfig if kind == "EDM" else DDPMConfig
-                data["preconditioning"] = klass.model_validate(dict(block))
+                try:
+                    data["preconditioning"] = klass.model_validate(dict(block))
+                except ValidationError as e:  # keep "preconditioning" in the reported path
+                    raise ValidationError.from_exception_data(
+                        klass.__name__,
+                        [
+                            {"type": x["type"], "loc": ("preconditioning", *x["loc"]),
+                             "input": x["input"], **({"ctx": x["ctx"]} if "ctx" in x else {})}
+                            for x in e.errors()
+                        ],
+                    ) from None
             elif block is None and kind == "DDPM":
                 data["preconditioning"] = DDPMConfig()
         return data

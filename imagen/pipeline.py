@@ -432,8 +432,9 @@ def _print_runs(params: Params, parent_id: str | None) -> int:
 def main(args: argparse.Namespace, params: Params) -> int:
     if args.action == "repro":
         dvc_args = [a for a in args.dvc_args if a != "--"]
+        start = time.monotonic()
         rc, timings, parent = repro(params, dvc_args, trigger=args.trigger)
-        total = sum(t.seconds for t in timings)
+        total = time.monotonic() - start
         print(
             "\nPipeline summary (dvc repro" + (" " + " ".join(dvc_args) if dvc_args else "") + ")"
         )

@@ -103,7 +103,7 @@ class ImagenStage(pl.LightningModule):
         if stage.model.inductor:
             net.compile()  # in place: the state dict keeps its keys
         self.skipped_nonfinite = 0
-        self._ema_step = 0
+        self._skipped = False
 
     @property
     def net(self) -> torch.nn.Module:
@@ -149,13 +149,19 @@ class ImagenStage(pl.LightningModule):
                     f"(trainer.nan_policy=stop). Last good checkpoint: {where}"
                 )
             self.skipped_nonfinite += 1
+            self._skipped = True
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), logger=True)
-            return None  # Lightning skips backward and the optimiser step for this batch
+            # no backward: no weight or EMA update (Lightning still counts the step)
+            return None
+        self._skipped = False
         self.log("train/loss", loss.detach(), prog_bar=True)
         return loss
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA after every optimiser step, before any callback (a checkpoint) sees the step
+        if not self._skipped:
+            self.ema.update_parameters(self.net)
 
     def last_good_checkpoint(self) -> str | None:
         """The newest checkpoint written by this run, else the one it resumed from."""
@@ -163,12 +169,6 @@ class ImagenStage(pl.LightningModule):
         if ckpt is not None and ckpt.last_model_path and Path(ckpt.last_model_path).is_file():
             return ckpt.last_model_path
         return self.trainer.ckpt_path
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # update the EMA once per optimiser step (not per micro-batch, not on skipped batches)
-        if self.trainer.global_step > self._ema_step:
-            self.ema.update_parameters(self.net)
-            self._ema_step = self.trainer.global_step
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.stage.trainer.optim
@@ -494,10 +494,52 @@ def build_trainer(
     )
 
 
-def resume_path(out: Path) -> Path | None:
-    """The checkpoint a re-run continues from (``checkpoints/last.ckpt``), if any."""
+# Keys that may change between a checkpoint and its resumption: how long and how often, not what.
+_RESUMABLE_CHANGES = {
+    "trainer.max_steps",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.sample_every_n_steps",
+    "trainer.log_every_n_steps",
+}
+
+
+def resume_path(out: Path, stage: StageConfig | None = None) -> Path | None:
+    """The checkpoint a re-run continues from (``checkpoints/last.ckpt``), if any.
+
+    With ``stage``, a checkpoint written under another stage config (a DVC param change, say a
+    new learning rate or UNet preset; only the keys in ``_RESUMABLE_CHANGES`` and ``sampling``
+    may differ) is set aside as ``last.ckpt.stale`` and training starts from scratch.
+    """
     last = out / "checkpoints" / LAST_CKPT
-    return last if last.is_file() else None
+    if not last.is_file():
+        return None
+    if stage is None:
+        return last
+    from contextlib import suppress
+
+    from imagen.config import flatten
+
+    saved = torch.load(last, map_location="cpu", weights_only=True).get("imagen", {}).get("stage")
+    now = flatten(stage.model_dump(mode="json"))
+    then = flatten(saved or {})
+    changed = {
+        k
+        for k in now.keys() | then.keys()
+        if now.get(k) != then.get(k)
+        and k not in _RESUMABLE_CHANGES
+        and not k.startswith("sampling.")
+    }
+    if not changed:
+        return last
+    print(
+        f"imagen train: not resuming {last}: written with other settings "
+        f"({', '.join(sorted(changed)[:5])}); starting from scratch",
+        file=sys.stderr,
+        flush=True,
+    )
+    with suppress(FileNotFoundError):  # another rank moved it first
+        last.replace(last.with_name(LAST_CKPT + ".stale"))
+    return None
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -537,15 +579,16 @@ class KeyRecorder(Callback):
 
 
 class _GridFromFirstBatch(Callback):
+    """Takes the sample grid's prompts from the first training batch when no held-out
+    examples were found."""
+
     def __init__(self, grid: SampleGrid) -> None:
         self.grid = grid
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: ImagenStage, batch: Any, idx: int
     ) -> None:
-        if self.grid.text_embed is None or (
-            pl_module.stage.model.is_sr and self.grid.lowres is None
-        ):
+        if not self.grid.ready:
             self.grid.fill_from_batch(batch)
 
 
@@ -591,7 +634,7 @@ def train_stage(
             tags={"imagen.out": str(out)},
         )
         if is_zero
-        else _null_run()
+        else _NullRun()
     )
     with ctx as run:
         module = ImagenStage(stage)
@@ -604,7 +647,7 @@ def train_stage(
             callbacks.append(KeyRecorder(out))
         trainer = build_trainer(stage, out, callbacks, logger=StageRunLogger(run))
         data = ImagenDataModule(params, stage, split="train")
-        ckpt = resume_path(out)
+        ckpt = resume_path(out, stage)
         if ckpt is not None and is_zero:
             print(f"imagen train: resuming {stage_name} from {ckpt}", file=sys.stderr, flush=True)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
@@ -640,8 +683,7 @@ def train_stage(
             extra={"metrics": metrics, "mlflow_run_id": run.run_id},
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        history = "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in progress.history)
-        (out / "loss.csv").write_text(history)
+        write_loss_csv(out / "loss.csv", progress.history, keep_until=progress.start_step)
         run.log_metrics(
             {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
             step=int(trainer.global_step),
@@ -652,7 +694,20 @@ def train_stage(
         return metrics
 
 
-class _null_run:
+def write_loss_csv(path: Path, history: list[tuple[int, float]], keep_until: int) -> None:
+    """``step,loss`` rows (for `dvc plots`): rows of an earlier, resumed run up to
+    ``keep_until``, then this run's."""
+    rows: list[str] = []
+    if keep_until > 0 and path.is_file():
+        for line in path.read_text().splitlines()[1:]:
+            step = line.split(",", 1)[0]
+            if step.isdigit() and int(step) <= keep_until:
+                rows.append(line)
+    rows += [f"{s},{v:.6f}" for s, v in history]
+    path.write_text("step,loss\n" + "".join(r + "\n" for r in rows))
+
+
+class _NullRun:
     """Stand-in for :func:`stage_run` on ranks other than zero."""
 
     def __enter__(self) -> StageRun:

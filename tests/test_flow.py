@@ -41,7 +41,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     log = (base / "serve.log").open("w")
     proc = subprocess.Popen(
         [str(BIN / "python"), "-m", "flows.serve", "--port", str(port)],
-        cwd=root, env=project_env(root, **env), stdout=log, stderr=subprocess.STDOUT,
+        cwd=root,
+        env=project_env(root, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -82,7 +85,9 @@ def _mlflow_runs(root: Path) -> list[Any]:
 
 
 def _artifact(served: dict[str, Any]) -> str:
-    shown = run(["prefect", "artifact", "inspect", "imagen-cascade"], served["root"], **served["env"])
+    shown = run(
+        ["prefect", "artifact", "inspect", "imagen-cascade"], served["root"], **served["env"]
+    )
     assert shown.returncode == 0, shown.stdout
     return shown.stdout
 
@@ -113,7 +118,12 @@ def test_the_deployment_runs_the_cascade_through_dvc(served: dict[str, Any]) -> 
     assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {r.data.tags["imagen.stage"] for r in children} == {
-        "ingest", "precache", "base64", "sr256", "sr1024", "evaluate"
+        "ingest",
+        "precache",
+        "base64",
+        "sr256",
+        "sr1024",
+        "evaluate",
     }
 
     # the stage output reached the Prefect run log, the summary artifact links the runs

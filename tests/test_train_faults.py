@@ -43,8 +43,9 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path: Path) -> None:
     trainer = build_trainer(stage, tmp_path, [], logger=False)
     loader = torch.utils.data.DataLoader(_with_inf(stage, 4, bad=1), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step == 3  # the bad batch took no optimiser step
+    assert trainer.global_step == 3  # Lightning counts the skipped batch as a step ...
     assert module.skipped_nonfinite == 1
+    assert int(module.ema.n_averaged) == 2  # ... but it updated neither weights nor EMA
     assert all(torch.isfinite(p).all() for p in module.net.parameters())
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["imagen"]["skipped_nonfinite"] == 1

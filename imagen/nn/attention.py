@@ -74,15 +74,18 @@ def attention(
         return out.transpose(1, 2)
     _log_backend("sdpa-fp32" if stable else "sdpa")
     dtype = q.dtype
-    if stable:
-        q, k, v = q.float(), k.float(), v.float()
     empty = None
     mask = None
     if key_mask is not None:
         empty = ~key_mask.any(dim=-1)  # (B,) samples with no valid key
         # let empty rows attend to every key (finite), then zero their output below
         mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+    if stable:
+        # autocast would cast SDPA's inputs back to bf16/fp16: keep it off for this product
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out.to(dtype)

@@ -175,8 +175,9 @@ class Conditioning(nn.Module):
         else:
             pooled = masked_mean(context, text_mask)  # (B, cond_dim)
         if self.use_null_token:
-            if drop_text is not None:
-                pooled = torch.where(drop_text[:, None], self.null_pooled.to(pooled.dtype), pooled)
+            # always in the graph (zero gradient when nothing is dropped): DDP-friendly
+            drop = drop_text if drop_text is not None else torch.zeros(b, 1, device=device).bool()
+            pooled = torch.where(drop.view(b, 1), self.null_pooled.to(pooled.dtype), pooled)
             null = self.null_token.to(context.dtype).expand(b, -1, -1)  # (B, 1, cond_dim)
             context = torch.cat([context, null], dim=1)
             ones = torch.ones(b, 1, dtype=torch.bool, device=device)

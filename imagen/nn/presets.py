@@ -1,7 +1,7 @@
 """``imagen presets``: the UNet presets with their parameter counts (built on the meta device).
 
-    imagen presets           a table: name, UNet type, image size, attention, count, published
-    imagen presets --json    {"500m_res_64": 524863236, ...} for every preset
+imagen presets           a table: name, UNet type, image size, attention, count, published
+imagen presets --json    {"500m_res_64": 524863236, ...} for every preset
 """
 
 from __future__ import annotations

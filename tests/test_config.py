@@ -1,0 +1,199 @@
+"""params.yaml validation: every bad value names its full key path and what is allowed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagen.config import PRESETS, ConfigError, load_params, resolve_params
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGEN = ROOT / ".venv" / "bin" / "imagen"
+
+
+def base(model: dict | None = None, **stage: object) -> dict:
+    """A minimal params mapping: base64 on the small preset, plus the given stage keys."""
+    return {"stages": {"base64": {"model": {"preset": "small_res_64", **(model or {})}, **stage}}}
+
+
+def with_sr(**unet: object) -> dict:
+    raw = base()
+    raw["stages"]["sr256"] = {"model": {"preset": "small_res_256", "unet": unet}}
+    return raw
+
+
+BAD = {
+    "unknown attention_type": (
+        base({"unet": {"attention_type": "bogus"}}),
+        "stages.base64.model.unet.attention_type",
+        ["'self'", "'cross'", "'stacked'", "'fused'"],
+    ),
+    "num_resblocks vs channel_mult": (
+        base({"unet": {"num_resblocks": [1, 2]}}),
+        "stages.base64.model.unet.num_resblocks",
+        ["channel_mult has 4"],
+    ),
+    "efficient num_resblocks vs channel_mult": (
+        with_sr(num_resblocks=[1, 1]),
+        "stages.sr256.model.unet.num_resblocks",
+        ["one ResBlock count per level"],
+    ),
+    "image_size not divisible": (
+        base({"unet": {"image_size": 60, "attention_resolutions": [15]}}),
+        "stages.base64.model.unet.image_size",
+        ["not divisible by the total down-sampling factor 8"],
+    ),
+    "negative drop_rate": (
+        base({"conditioning": {"drop_rate": -0.1}}),
+        "stages.base64.model.conditioning.drop_rate",
+        ["greater than or equal to 0"],
+    ),
+    "misspelt key": (
+        base({"unet": {"embed_dims": 32}}),
+        "stages.base64.model.unet.embed_dims",
+        ["unknown key"],
+    ),
+    "wrong type": (
+        base({"unet": {"embed_dim": "big"}}),
+        "stages.base64.model.unet.embed_dim",
+        ["valid integer"],
+    ),
+    "unknown preset": (
+        base({"preset": "huge"}),
+        "stages.base64.model.preset",
+        ["unknown preset 'huge'", "500m_res_64", "small_res_64"],
+    ),
+    "unknown stage": (
+        {**base(), "stages": {**base()["stages"], "sr512": {}}},
+        "stages.sr512",
+        ["unknown stage", "sr256", "sr1024"],
+    ),
+    "DDPM key under EDM": (
+        base({"preconditioning_type": "EDM", "preconditioning": {"noise_schedule": "cosine"}}),
+        "stages.base64.model.preconditioning.noise_schedule",
+        ["unknown key"],
+    ),
+    "bad EDM value": (
+        base({"preconditioning": {"sigma_data": -1}}),
+        "stages.base64.model.preconditioning.sigma_data",
+        ["greater than 0"],
+    ),
+    "atnn_enabled_at wrong length": (
+        with_sr(atnn_enabled_at=[0, 1]),
+        "stages.sr256.model.unet.atnn_enabled_at",
+        ["channel_mult has 4"],
+    ),
+    "attention_resolutions not a level": (
+        base({"unet": {"attention_resolutions": [12]}}),
+        "stages.base64.model.unet.attention_resolutions",
+        ["allowed: [8, 16, 32, 64]"],
+    ),
+    "bad precision": (
+        base(trainer={"precision": "fp8"}),
+        "stages.base64.trainer.precision",
+        ["'bf16'", "'32'"],
+    ),
+    "unknown pooling": (
+        base({"unet": {"feature_pooling_type": "max"}}),
+        "stages.base64.model.unet.feature_pooling_type",
+        ["'attention'", "'mean'"],
+    ),
+    "even init conv kernel": (
+        base({"unet": {"init_conv_kernel_size": 4}}),
+        "stages.base64.model.unet.init_conv_kernel_size",
+        ["must be odd"],
+    ),
+    "stride below 2": (
+        with_sr(stride=1),
+        "stages.sr256.model.unet.stride",
+        ["greater than or equal to 2"],
+    ),
+    "SR net for the base stage": (
+        base({"unet_type": "sr", "unet": {"num_resblocks": [1, 1, 1, 1]}}),
+        "stages.base64.model.unet_type",
+        ["allowed: 'base'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_value_names_key_path_and_what_is_allowed(case):
+    raw, path, allowed = BAD[case]
+    with pytest.raises(ConfigError) as err:
+        resolve_params(raw)
+    msg = str(err.value)
+    assert f"{path}:" in msg, msg
+    for text in allowed:
+        assert text in msg, msg
+
+
+def test_preset_applies_and_explicit_keys_override_it():
+    params = resolve_params(base({"unet": {"embed_dim": 24, "attention_type": "cross"}}))
+    unet = params.stages["base64"].model.unet
+    preset = PRESETS["small_res_64"]["unet"]
+    assert unet.embed_dim == 24 and unet.attention_type == "cross"
+    assert unet.channel_mult == preset["channel_mult"]
+    assert unet.attention_resolutions == preset["attention_resolutions"]
+    plain = resolve_params(base()).stages["base64"].model.unet
+    assert plain.embed_dim == preset["embed_dim"]
+
+
+def test_seed_spellings_are_accepted():
+    params = resolve_params(base({"unet": {"dropout": False}}))
+    assert params.stages["base64"].model.unet.dropout == 0.0
+    for key in ("atnn_enabled_at", "attn_enabled_at"):
+        sr = resolve_params(with_sr(**{key: [0, 1, 1, 1]})).stages["sr256"].model.unet
+        assert sr.atnn_enabled_at == [0, 1, 1, 1]
+
+
+def test_paper_preset_resolves():
+    raw = base({"preset": "500m_res_64", "conditioning": {"embed_dim": 1024}})
+    unet = resolve_params(raw).stages["base64"].model.unet
+    assert (unet.embed_dim, unet.cond_dim, unet.attention_type) == (256, 512, "fused")
+
+
+def test_shipped_params_yaml_loads():
+    params = load_params(ROOT / "params.yaml")
+    assert set(params.stages) == {"base64", "sr256", "sr1024"}
+    assert params.stages["sr256"].model.is_sr
+
+
+def test_load_params_override_is_validated(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    assert (
+        load_params(path, ["stages.base64.model.unet.embed_dim=8"])
+        .stages["base64"]
+        .model.unet.embed_dim
+        == 8
+    )
+    with pytest.raises(ConfigError, match=r"stages\.base64\.model\.unet\.attention_type"):
+        load_params(path, ["stages.base64.model.unet.attention_type=bogus"])
+
+
+def test_cli_rejects_bad_override_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    exe = [str(IMAGEN)] if IMAGEN.exists() else [sys.executable, "-m", "imagen.cli"]
+    proc = subprocess.run(
+        [
+            *exe,
+            "ingest",
+            "--params",
+            str(ROOT / "params.yaml"),
+            "-S",
+            "stages.base64.model.unet.attention_type=bogus",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "stages.base64.model.unet.attention_type" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was written
