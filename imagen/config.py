@@ -84,8 +84,10 @@ class ConditioningConfig(_Strict):
 class UNetConfig(_Strict):
     """Union of the Regular UNet and Efficient UNet keys; ``unet_type`` picks which apply.
 
-    Regular (base, sr-unet): num_res_blocks, attention_resolutions, resblock_updown,
-    resample_with_conv, dropout. Efficient (sr): num_resblocks (per level), atnn_enabled_at
+    Regular (base, sr-unet): num_res_blocks (or num_resblocks, one per level, which wins),
+    attention_resolutions, resblock_updown, resample_with_conv (learned strided conv down /
+    transposed conv up; else average pooling / nearest), dropout.
+    Efficient (sr): num_resblocks (per level), atnn_enabled_at
     (per level, the seed's spelling; attn_enabled_at is accepted too), stride,
     skip_connection_scaling.
     """

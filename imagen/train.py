@@ -333,12 +333,14 @@ class SampleGrid:
             encoder = load_text_encoder(stage.model.conditioning)
             self.text_embed, self.text_mask = encoder.encode(self.captions)
             return
-        from imagen.data.loader import holdout_batches, shard_paths
+        from imagen.data.loader import holdout_batches
 
-        if shard_paths(params, "holdout"):
+        try:
             batches = holdout_batches(params, n, stage)
-            if batches:
-                self.fill_from_batch(batches[0])
+        except ConfigError:  # no held-out shards: the first training batch is used
+            batches = []
+        if batches:
+            self.fill_from_batch(batches[0])
 
     @property
     def ready(self) -> bool:

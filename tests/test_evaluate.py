@@ -173,7 +173,8 @@ def test_holdout_from_ingest_shards(tmp_path: Path) -> None:
             meta = {"attributes": {"color": color}} if i == 0 else {}
             sink.write({"__key__": f"h{i}", "png": buf.getvalue(), "txt": caption, "json": meta})
     params = resolve_params({"stages": {"base64": {}}, "data": {"shards_dir": str(shards)}})
-    held = load_holdout(params, 5, 16)
+    with pytest.warns(UserWarning, match="only 2 held-out samples"):
+        held = load_holdout(params, 5, 16)
     assert held.captions == ["a small red square", "x"]
     assert held.attributes[0] == {"color": "red"}  # from the shard's json
     assert held.images.shape == (2, 3, 16, 16) and held.images.dtype == torch.uint8

@@ -106,6 +106,20 @@ def test_a_second_repro_does_nothing(project: dict[str, Any]) -> None:
     assert seconds < 60, f"a no-op dvc repro took {seconds:.0f} s"
 
 
+def test_the_demo_driver_prints_a_summary_and_leaves_no_empty_parent(
+    project: dict[str, Any],
+) -> None:
+    root = project["root"]
+    before = len(_runs(root))
+    demo = run(["imagen", "pipeline", "repro"], root)  # what `make demo` runs
+    assert demo.returncode == 0, demo.stdout
+    summary = demo.stdout.split("Pipeline summary")[-1]
+    for stage in ("ingest", "precache", "train@base64", "train@sr1024", "evaluate"):
+        assert re.search(rf"^{re.escape(stage)}\s+skipped", summary, re.M), summary
+    assert re.search(r"^total\s+[\d.]+s$", summary, re.M)
+    assert len(_runs(root)) == before  # nothing ran, so no parent run is kept
+
+
 def test_metrics_and_plots(project: dict[str, Any], tmp_path: Path) -> None:
     root = project["root"]
     shown = run(["dvc", "metrics", "show", "--json"], root)

@@ -127,7 +127,7 @@ def _eval_loss(net: torch.nn.Module, stage: StageConfig, batch: dict[str, Any]) 
 
 
 @pytest.mark.slow
-def test_cli_trains_base_stage_end_to_end(tmp_path: Path) -> None:
+def test_cli_trains_base_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     from imagen.data.loader import holdout_batches
@@ -148,6 +148,7 @@ def test_cli_trains_base_stage_end_to_end(tmp_path: Path) -> None:
     net, _ = load_stage(out / "model.pt")
     from imagen.diffusion import build_denoiser, sample
 
+    monkeypatch.chdir(tmp_path)  # the params' data folders are relative
     b = holdout_batches(resolve_params_at(tmp_path), 8, "base64")[0]
     x = sample(
         build_denoiser(stage.model, net),

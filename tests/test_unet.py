@@ -14,6 +14,17 @@ from imagen.nn import EfficientUNet, UNet, build_unet, count_parameters
 from imagen.nn.attention import attention
 
 TEXT_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These nets are tiny: one thread is as fast, and immune to a busy neighbour's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 ATTENTION = ["self", "cross", "stacked", "fused"]
 POOLING = ["attention", "mean"]
 KINDS = ["base", "sr-unet", "sr"]
