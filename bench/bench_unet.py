@@ -53,9 +53,9 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, kw: dict) -> No
     opt.step()
 
 
-def one_cpu(name: str, batch: int, steps: int, text_dim: int, tokens: int) -> dict:
+def one_cpu(name: str, batch: int, steps: int, text_dim: int, tokens: int, threads: int) -> dict:
     """Measure one small preset (run in its own process)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     net = build_unet(preset_model_config(name, text_dim))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -110,10 +110,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--text-dim", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (cores here: 2)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_cpu(args.one, args.batch, args.steps, args.text_dim, args.tokens)))
+        print(
+            json.dumps(
+                one_cpu(args.one, args.batch, args.steps, args.text_dim, args.tokens, args.threads)
+            )
+        )
         return
 
     from rich.console import Console
@@ -121,8 +126,8 @@ def main() -> None:
 
     console = Console(width=110)
     table = Table(
-        title=f"CPU training step, {torch.get_num_threads()} -> 2 threads, batch {args.batch}, "
-        f"text {args.tokens}x{args.text_dim}"
+        title=f"CPU training step (forward + backward + AdamW), {args.threads} threads, "
+        f"batch {args.batch}, text {args.tokens}x{args.text_dim}, best of {args.steps}"
     )
     for col in ("preset", "params", "size", "step (s)", "ms / image", "peak RSS delta"):
         table.add_column(col, justify="left" if col == "preset" else "right")
@@ -130,7 +135,7 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--one", name, "--batch", str(args.batch)]
             + ["--steps", str(args.steps), "--text-dim", str(args.text_dim)]
-            + ["--tokens", str(args.tokens)],
+            + ["--tokens", str(args.tokens), "--threads", str(args.threads)],
             capture_output=True,
             text=True,
             check=True,
