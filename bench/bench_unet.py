@@ -6,6 +6,9 @@ image and peak memory. Memory is the growth of the process's peak resident set s
 are built to the end of the timed steps, measured in a fresh subprocess per preset (the peak
 RSS of a process never decreases, so presets must not share one).
 
+"CPU s" is the process CPU time of the step (all threads): with a busy neighbour on the
+same cores the wall time inflates, the CPU time much less.
+
 CUDA (when available): training images/s of the paper presets in bf16 autocast, with flash
 attention and channels_last both off and both on.
 
@@ -62,11 +65,12 @@ def one_cpu(name: str, batch: int, steps: int, text_dim: int, tokens: int, threa
     kw = batch_for(net, batch, text_dim, tokens, "cpu")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     train_step(net, opt, kw)  # warm-up (allocates optimiser state)
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_step(net, opt, kw)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = min(times)
     return {
@@ -75,6 +79,7 @@ def one_cpu(name: str, batch: int, steps: int, text_dim: int, tokens: int, threa
         "size": net.image_size,
         "batch": batch,
         "step_s": step,
+        "cpu_s": min(cpu),
         "ms_per_image": 1e3 * step / batch,
         "peak_rss_delta_mib": (rss1 - rss0) / 1024,
     }
@@ -129,7 +134,7 @@ def main() -> None:
         title=f"CPU training step (forward + backward + AdamW), {args.threads} threads, "
         f"batch {args.batch}, text {args.tokens}x{args.text_dim}, best of {args.steps}"
     )
-    for col in ("preset", "params", "size", "step (s)", "ms / image", "peak RSS delta"):
+    for col in ("preset", "params", "size", "step (s)", "CPU s", "ms / image", "peak RSS delta"):
         table.add_column(col, justify="left" if col == "preset" else "right")
     for name in SMALL:
         out = subprocess.run(
@@ -146,6 +151,7 @@ def main() -> None:
             f"{r['params'] / 1e6:.2f}M",
             f"{r['size']}",
             f"{r['step_s']:.3f}",
+            f"{r['cpu_s']:.3f}",
             f"{r['ms_per_image']:.1f}",
             f"{r['peak_rss_delta_mib']:.0f} MiB",
         )

@@ -86,6 +86,13 @@ CONFIGS: dict[str, dict] = {
         "attention_resolutions": [4, 8, 16],
         "cond_dim": 256,
     },
+    "word_best": {
+        "tokenizer": "word",
+        "token_length": 24,
+        "ema_decay": 0.995,
+        "lr": 2e-3,
+        "attention_resolutions": [4, 8, 16],
+    },
     "word_cross": {
         "tokenizer": "word",
         "token_length": 24,
@@ -281,9 +288,14 @@ def run(name: str, r: Recipe, minutes: float, eval_every: float, args) -> dict:
     mc = model_config(r)
     net = build_unet(mc)
     denoiser = build_denoiser(mc, net)
-    ema_net = build_unet(mc).requires_grad_(False)
-    ema_net.load_state_dict(net.state_dict())
-    ema = build_denoiser(mc, ema_net).eval()
+    # One EMA copy per decay: the recipe's, plus --ema-sweep ones scored at the end.
+    decays = [r.ema_decay] + [d for d in args.ema_sweep if d != r.ema_decay]
+    ema_nets = []
+    for _ in decays:
+        copy = build_unet(mc).requires_grad_(False)
+        copy.load_state_dict(net.state_dict())
+        ema_nets.append(copy)
+    ema = build_denoiser(mc, ema_nets[0]).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     print(
         f"[{name}] {count_parameters(net) / 1e6:.2f}M params, setup "
@@ -303,7 +315,6 @@ def run(name: str, r: Recipe, minutes: float, eval_every: float, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     budget, train_s, step, next_eval = minutes * 60, 0.0, 0, eval_every * 60
     losses: list[float] = []
-    ema_params = list(ema_net.parameters())
     params = list(net.parameters())
     while train_s < budget:
         t0 = time.perf_counter()
@@ -318,9 +329,10 @@ def run(name: str, r: Recipe, minutes: float, eval_every: float, args) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         # EMA: w_ema <- d w_ema + (1 - d) w, with the usual warm-up min(d, (1+n)/(10+n))
-        d = min(r.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
+            for decay, copy in zip(decays, ema_nets, strict=True):
+                d = min(decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(copy.parameters()), params, 1 - d)
         step += 1
         train_s += time.perf_counter() - t0
         losses.append(float(loss.detach()))
@@ -337,6 +349,15 @@ def run(name: str, r: Recipe, minutes: float, eval_every: float, args) -> dict:
             log["checkpoints"].append(point)
             print(f"[{name}] " + " ".join(f"{k}={v:.3g}" for k, v in point.items()), flush=True)
             write(name, log, args)
+    if len(decays) > 1 or args.raw:
+        sweep = {
+            str(d): scorer(build_denoiser(mc, c).eval(), r.guidance)
+            for d, c in zip(decays[1:], ema_nets[1:], strict=True)
+        }
+        if args.raw:
+            sweep["raw"] = scorer(denoiser.eval(), r.guidance)
+        log["ema_sweep"] = sweep
+        print(f"[{name}] ema {sweep}", flush=True)
     if args.guidances:
         log["guidance_sweep"] = {str(g): scorer(ema, g) for g in args.guidances}
         print(f"[{name}] guidance {log['guidance_sweep']}", flush=True)
@@ -390,11 +411,13 @@ def main() -> None:
     ap.add_argument("--config", default="baseline", help=f"one of {sorted(CONFIGS)}")
     ap.add_argument("--minutes", type=float, default=6.0, help="training time budget")
     ap.add_argument("--eval-every", type=float, default=2.0, help="minutes between evaluations")
-    ap.add_argument("--num-eval", type=int, default=64, help="held-out captions scored")
-    ap.add_argument("--steps", type=int, default=10, help="Heun steps when scoring")
+    ap.add_argument("--num-eval", type=int, default=48, help="held-out captions scored")
+    ap.add_argument("--steps", type=int, default=8, help="Heun steps when scoring")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-untrained", action="store_true", help="score step 0 too")
     ap.add_argument("--guidances", type=float, nargs="*", default=[], help="final sweep")
+    ap.add_argument("--ema-sweep", type=float, nargs="*", default=[], help="extra EMA decays")
+    ap.add_argument("--raw", action="store_true", help="score the raw weights at the end")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides")
     ap.add_argument("--report", action="store_true", help="plot + table from bench/results")

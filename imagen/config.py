@@ -356,20 +356,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     },
     # --- small presets: train on a 2-core CPU in minutes (the embedded default) ---
-    # Sized so a training step at batch 8 stays well under 0.3 s on 2 CPU cores
-    # (bench/bench_unet.py): ~14, ~13 and ~3.4 GFLOP per forward+backward at batch 8.
+    # Sized so a training step (forward + backward + AdamW) at batch 8 stays under 0.3 s on 2
+    # CPU cores (bench/bench_unet.py): few channels at the full-resolution levels, where the
+    # time goes on a CPU, and the parameters at the low resolutions.
     "small_res_64": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=16, image_size=64, channel_mult=[1, 2, 3, 4], num_res_blocks=1,
+            embed_dim=8, image_size=64, channel_mult=[1, 4, 6, 8], num_res_blocks=1,
             num_attn_heads=2, per_head_channels=32, cond_dim=128, attention_type="fused",
-            attention_resolutions=[8, 16], stable_attention=True,
+            attention_resolutions=[8], stable_attention=True,
+        ),
+    },
+    # The small base stage at 32 px with attention at 16/8/4 px: the recipe searched for
+    # learning to follow captions fastest on a 2-core CPU (bench/recipe_search.py, docs/recipe.md).
+    "learn_res_32": {
+        "unet_type": "base",
+        "unet": dict(
+            embed_dim=24, image_size=32, channel_mult=[1, 2, 3, 4], num_res_blocks=1,
+            num_attn_heads=2, per_head_channels=32, cond_dim=128, attention_type="fused",
+            attention_resolutions=[4, 8, 16], stable_attention=True,
         ),
     },
     "small_res_256": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=16, image_size=128, channel_mult=[1, 2, 4, 4], num_resblocks=[1, 1, 2, 2],
+            embed_dim=8, image_size=128, channel_mult=[1, 4, 8, 8], num_resblocks=[1, 1, 2, 2],
             atnn_enabled_at=[0, 0, 0, 1], stride=2, num_attn_heads=2, per_head_channels=32,
             cond_dim=64, attention_type="fused", skip_connection_scaling=True,
         ),

@@ -119,3 +119,25 @@ def build_word_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]) -
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imagen.text_vocab PATH [--params params.yaml]``: build a word encoder folder
+    from ``model.conditioning.encoder`` of params.yaml (point encoder_path at it)."""
+    import argparse
+
+    from imagen.config import load_params
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("path", help="folder to write (must not exist)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    if Path(args.path).exists():
+        raise SystemExit(f"{args.path}: already exists; remove it first")
+    cond = load_params(args.params).conditioning
+    print(build_word_encoder(cond, args.path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -134,7 +134,16 @@ def test_cli_trains_base_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     from imagen.nn import build_unet
 
     params = make_project(tmp_path)
-    res = imagen(tmp_path, "train", "--stage", "base64", "-S", "stages.base64.trainer.max_steps=30")
+    res = imagen(
+        tmp_path,
+        "train",
+        "--stage",
+        "base64",
+        "-S",
+        "stages.base64.trainer.max_steps=30",
+        "-S",
+        "stages.base64.trainer.optim.warmup_steps=20",
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     out = tmp_path / "models" / "base64"
     metrics = json.loads((out / "metrics.json").read_text())
