@@ -406,6 +406,45 @@ def report(out_png: Path) -> str:
     return "\n".join(rows)
 
 
+def text_probe(num_train: int = 4096, num_test: int = 512) -> dict[str, dict[str, float]]:
+    """How readable each attribute is from a frozen encoder's masked-mean-pooled caption
+    features: held-out accuracy of a ridge-regression one-vs-rest read-out (no UNet)."""
+    train = EmbeddedDataset(num_train, seed=0, split="train")
+    test = EmbeddedDataset(num_test, seed=0, split="holdout")
+    sets = [(d, [d.caption(i) for i in range(len(d))]) for d in (train, test)]
+    out: dict[str, dict[str, float]] = {}
+    variants = {
+        "byt5, 64 tokens": {"token_length": 64},
+        "byt5, 128 tokens": {"token_length": 128},
+        "word, 24 tokens": {"tokenizer": "word", "token_length": 24},
+    }
+    for label, over in variants.items():
+        r = dataclasses.replace(Recipe(), **over)
+        feats = []
+        for _, caps in sets:
+            e, m = encode_captions(r, caps)
+            feats.append(e.sum(1) / m.sum(1, keepdim=True))  # (N, D) masked mean
+        x_tr, x_te = (torch.cat([f, torch.ones(len(f), 1)], 1).double() for f in feats)
+        row: dict[str, float] = {}
+        for name, values in ATTRIBUTES.items():
+            labels = [
+                torch.tensor([values.index(attributes(d.scene(i))[name]) for i in range(len(d))])
+                for d, _ in sets
+            ]
+            y = torch.nn.functional.one_hot(labels[0], len(values)).double()
+            eye = torch.eye(x_tr.shape[1], dtype=torch.float64)
+            w = torch.linalg.solve(x_tr.T @ x_tr + 1e-2 * eye, x_tr.T @ y)
+            row[name] = float(((x_te @ w).argmax(1) == labels[1]).double().mean())
+        row["truncated"] = float(
+            np.mean([len(c.encode()) + 1 > r.token_length for c in sets[1][1]])
+            if r.tokenizer == "byt5"
+            else 0.0
+        )
+        out[label] = row
+        print(label, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="baseline", help=f"one of {sorted(CONFIGS)}")
@@ -420,8 +459,14 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="score the raw weights at the end")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides")
+    ap.add_argument("--text-probe", action="store_true", help="attribute read-out per tokenizer")
     ap.add_argument("--report", action="store_true", help="plot + table from bench/results")
     args = ap.parse_args()
+    if args.text_probe:
+        torch.set_num_threads(args.threads)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "text_probe.json").write_text(json.dumps(text_probe(), indent=1) + "\n")
+        return
     if args.report:
         print(report(ROOT / "docs" / "recipe.png"))
         return

@@ -362,9 +362,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small_res_64": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=8, image_size=64, channel_mult=[1, 4, 6, 8], num_res_blocks=1,
-            num_attn_heads=2, per_head_channels=32, cond_dim=128, attention_type="fused",
-            attention_resolutions=[8], stable_attention=True,
+            embed_dim=8,
+            image_size=64,
+            channel_mult=[1, 4, 6, 8],
+            num_res_blocks=1,
+            num_attn_heads=2,
+            per_head_channels=32,
+            cond_dim=128,
+            attention_type="fused",
+            attention_resolutions=[8],
+            stable_attention=True,
         ),
     },
     # The small base stage at 32 px with attention at 16/8/4 px: the recipe searched for
@@ -372,25 +379,48 @@ PRESETS: dict[str, dict[str, Any]] = {
     "learn_res_32": {
         "unet_type": "base",
         "unet": dict(
-            embed_dim=24, image_size=32, channel_mult=[1, 2, 3, 4], num_res_blocks=1,
-            num_attn_heads=2, per_head_channels=32, cond_dim=128, attention_type="fused",
-            attention_resolutions=[4, 8, 16], stable_attention=True,
+            embed_dim=24,
+            image_size=32,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=1,
+            num_attn_heads=2,
+            per_head_channels=32,
+            cond_dim=128,
+            attention_type="fused",
+            attention_resolutions=[4, 8, 16],
+            stable_attention=True,
         ),
     },
     "small_res_256": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=8, image_size=128, channel_mult=[1, 4, 8, 8], num_resblocks=[1, 1, 2, 2],
-            atnn_enabled_at=[0, 0, 0, 1], stride=2, num_attn_heads=2, per_head_channels=32,
-            cond_dim=64, attention_type="fused", skip_connection_scaling=True,
+            embed_dim=8,
+            image_size=128,
+            channel_mult=[1, 4, 8, 8],
+            num_resblocks=[1, 1, 2, 2],
+            atnn_enabled_at=[0, 0, 0, 1],
+            stride=2,
+            num_attn_heads=2,
+            per_head_channels=32,
+            cond_dim=64,
+            attention_type="fused",
+            skip_connection_scaling=True,
         ),
     },
     "small_res_1024": {
         "unet_type": "sr",
         "unet": dict(
-            embed_dim=8, image_size=128, channel_mult=[1, 2, 4, 4], num_resblocks=[1, 1, 2, 2],
-            atnn_enabled_at=[0, 0, 0, 1], stride=2, num_attn_heads=2, per_head_channels=16,
-            cond_dim=64, attention_type="cross", skip_connection_scaling=True,
+            embed_dim=8,
+            image_size=128,
+            channel_mult=[1, 2, 4, 4],
+            num_resblocks=[1, 1, 2, 2],
+            atnn_enabled_at=[0, 0, 0, 1],
+            stride=2,
+            num_attn_heads=2,
+            per_head_channels=16,
+            cond_dim=64,
+            attention_type="cross",
+            skip_connection_scaling=True,
         ),
     },
 }
@@ -445,8 +475,12 @@ class ModelConfig(_Strict):
                     raise ValidationError.from_exception_data(
                         klass.__name__,
                         [
-                            {"type": x["type"], "loc": ("preconditioning", *x["loc"]),
-                             "input": x["input"], **({"ctx": x["ctx"]} if "ctx" in x else {})}
+                            {
+                                "type": x["type"],
+                                "loc": ("preconditioning", *x["loc"]),
+                                "input": x["input"],
+                                **({"ctx": x["ctx"]} if "ctx" in x else {}),
+                            }
                             for x in e.errors()
                         ],
                     ) from None
@@ -550,6 +584,11 @@ class DataConfig(_Strict):
     image_size: int = Field(256, gt=0, le=4096, description="stored image size")
     min_resolution: int = Field(32, gt=0)
     samples_per_shard: int = Field(256, gt=0)
+    pyramid: list[int] = Field(
+        default_factory=lambda: [64, 256],
+        description="also store copies at these sizes (keys <size>.png / <size>.jpg) so a stage "
+        "decodes only the resolution it trains on, not the full image",
+    )
     max_caption_chars: int = Field(512, gt=0)
     seed: int = 0
     shards_dir: str = "data/shards"

@@ -124,15 +124,17 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
         import webdataset as wds
         from PIL import Image
 
+        from imagen.data.loader import pick_image
+
         for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-            key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-            if key is None or "txt" not in sample:
+            data = pick_image(sample, resolution)
+            if data is None or "txt" not in sample:
                 continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
             caption = sample["txt"].decode("utf-8").strip()
             captions.append(caption)
             attrs.append(_attributes_of(caption, meta.get("attributes")))
-            images.append(_pil_to_uint8(Image.open(io.BytesIO(sample[key])), resolution))
+            images.append(_pil_to_uint8(Image.open(io.BytesIO(data)), resolution))
             if len(captions) == num:
                 break
         source = f"{len(shards)} holdout shard(s) {pattern}"

@@ -162,3 +162,21 @@ def test_holdout_batches(in_project: Params) -> None:
     assert b["text_embed"].shape == (1, 16, 32) and b["attributes"][0]
     again = holdout_batches(in_project, 2, "sr256", batch_size=1)  # center crops: repeatable
     assert torch.equal(again[0]["image"], b["image"])
+
+
+def test_stage_decodes_the_smallest_stored_copy_that_covers_it() -> None:
+    """Ingest stores a pyramid; base64 must not decode the 1024 px image to train at 64."""
+    import io
+
+    from PIL import Image
+
+    from imagen.data.ingest import _pyramid
+    from imagen.data.loader import pick_image
+
+    img = Image.new("RGB", (256, 256), (200, 10, 10))
+    sample = {"png": b"full", **_pyramid(img, [64, 128, 256, 512], "png")}
+    assert sorted(k for k in sample if k != "png") == ["128.png", "64.png"]  # >= 256 skipped
+    assert Image.open(io.BytesIO(pick_image(sample, 64))).size == (64, 64)
+    assert Image.open(io.BytesIO(pick_image(sample, 100))).size == (128, 128)
+    assert pick_image(sample, 256) == b"full"
+    assert pick_image({"txt": b"x"}, 64) is None

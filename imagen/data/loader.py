@@ -195,6 +195,23 @@ class StagePyramid:
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
+def pick_image(sample: dict[str, Any], min_size: int) -> bytes | None:
+    """The smallest stored copy of a sample's image that still covers ``min_size`` pixels.
+
+    Ingest stores smaller copies under ``<size>.<ext>`` (``data.pyramid``); decoding a 64 px
+    copy instead of a 1024 px PNG is what keeps the base stage's loader faster than its
+    training step. Falls back to the full image (``png``/``jpg``/...); None when there is none.
+    """
+    sizes = []
+    for k in sample:
+        size, _, ext = k.partition(".")
+        if size.isdigit() and ext in IMAGE_KEYS and int(size) >= min_size:
+            sizes.append((int(size), k))
+    if sizes:
+        return sample[min(sizes)[1]]
+    return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+
+
 class StageExamples(IterableDataset):
     """Decoded training examples for one stage: pyramid + padded text features."""
 
@@ -208,7 +225,7 @@ class StageExamples(IterableDataset):
     def example(self, s: dict[str, Any]) -> dict[str, Any]:
         key = s.get("__key__", "?")
         where = f"{s.get('__url__', '?')}: sample {key!r}"
-        data = next((s[k] for k in IMAGE_KEYS if k in s), None)
+        data = pick_image(s, self.pyramid.res)
         if data is None:
             raise ConfigError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
         with Image.open(io.BytesIO(data)) as im:
