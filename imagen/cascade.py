@@ -19,7 +19,6 @@ same on the same machine (every random draw comes from a generator seeded by
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import time
@@ -42,6 +41,7 @@ from imagen.config import (
     SamplingConfig,
     StageConfig,
 )
+from imagen.images import image_grid, to_pil, wrap_text
 
 __all__ = [
     "Cascade",
@@ -62,66 +62,6 @@ PerStage = T | Mapping[str, T] | None  # one value for every stage, or stage -> 
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """One image (3, H, W) in [-1, 1] -> an RGB PIL image."""
-    x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB")
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) in [0, 255]."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any, max_lines: int) -> list[str]:
-    lines: list[str] = []
-    line = ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    lines.append(line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
-    return lines
-
-
-def image_grid(
-    images: Sequence[Image.Image],
-    captions: Sequence[str] | None = None,
-    *,
-    cols: int | None = None,
-    cell: int = 128,
-    caption_lines: int = 3,
-) -> Image.Image:
-    """A white sheet of ``images`` resized to ``cell`` px, each with its wrapped caption below."""
-    n = len(images)
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    font = ImageFont.load_default()
-    text_h = 12 * caption_lines + 4 if captions else 0
-    cell_w = max(cell, 120 if captions else cell)
-    pad = 6
-    sheet = Image.new(
-        "RGB", (cols * (cell_w + pad) + pad, rows * (cell + text_h + pad) + pad), "white"
-    )
-    draw = ImageDraw.Draw(sheet)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        x0, y0 = pad + c * (cell_w + pad), pad + r * (cell + text_h + pad)
-        sheet.paste(
-            img.convert("RGB").resize((cell, cell), Image.LANCZOS), (x0 + (cell_w - cell) // 2, y0)
-        )
-        if captions:
-            for k, line in enumerate(_wrap(draw, captions[i], cell_w, font, caption_lines)):
-                draw.text((x0, y0 + cell + 2 + 12 * k), line, fill="black", font=font)
-    return sheet
-
-
 def cascade_grid(
     images: Mapping[str, torch.Tensor], prompts: Sequence[str], *, cell: int = 256
 ) -> Image.Image:
@@ -142,7 +82,7 @@ def cascade_grid(
         draw.text((label_w + j * (cell + pad), 3), f"{stage} ({res} px)", fill="black", font=font)
     for i, prompt in enumerate(prompts):
         y0 = head_h + i * (cell + pad)
-        for k, line in enumerate(_wrap(draw, prompt, label_w - 10, font, cell // 12)):
+        for k, line in enumerate(wrap_text(draw, prompt, label_w - 10, font, cell // 12)):
             draw.text((pad, y0 + 12 * k), line, fill="black", font=font)
         for j, stage in enumerate(stages):
             img = to_pil(images[stage][i])

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -68,6 +67,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imagen.checkpoint import atomic_torch_save, save_stage
 from imagen.config import ConfigError, Params, StageConfig
+from imagen.images import image_grid, side_by_side, to_pil
 from imagen.tracking import StageRun, stage_run
 
 LAST_CKPT = "last.ckpt"
@@ -402,47 +402,13 @@ class SampleGrid:
         return path
 
 
-def tensor_to_pil(x: torch.Tensor) -> Any:
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    from PIL import Image
-
-    a = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(a)
-
-
 def grid_image(images: list[torch.Tensor | None], captions: list[str], cols: int = 4) -> Any:
     """A sheet of cells with the caption under each; a cell shows the i-th image of every
     tensor in ``images`` side by side (SR: low-res input, sample, real image)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     parts = [t for t in images if t is not None]
-    n = parts[0].shape[0]
     cell = max(max(t.shape[-1] for t in parts), 96)
-    width = len(parts) * cell
-    cols = max(1, min(cols, n))
-    rows = math.ceil(n / cols)
-    text_h = 40
-    sheet = Image.new("RGB", (cols * (width + 8) + 8, rows * (cell + text_h + 8) + 8), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for i in range(n):
-        r, c = divmod(i, cols)
-        x0, y0 = 8 + c * (width + 8), 8 + r * (cell + text_h + 8)
-        for k, t in enumerate(parts):
-            img = tensor_to_pil(t[i]).resize((cell, cell), Image.Resampling.NEAREST)
-            sheet.paste(img, (x0 + k * cell, y0))
-        words, lines, line = captions[i].split(), [], ""
-        for word in words:  # greedy wrap to the cell width
-            trial = f"{line} {word}".strip()
-            if draw.textlength(trial, font=font) > width and line:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-        for j, text in enumerate(lines[:3]):
-            draw.text((x0, y0 + cell + 2 + 12 * j), text, fill="black", font=font)
-    return sheet
+    cells = [side_by_side([to_pil(t[i]) for t in parts], cell) for i in range(parts[0].shape[0])]
+    return image_grid(cells, captions, cols=max(1, min(cols, len(cells))), cell=cell)
 
 
 # --------------------------------------------------------------------------------------------

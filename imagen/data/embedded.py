@@ -401,30 +401,13 @@ def save_preview(
     path: str | Path, n: int = 16, size: int = 128, seed: int = 0, split: Split = "train"
 ) -> Path:
     """Write a grid PNG of ``n`` samples with their captions under each image."""
+    from imagen.images import image_grid
+
     data = EmbeddedDataset(n, seed=seed, size=size, split=split)
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    cell_w = max(size, 160)
-    text_h = 46
-    sheet = Image.new("RGB", (cols * (cell_w + 8) + 8, rows * (size + text_h + 8) + 8), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for i in range(n):
-        sample = data[i]
-        r, c = divmod(i, cols)
-        x0, y0 = 8 + c * (cell_w + 8), 8 + r * (size + text_h + 8)
-        sheet.paste(sample["image"], (x0 + (cell_w - size) // 2, y0))
-        words, lines, line = sample["caption"].split(), [], ""
-        for word in words:  # greedy wrap to the cell width
-            trial = f"{line} {word}".strip()
-            if draw.textlength(trial, font=font) > cell_w and line:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-        for k, text in enumerate(lines[:4]):
-            draw.text((x0, y0 + size + 2 + 11 * k), text, fill="black", font=font)
+    samples = [data[i] for i in range(n)]
+    sheet = image_grid(
+        [s["image"] for s in samples], [s["caption"] for s in samples], cell=size, caption_lines=4
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
