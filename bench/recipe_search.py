@@ -380,8 +380,10 @@ def report(out_png: Path) -> str:
 
     logs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("recipe_*.json"))]
     fig, ax = plt.subplots(figsize=(8, 5))
-    header = "| run | params | img/s | min | " + " | ".join(ATTRIBUTES) + " | agreement | FD |"
-    rows = [header, "|" + "---|" * (6 + len(ATTRIBUTES))]
+    header = (
+        "| run | params | img/s | min | steps | " + " | ".join(ATTRIBUTES) + " | agreement | FD |"
+    )
+    rows = [header, "|" + "---|" * (7 + len(ATTRIBUTES))]
     for p, log in zip(sorted(RESULTS.glob("recipe_*.json")), logs, strict=True):
         pts = log["checkpoints"]
         if not pts:
@@ -391,12 +393,13 @@ def report(out_png: Path) -> str:
         for c in pts:
             rows.append(
                 f"| {label} | {log['params'] / 1e6:.2f}M | {c['img_per_s']:.0f} | "
-                f"{c['minutes']:.1f} | "
+                f"{c['minutes']:.1f} | {c['steps']} | "
                 + " | ".join(f"{c[a]:.2f}" for a in ATTRIBUTES)
                 + f" | **{c['agreement']:.3f}** | {c['fd']:.1f} |"
             )
     chance = float(np.mean([1 / len(v) for v in ATTRIBUTES.values()]))
     ax.axhline(chance, color="grey", ls=":", label="chance")
+    ax.set_ylim(0.25, max(0.6, ax.get_ylim()[1]))
     ax.set_xlabel("training minutes (2 shared CPU cores, 1 thread per run)")
     ax.set_ylabel("caption agreement (held-out captions)")
     ax.legend(fontsize=7)

@@ -55,6 +55,11 @@ class EncoderConfig(_Strict):
     num_heads: int = Field(4, gt=0)
     d_ff: int = Field(512, gt=0)
     seed: int = 0
+    tokenizer: Literal["byt5", "word"] = Field(
+        "byt5",
+        description="byt5: bytes, any caption; word: one token per word of the embedded "
+        "grammar (imagen.text_vocab), far easier for a random encoder, unknown words -> <unk>",
+    )
 
 
 class ConditioningConfig(_Strict):

@@ -77,7 +77,12 @@ def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]
             f"model.conditioning.encoder.num_heads: {enc.num_heads} does not divide "
             f"d_model {enc.d_model}"
         )
-    tokenizer = ByT5Tokenizer()
+    if enc.tokenizer == "word":
+        from imagen.text_vocab import word_tokenizer
+
+        tokenizer = word_tokenizer()
+    else:
+        tokenizer = ByT5Tokenizer()
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=enc.d_model,
@@ -101,7 +106,7 @@ def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"built_from": cond.encoder.model_dump(), "tokenizer": "ByT5Tokenizer"}
+        marker = {"built_from": cond.encoder.model_dump(), "tokenizer": enc.tokenizer}
         (tmp / BUILT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         try:
             os.replace(tmp, path)
@@ -118,6 +123,15 @@ def resolve_encoder_path(cond: ConditioningConfig) -> str:
     """The folder or hub id to load, building the embedded default first when needed."""
     path = cond.encoder_path
     if Path(path).is_dir():
+        marker = Path(path) / BUILT_MARKER
+        if is_default_path(path) and marker.exists():
+            built = json.loads(marker.read_text()).get("built_from", {}).get("tokenizer", "byt5")
+            if built != cond.encoder.tokenizer:
+                raise ConfigError(
+                    f"model.conditioning.encoder.tokenizer: {path} was built with the {built!r} "
+                    f"tokenizer, not {cond.encoder.tokenizer!r}; delete the folder to rebuild it "
+                    "(`dvc repro` does this for you)"
+                )
         return path
     if is_default_path(path):
         return str(build_default_encoder(cond, path))

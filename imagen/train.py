@@ -63,7 +63,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from imagen.checkpoint import atomic_torch_save, save_stage
 from imagen.config import ConfigError, Params, StageConfig
@@ -80,6 +80,22 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The LightningModule
 # --------------------------------------------------------------------------------------------
+def ema_with_warmup(decay: float):
+    """An ``AveragedModel`` averaging function: EMA with decay ``min(decay, (1+n)/(10+n))``.
+
+    After n updates a fixed decay d still holds d^n of the initial weights (0.995^300 = 22%),
+    so a short run's EMA would look half-untrained; the warm-up (as in many diffusion codebases)
+    lets the EMA follow the weights early and reach ``decay`` after ~10/(1-decay) steps.
+    """
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
 class ImagenStage(pl.LightningModule):
     """One cascade stage: UNet inside its diffusion preconditioning, plus an EMA of the UNet.
 
@@ -95,9 +111,10 @@ class ImagenStage(pl.LightningModule):
         self.stage = stage
         net = build_unet(stage.model)
         self.denoiser = build_denoiser(stage.model, net)
-        # EMA of the UNet weights (and buffers): w_ema <- d * w_ema + (1 - d) * w.
+        # EMA of the UNet weights (and buffers): w_ema <- d_n * w_ema + (1 - d_n) * w, with the
+        # decay warmed up so a short run's EMA is not dominated by its random initialisation.
         self.ema = AveragedModel(
-            net, multi_avg_fn=get_ema_multi_avg_fn(stage.trainer.ema_decay), use_buffers=True
+            net, multi_avg_fn=ema_with_warmup(stage.trainer.ema_decay), use_buffers=True
         )
         self.ema.requires_grad_(False)
         if stage.model.inductor:

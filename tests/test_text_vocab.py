@@ -9,12 +9,12 @@ import torch
 
 from imagen.config import ConditioningConfig, ConfigError
 from imagen.data.embedded import EmbeddedDataset
-from imagen.text import load_text_encoder
-from imagen.text_vocab import EOS, MARKER, UNK, build_word_encoder, word_tokenizer
+from imagen.text import BUILT_MARKER, build_default_encoder, load_text_encoder
+from imagen.text_vocab import EOS, UNK, word_tokenizer
 
 
 def _cond(path, **kw) -> ConditioningConfig:
-    enc = dict(d_model=32, num_layers=1, num_heads=2, d_ff=64) | kw
+    enc = dict(d_model=32, num_layers=1, num_heads=2, d_ff=64, tokenizer="word") | kw
     return ConditioningConfig(
         embed_dim=enc["d_model"], token_length=24, encoder_path=str(path), encoder=enc
     )
@@ -39,8 +39,8 @@ def test_every_caption_word_has_its_own_token() -> None:
 def test_built_folder_loads_with_the_project_loader(tmp_path) -> None:
     path = tmp_path / "encoder-word"
     cond = _cond(path)
-    build_word_encoder(cond, path)
-    assert json.loads((path / MARKER).read_text())["tokenizer"] == "word"
+    build_default_encoder(cond, path)
+    assert json.loads((path / BUILT_MARKER).read_text())["tokenizer"] == "word"
     enc = load_text_encoder(cond)
     embeds, mask = enc.encode(
         [
@@ -54,7 +54,7 @@ def test_built_folder_loads_with_the_project_loader(tmp_path) -> None:
     assert (embeds[~mask] == 0).all()
     # deterministic: a second build gives the very same weights
     again = tmp_path / "again"
-    build_word_encoder(_cond(again), again)
+    build_default_encoder(_cond(again), again)
     e2, _ = load_text_encoder(_cond(again)).encode(["a small red circle on the left"])
     e1, _ = enc.encode(["a small red circle on the left"])
     assert torch.equal(e1, e2)
@@ -62,4 +62,11 @@ def test_built_folder_loads_with_the_project_loader(tmp_path) -> None:
 
 def test_bad_encoder_shape_is_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="num_heads"):
-        build_word_encoder(_cond(tmp_path / "x", num_heads=3), tmp_path / "x")
+        build_default_encoder(_cond(tmp_path / "x", num_heads=3), tmp_path / "x")
+
+
+def test_default_folder_built_with_another_tokenizer_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    load_text_encoder(_cond("data/encoder", tokenizer="byt5"))  # builds the default folder
+    with pytest.raises(ConfigError, match=r"model\.conditioning\.encoder\.tokenizer: .*'byt5'"):
+        load_text_encoder(_cond("data/encoder"))  # now asks for the word tokenizer
