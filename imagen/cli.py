@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and
 # main(args, params) -> int.
@@ -42,6 +43,26 @@ def _set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
+def profile_overrides(files: list[str]) -> list[str]:
+    """``key.path=value`` strings from profile files (YAML mappings of dotted keys)."""
+    import yaml
+
+    from imagen.config import ConfigError
+
+    out: list[str] = []
+    for f in files:
+        try:
+            data = yaml.safe_load(Path(f).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"--profile {f}: {e.strerror}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"--profile {f}: expected a mapping of dotted keys to values")
+        out += [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in data.items()
+        ]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagen",
@@ -65,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a params.yaml value, e.g. -S stages.base64.trainer.max_steps=10",
         )
+        p.add_argument(
+            "--profile",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="a YAML mapping of dotted params keys to values (e.g. profiles/learn.yaml), "
+            "applied before --set",
+        )
         p.set_defaults(_module=module)
         # Only import the module whose options are being parsed (keeps --help fast).
         if name in sys.argv[1:2]:
@@ -86,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(args._module)
     try:
+        if args.command != "presets":
+            args.overrides = [*profile_overrides(args.profile), *args.overrides]
         params = load_params(args.params, args.overrides) if args.command != "presets" else None
     except ConfigError as e:
         print(f"imagen {args.command}: {e}", file=sys.stderr)

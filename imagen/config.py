@@ -755,6 +755,10 @@ def resolve_params(raw: Mapping[str, Any]) -> Params:
         except ValidationError as e:
             errors.extend(_format(e, where))
             continue
+        if not sc.model.is_sr and over.resolution is None:
+            # the base stage generates at its UNet's size (64 for the paper presets; a small
+            # CPU recipe may train at 32): the SR stage after it up-samples whatever it gets
+            sc.resolution = sc.model.unet.image_size
         for key, msg in validate_unet(sc.model.unet_type, sc.model.unet):
             errors.append(f"{where}.model.unet.{key}: {msg}")
         if sc.model.is_sr and sc.lowres is None:

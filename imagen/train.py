@@ -341,6 +341,7 @@ class SampleGrid:
         self.text_mask: torch.Tensor | None = None
         self.lowres: torch.Tensor | None = None
         self.real: torch.Tensor | None = None
+        self._evaluator: Any = None
         n = stage.trainer.sample_grid_size
         prompts = list(stage.trainer.sample_prompts)
         if prompts and not stage.model.is_sr:
@@ -411,12 +412,41 @@ class SampleGrid:
         finally:
             module.train(was_training)
         path = out / "samples" / f"step_{step:07d}.png"
+        show = 16  # the picture shows the first 16; all of them are scored
         columns = [self.lowres, x, self.real] if self.stage.model.is_sr else [x]
-        grid = grid_image(columns, self.captions)
+        columns = [c[:show] if c is not None else None for c in columns]
+        grid = grid_image(columns, self.captions[:show])
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         run.log_artifact(path, "samples")
+        if not self.stage.model.is_sr:
+            self.score(x, step, out, run)
         return path
+
+    def score(self, x: torch.Tensor, step: int, out: Path, run: StageRun) -> dict[str, float]:
+        """Caption agreement of the base stage's samples, attribute by attribute, when the
+        prompts speak the embedded dataset's grammar (logged as ``samples/<attribute>`` and
+        appended to ``agreement.csv``): how well the model follows its captions, over time."""
+        from imagen.data.evaluator import EmbeddedEvaluator, parse_caption
+
+        attrs = [parse_caption(c) for c in self.captions]
+        if not any(attrs):
+            return {}
+        if self._evaluator is None:
+            self._evaluator = EmbeddedEvaluator()
+        scores = self._evaluator.score(x, attrs)
+        metrics = {
+            f"samples/{k}": float(torch.nanmean(v.float())) for k, v in scores.items() if v.numel()
+        }
+        metrics = {k: v for k, v in metrics.items() if v == v}  # attributes no caption names
+        run.log_metrics(metrics, step)
+        table = out / "agreement.csv"
+        keys = sorted(metrics)
+        if not table.exists():
+            table.write_text(",".join(["step", *(k.split("/")[1] for k in keys)]) + "\n")
+        with table.open("a") as f:
+            f.write(",".join([str(step), *(f"{metrics[k]:.4f}" for k in keys)]) + "\n")
+        return metrics
 
 
 def grid_image(images: list[torch.Tensor | None], captions: list[str], cols: int = 4) -> Any:
