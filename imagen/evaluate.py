@@ -497,6 +497,42 @@ def write_reports(
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
+def untrained_reference(
+    cascade: Any,
+    holdout: HeldOut,
+    fidelity: Fidelity,
+    alignment: Alignment,
+    *,
+    steps: int | None,
+    seed: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """The same metrics for a freshly initialised base UNet of the same config: the yardstick
+    that says how much training moved the fidelity and alignment numbers."""
+    from imagen.cascade import Cascade
+    from imagen.nn import build_unet
+
+    config = cascade.stages["base64"].config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_unet(config.model).eval()
+    fresh = Cascade({"base64": (net, config)}, cascade.encoder, cascade.device)
+    result = sweep(
+        fresh,
+        holdout,
+        [1.0],
+        depth="base64",
+        fidelity=fidelity,
+        alignment=alignment,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        keep=0,
+    )
+    row = result.rows[0]
+    return {k: float(v) for k, v in row.items() if k not in ("guidance_scale", "seconds")}
+
+
 def evaluate(
     params: Params,
     *,
@@ -550,6 +586,18 @@ def evaluate(
             log=say,
         )
         extra: dict[str, Any] = {"steps": cfg.steps, "seed": cfg.seed}
+        if cfg.depth == "base64":
+            extra["untrained"] = untrained_reference(
+                cascade,
+                holdout,
+                fidelity,
+                alignment,
+                steps=cfg.steps,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+            )
+            say(f"imagen evaluate: untrained base64 (guidance 1): {extra['untrained']}")
+            run.log_metrics({f"untrained_{k}": v for k, v in extra["untrained"].items()})
         # The full cascade, a few prompts side by side at every trained stage.
         if cfg.cascade_prompts > 0:
             t0 = time.perf_counter()

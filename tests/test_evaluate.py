@@ -207,6 +207,9 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     assert saved["best"]["guidance_scale"] in (1.0, 4.0) and "rule" in saved["best"]
     assert saved["registered"]["imagen-cascade"] == "1"
     assert metrics["cascade"]["stages"] == ["base64", "sr256", "sr1024"]
+    # the untrained reference: the same metrics for a freshly initialised base UNet
+    assert set(saved["untrained"]) >= {FD_EMBEDDED, AGREEMENT}
+    assert saved["untrained"][FD_EMBEDDED] > 0
     rows = list(csv.reader((reports / "fid_clip.csv").open()))
     assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3
     assert "FID" not in rows[0]
@@ -217,6 +220,7 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     (run,) = client.search_runs([exp.experiment_id], "tags.`imagen.stage` = 'evaluate'")
     assert run.info.status == "FINISHED"
     assert "best_fd_embedded" in run.data.metrics
+    assert f"untrained_{FD_EMBEDDED}" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, FD_EMBEDDED)
     assert len(history) == 2
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
