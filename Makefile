@@ -52,7 +52,7 @@ prefect: install
 
 # Throughput benchmarks of this machine (each script prints what it measured).
 bench: install
-	@set -e; for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
 
 clean:
 	rm -rf data/shards data/encoded data/encoder models reports mlflow.db mlartifacts .imagen
