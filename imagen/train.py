@@ -342,6 +342,7 @@ class SampleGrid:
         self.lowres: torch.Tensor | None = None
         self.real: torch.Tensor | None = None
         self._evaluator: Any = None
+        self._scored_step = -1
         n = stage.trainer.sample_grid_size
         prompts = list(stage.trainer.sample_prompts)
         if prompts and not stage.model.is_sr:
@@ -430,8 +431,9 @@ class SampleGrid:
         from imagen.data.evaluator import EmbeddedEvaluator, parse_caption
 
         attrs = [parse_caption(c) for c in self.captions]
-        if not any(attrs):
+        if not any(attrs) or step == self._scored_step:  # the end grid may repeat a step
             return {}
+        self._scored_step = step
         if self._evaluator is None:
             self._evaluator = EmbeddedEvaluator()
         scores = self._evaluator.score(x, attrs)
