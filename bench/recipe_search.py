@@ -36,7 +36,6 @@ from imagen.data.evaluator import EmbeddedEvaluator
 from imagen.diffusion import build_denoiser, drop_mask, sample
 from imagen.nn import build_unet, count_parameters
 from imagen.text import build_default_encoder, load_text_encoder
-from imagen.text_vocab import build_word_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -177,7 +176,13 @@ def conditioning(r: Recipe, path: str) -> ConditioningConfig:
         token_length=r.token_length,
         drop_rate=r.drop_rate,
         encoder_path=path,
-        encoder=dict(d_model=r.text_dim, num_layers=r.text_layers, num_heads=4, d_ff=512),
+        encoder=dict(
+            d_model=r.text_dim,
+            num_layers=r.text_layers,
+            num_heads=4,
+            d_ff=512,
+            tokenizer=r.tokenizer,
+        ),
     )
 
 
@@ -192,10 +197,7 @@ def _encode(r: Recipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     folder = Path(tempfile.mkdtemp(prefix="recipe-enc-")) / "encoder"
     cond = conditioning(r, str(folder))
     try:
-        if r.tokenizer == "word":
-            build_word_encoder(cond, folder)
-        else:
-            build_default_encoder(cond, folder)
+        build_default_encoder(cond, folder)  # ByT5 or word tokenizer, per cond.encoder
         enc = load_text_encoder(cond)
         parts = [enc.encode(captions[i : i + 256]) for i in range(0, len(captions), 256)]
     finally:

@@ -115,6 +115,30 @@ def _ancestral_sigmas(s: torch.Tensor, s_next: torch.Tensor, eta: float):
     return sigma_down, sigma_up
 
 
+def _ancestral(
+    denoise_fn: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    eta: float,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    """x_next = x0_hat + sigma_down eps_hat + sigma_up z: the loop DDIM and DDPM share."""
+    sigmas = sigmas.to(x)
+    for i in _steps(sigmas, progress, desc):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise_fn(x, s)
+        eps_hat = (x - denoised) / s
+        sigma_down, sigma_up = _ancestral_sigmas(s, s_next, eta)
+        x = denoised + sigma_down * eps_hat
+        if eta > 0 and s_next > 0:
+            x = x + sigma_up * randn(x.shape, x, generator)
+        _report(callback, i, s, s_next, x, denoised)
+    return x
+
+
 @torch.no_grad()
 def sample_ddim(
     denoise_fn: DenoiseFn,
@@ -131,17 +155,7 @@ def sample_ddim(
     x_next = x0_hat + sqrt(s_next^2 - sigma_up^2) eps_hat + sigma_up z, eps_hat = (x - x0_hat)/s.
     (Dividing DDIM's eq. 12 by alpha_next gives this form; for eta = 0 it is the Euler step.)
     """
-    sigmas = sigmas.to(x)
-    for i in _steps(sigmas, progress, "ddim"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise_fn(x, s)
-        eps_hat = (x - denoised) / s
-        sigma_down, sigma_up = _ancestral_sigmas(s, s_next, eta)
-        x = denoised + sigma_down * eps_hat
-        if eta > 0 and s_next > 0:
-            x = x + sigma_up * randn(x.shape, x, generator)
-        _report(callback, i, s, s_next, x, denoised)
-    return x
+    return _ancestral(denoise_fn, x, sigmas, eta, generator, callback, progress, "ddim")
 
 
 @torch.no_grad()
@@ -157,21 +171,11 @@ def sample_ddpm(
     """Ancestral sampling from the DDPM posterior q(x_next | x, x0 = x0_hat) (Ho et al. 2020).
 
     In VE form x = x0 + s eps, x_next = x0 + s_next eps': the posterior is Gaussian with
-    mean x0 + (s_next^2 / s^2)(x - x0) and variance s_next^2 (s^2 - s_next^2) / s^2.
+    mean x0 + (s_next^2 / s^2)(x - x0) and variance s_next^2 (s^2 - s_next^2) / s^2. That is
+    the ancestral step at eta = 1: sigma_up^2 is this variance and sigma_down = s_next^2 / s
+    puts the mean at x0 + (s_next^2 / s^2)(x - x0).
     """
-    sigmas = sigmas.to(x)
-    for i in _steps(sigmas, progress, "ddpm"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise_fn(x, s)
-        ratio = s_next**2 / s**2
-        mean = denoised + ratio * (x - denoised)
-        if s_next > 0:
-            std = (s_next**2 * (1 - ratio)).sqrt()
-            x = mean + std * randn(x.shape, x, generator)
-        else:
-            x = mean
-        _report(callback, i, s, s_next, x, denoised)
-    return x
+    return _ancestral(denoise_fn, x, sigmas, 1.0, generator, callback, progress, "ddpm")
 
 
 @torch.no_grad()

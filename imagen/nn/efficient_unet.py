@@ -76,20 +76,8 @@ class EfficientUNet(UNetBase):
             group_norm(c0), nn.SiLU(), zero_module(nn.Conv2d(c0, cfg.channels, k, padding=k // 2))
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        noise_cond: Tensor,
-        text_embed: Tensor | None = None,
-        text_mask: Tensor | None = None,
-        lowres: Tensor | None = None,
-        aug_level: Tensor | None = None,
-        drop_text: Tensor | None = None,
-    ) -> Tensor:
-        """x (B, C, H, W), noise_cond (B,), lowres (B, C, h, w) -> (B, C, H, W)."""
-        x, emb, context, mask = self._prepare(
-            x, noise_cond, text_embed, text_mask, lowres, aug_level, drop_text
-        )
+    def body(self, x: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """x: the noisy image concatenated with the up-sampled low-res image."""
         h = self.init_conv(x)  # (B, c_0, H, W)
         skips = []
         for blocks in self.down:

@@ -56,17 +56,21 @@ class UNetBase(nn.Module):
             checkpointing=c.gradient_checkpointing,
         )
 
-    def _prepare(
+    def forward(
         self,
         x: Tensor,
         noise_cond: Tensor,
-        text_embed: Tensor | None,
-        text_mask: Tensor | None,
-        lowres: Tensor | None,
-        aug_level: Tensor | None,
-        drop_text: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Concatenate the low-res image (SR) and build (x, emb, context, context_mask)."""
+        text_embed: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+        drop_text: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, C, H, W), noise_cond (B,) -> prediction (B, C, H, W); see :mod:`imagen.nn`.
+
+        Concatenates the low-res image (SR nets), builds the conditioning, then runs the
+        subclass's layers (:meth:`body`).
+        """
         if self.is_sr:
             if lowres is None:
                 raise ValueError("this is a super-resolution UNet: pass lowres (B, C, h, w)")
@@ -78,7 +82,11 @@ class UNetBase(nn.Module):
         if noise_cond.ndim == 0:
             noise_cond = noise_cond.expand(x.shape[0])
         emb, context, mask = self.cond(noise_cond, text_embed, text_mask, aug_level, drop_text)
-        return x, emb, context, mask
+        return self.body(x, emb, context, mask)
+
+    def body(self, x: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """The layers: input (B, in_channels, H, W) and conditioning -> (B, C, H, W)."""
+        raise NotImplementedError
 
 
 def run_block(module: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
@@ -154,20 +162,7 @@ class UNet(UNetBase):
             group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.channels, k, padding=k // 2))
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        noise_cond: Tensor,
-        text_embed: Tensor | None = None,
-        text_mask: Tensor | None = None,
-        lowres: Tensor | None = None,
-        aug_level: Tensor | None = None,
-        drop_text: Tensor | None = None,
-    ) -> Tensor:
-        """x (B, C, H, W), noise_cond (B,) -> prediction (B, C, H, W); see imagen.nn."""
-        x, emb, context, mask = self._prepare(
-            x, noise_cond, text_embed, text_mask, lowres, aug_level, drop_text
-        )
+    def body(self, x: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         h = self.init_conv(x)
         skips = [h]
         for step in self.down:
