@@ -11,64 +11,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _train_data import TINY_BASE_UNET, TINY_SR_UNET, TINY_TEXT
 
 from imagen.checkpoint import save_stage
 from imagen.config import Params, deep_merge, resolve_params
 from imagen.nn import build_unet
 from imagen.text import build_default_encoder
 
-_SR_UNET = {
-    "embed_dim": 8,
-    "channel_mult": [1, 2],
-    "num_resblocks": [1, 1],
-    "atnn_enabled_at": [0, 1],
-    "num_attn_heads": 2,
-    "per_head_channels": 16,
-    "cond_dim": 32,
-    "attention_type": "cross",
-}
-
 
 def tiny_raw(tmp: Path) -> dict[str, Any]:
     """A params mapping (as params.yaml would give) for a toy cascade rooted at ``tmp``."""
     return {
         "seed": 0,
-        "model": {
-            "conditioning": {
-                "embed_dim": 32,
-                "token_length": 16,
-                "encoder_path": str(tmp / "encoder"),
-                "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
-            }
-        },
+        "model": {"conditioning": {**TINY_TEXT, "encoder_path": str(tmp / "encoder")}},
         "stages": {
             "base64": {
                 "resolution": 16,
                 "model": {
                     "unet_type": "base",
-                    "unet": {
-                        "embed_dim": 16,
-                        "image_size": 16,
-                        "channel_mult": [1, 2],
-                        "num_res_blocks": 1,
-                        "attention_resolutions": [8],
-                        "num_attn_heads": 2,
-                        "per_head_channels": 16,
-                        "cond_dim": 32,
-                    },
+                    "unet": TINY_BASE_UNET,
                 },
                 "sampling": {"sampler": "euler", "steps": 3, "guidance_scale": 2.0},
             },
             "sr256": {
                 "resolution": 32,
                 "lowres": 16,
-                "model": {"unet_type": "sr", "unet": {**_SR_UNET, "image_size": 32}},
+                "model": {"unet_type": "sr", "unet": {**TINY_SR_UNET, "image_size": 32}},
                 "sampling": {"sampler": "euler", "steps": 2, "guidance_scale": 1.0},
             },
             "sr1024": {
                 "resolution": 64,
                 "lowres": 32,
-                "model": {"unet_type": "sr", "unet": {**_SR_UNET, "image_size": 32}},
+                "model": {"unet_type": "sr", "unet": {**TINY_SR_UNET, "image_size": 32}},
                 "sampling": {"sampler": "euler", "steps": 2, "guidance_scale": 1.0},
             },
         },

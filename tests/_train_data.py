@@ -17,6 +17,12 @@ import yaml
 from imagen.config import Params, deep_merge, resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
+# A 1-layer T5 at d_model 32 and 16 tokens: the text features every toy test uses.
+TINY_TEXT = {
+    "embed_dim": 32,
+    "token_length": 16,
+    "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
+}
 TINY_BASE_UNET = {
     "image_size": 16,
     "embed_dim": 16,
@@ -63,13 +69,7 @@ def tiny_raw(root: Path) -> dict[str, Any]:
             "min_resolution": 16,
             "samples_per_shard": 8,
         },
-        "model": {
-            "conditioning": {
-                "embed_dim": 32,
-                "token_length": 16,
-                "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
-            }
-        },
+        "model": {"conditioning": TINY_TEXT},
         "stages": {
             "base64": {
                 "model": {"unet": TINY_BASE_UNET},

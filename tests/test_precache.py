@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
+from _train_data import TINY_TEXT
 
 from imagen.config import ConfigError, Params, deep_merge, resolve_params
 from imagen.data.ingest import ingest
@@ -20,11 +21,6 @@ from imagen.data.precache import precache
 from imagen.text import from_storage, load_text_encoder, to_storage
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TEXT = {
-    "token_length": 16,
-    "embed_dim": 32,
-    "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
-}
 
 
 def make_params(tmp_path: Path, data: dict[str, Any] | None = None, **cond: Any) -> Params:
