@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagen.config import Params, params_hash
+from imagen.config import Params
 
 PARENT_ENV = "IMAGEN_PARENT_RUN_ID"
 EXECUTION_TAG = "imagen.pipeline.execution"
@@ -143,22 +143,13 @@ def create_parent_run(
     Tagged with the trigger (``make demo``, ``prefect``, ``dvc repro`` ...), the git commit,
     the params hash and, for a DVC-started execution, the execution key.
     """
-    from imagen.tracking import git_commit
+    from imagen.tracking import run_tags
 
     client, exp_id = _client(params)
     name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({trigger})"
-    all_tags = {
-        KIND_TAG: "pipeline",
-        TRIGGER_TAG: trigger,
-        "imagen.params_hash": params_hash(params),
-        "mlflow.runName": name,
-    }
-    commit = git_commit()
-    if commit:
-        all_tags["mlflow.source.git.commit"] = commit
-    if execution:
-        all_tags[EXECUTION_TAG] = execution
-    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    all_tags = run_tags(
+        params, name, tags, **{KIND_TAG: "pipeline", TRIGGER_TAG: trigger, EXECUTION_TAG: execution}
+    )
     run = client.create_run(exp_id, tags=all_tags, run_name=name)
     return run.info.run_id
 

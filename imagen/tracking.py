@@ -200,6 +200,20 @@ def _resumable(client: Any, resume_file: Path | None) -> str | None:
     return run_id if run.info.status in ("RUNNING", "SCHEDULED", "FAILED", "KILLED") else None
 
 
+def run_tags(
+    params: Params, run_name: str, extra: Mapping[str, Any] | None = None, **tags: str | None
+) -> dict[str, str]:
+    """The tags every run of this project carries: name, params hash, git commit, plus ``tags``
+    (``None`` values dropped) and ``extra`` (stringified, last so a caller can override)."""
+    all_tags = {"imagen.params_hash": params_hash(params), "mlflow.runName": run_name}
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    all_tags.update({k: v for k, v in tags.items() if v is not None})
+    all_tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return all_tags
+
+
 def _open_run(
     params: Params,
     stage_name: str,
@@ -228,17 +242,9 @@ def _open_run(
     if resumed:
         client.update_run(run_id, status="RUNNING")
     else:
-        all_tags = {
-            "imagen.stage": stage_name,
-            "imagen.params_hash": params_hash(params),
-            "mlflow.runName": stage_name,
-        }
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
+        all_tags = run_tags(params, stage_name, tags, **{"imagen.stage": stage_name})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
         run_id = client.create_run(exp_id, tags=all_tags, run_name=stage_name).info.run_id
     run = StageRun(client, run_id, uri)
     if not resumed:
