@@ -792,6 +792,13 @@ def resolve_params(raw: Mapping[str, Any]) -> Params:
         raise ConfigError("invalid params:\n  " + "\n  ".join(errors))
     if not params.stages:
         raise ConfigError("stages: at least one stage (base64) must be configured")
+    if params.data.source != "embedded" and params.conditioning.encoder.tokenizer == "word":
+        raise ConfigError(
+            "model.conditioning.encoder.tokenizer: 'word' knows only the embedded captions' "
+            f"vocabulary (every other word becomes <unk>), but data.source is "
+            f"{params.data.source!r}; use 'byt5' for your own captions, or a real T5 through "
+            "model.conditioning.encoder_path"
+        )
     return params
 
 

@@ -118,6 +118,15 @@ BAD = {
         "stages.base64.model.unet_type",
         ["allowed: 'base'"],
     ),
+    "word tokenizer on a caption folder": (
+        {
+            **base(),
+            "data": {"source": "folder", "source_path": "photos"},
+            "model": {"conditioning": {"encoder": {"tokenizer": "word"}}},
+        },
+        "model.conditioning.encoder.tokenizer",
+        ["'byt5'", "data.source is 'folder'"],
+    ),
 }
 
 
