@@ -12,6 +12,11 @@ that shared its cores with other jobs is still placed at the time it would have 
 
     python bench/learn_curve.py models/base64/agreement.csv --batch 32 --images-per-s 46 \
         --captions 64 --png docs/learn_curve.png
+
+Several runs of the same batch and rate compare as ``LABEL=PATH`` arguments (one table each, one
+line per run in every panel), e.g. two noise-level distributions:
+
+    python bench/learn_curve.py "p_mean -1.2=old/agreement.csv" "p_mean 0.5=new/agreement.csv" ...
 """
 
 from __future__ import annotations
@@ -67,13 +72,20 @@ def table(rows: list[dict[str, float]], batch: int, rate: float, n: int) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict[str, float]], batch: int, rate: float, n: int, png: Path) -> None:
+def parse_run(arg: str) -> tuple[str, Path]:
+    """``LABEL=PATH`` or ``PATH`` (labelled by its folder) -> (label, path)."""
+    label, sep, path = arg.rpartition("=")
+    return (label, Path(path)) if sep else (Path(arg).parent.name or arg, Path(arg))
+
+
+def plot(
+    runs: dict[str, list[dict[str, float]]], batch: int, rate: float, n: int, png: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    minutes = [r["step"] * batch / rate / 60 for r in rows]
     names = [*ATTRIBUTES, "agreement"]
     fig, grid = plt.subplots(2, 3, figsize=(9.0, 5.6), sharex=True)
     axes = list(grid.flat)
@@ -84,10 +96,14 @@ def plot(rows: list[dict[str, float]], batch: int, rate: float, n: int, png: Pat
             chance = 1 / len(ATTRIBUTES[name])
             ax.axhline(significance_line(chance, n), color="tab:red", ls="--", lw=0.8)
         ax.axhline(chance, color="grey", ls=":", lw=1)
-        ax.plot(minutes, [r[name] for r in rows], "o-", color="tab:blue")
+        for label, rows in runs.items():
+            minutes = [r["step"] * batch / rate / 60 for r in rows]
+            ax.plot(minutes, [r[name] for r in rows], "o-", ms=3, label=label)
         ax.set_title(name)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[-1].legend(fontsize=8, loc="lower right")
     for ax in grid[1]:
         ax.set_xlabel("training minutes (idle 2-core CPU)")
     for ax in grid[:, 0]:
@@ -100,16 +116,21 @@ def plot(rows: list[dict[str, float]], batch: int, rate: float, n: int, png: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("csv", type=Path, help="agreement.csv written by imagen train")
+    ap.add_argument(
+        "runs", nargs="+", help="agreement.csv written by imagen train, or LABEL=PATH per run"
+    )
     ap.add_argument("--batch", type=int, required=True, help="training batch size")
     ap.add_argument("--images-per-s", type=float, required=True, help="unloaded training rate")
     ap.add_argument("--captions", type=int, default=64, help="captions scored per grid")
     ap.add_argument("--png", type=Path, help="write the picture here")
     args = ap.parse_args()
-    rows = read_rows(args.csv)
-    print(table(rows, args.batch, args.images_per_s, args.captions))
+    runs = {label: read_rows(path) for label, path in map(parse_run, args.runs)}
+    for label, rows in runs.items():
+        if len(runs) > 1:
+            print(f"\n### {label}\n")
+        print(table(rows, args.batch, args.images_per_s, args.captions))
     if args.png:
-        plot(rows, args.batch, args.images_per_s, args.captions, args.png)
+        plot(runs, args.batch, args.images_per_s, args.captions, args.png)
         print(f"\nwrote {args.png}")
 
 

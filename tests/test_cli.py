@@ -62,6 +62,25 @@ def test_misspelt_override_is_rejected_with_its_key(
     assert "stages.base64.trainer.max_stepz" in capsys.readouterr().err
 
 
+def test_the_learn_profile_resolves_to_its_documented_recipe(tmp_path: Path) -> None:
+    """profiles/learn.yaml (README, docs/recipe.md) validates against params.yaml, its keys land
+    where they are meant to, and a misspelt key in a profile is refused by name."""
+    from imagen.cli import profile_overrides
+    from imagen.config import load_params
+
+    params = load_params(
+        REPO / "params.yaml", profile_overrides([str(REPO / "profiles" / "learn.yaml")])
+    )
+    base = params.stages["base64"]
+    assert params.conditioning.encoder.tokenizer == "word"
+    assert base.model.unet.image_size == 32 and params.data.image_size == 64
+    assert (base.model.preconditioning.p_mean, base.model.preconditioning.p_std) == (0.5, 1.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages.base64.trainer.max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"stages\.base64\.trainer\.max_stepz"):
+        load_params(REPO / "params.yaml", profile_overrides([str(bad)]))
+
+
 @pytest.mark.parametrize(
     ("cmdline", "expected"),
     [
