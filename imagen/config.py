@@ -710,6 +710,14 @@ def _format(err: ValidationError, prefix: str) -> list[str]:
     return lines
 
 
+def _builds_default_encoder(encoder_path: str) -> bool:
+    """Whether ``encoder_path`` is (or will be built as) the project's own small random T5."""
+    from imagen.text import BUILT_MARKER
+
+    folder = Path(encoder_path)
+    return not folder.exists() or (folder / BUILT_MARKER).exists()
+
+
 def resolve_params(raw: Mapping[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml) into :class:`Params`.
 
@@ -792,12 +800,16 @@ def resolve_params(raw: Mapping[str, Any]) -> Params:
         raise ConfigError("invalid params:\n  " + "\n  ".join(errors))
     if not params.stages:
         raise ConfigError("stages: at least one stage (base64) must be configured")
-    if params.data.source != "embedded" and params.conditioning.encoder.tokenizer == "word":
+    if (
+        params.data.source != "embedded"
+        and params.conditioning.encoder.tokenizer == "word"
+        and _builds_default_encoder(params.conditioning.encoder_path)
+    ):
         raise ConfigError(
             "model.conditioning.encoder.tokenizer: 'word' knows only the embedded captions' "
             f"vocabulary (every other word becomes <unk>), but data.source is "
-            f"{params.data.source!r}; use 'byt5' for your own captions, or a real T5 through "
-            "model.conditioning.encoder_path"
+            f"{params.data.source!r}; use 'byt5' (with model.conditioning.token_length: 128) "
+            "for your own captions, or a real T5 through model.conditioning.encoder_path"
         )
     return params
 

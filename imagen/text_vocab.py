@@ -17,7 +17,6 @@ import re
 from imagen.data import embedded
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-MARKER = "imagen_encoder.json"
 _TOKEN = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on
 
 

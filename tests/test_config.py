@@ -141,6 +141,23 @@ def test_bad_value_names_key_path_and_what_is_allowed(case):
         assert text in msg, msg
 
 
+def test_word_tokenizer_setting_is_moot_with_a_real_t5_folder(tmp_path):
+    """params.yaml selects the word tokenizer for the embedded demo; pointing encoder_path at a
+    real T5 (a folder without the built-encoder marker) for a caption folder is accepted."""
+    t5 = tmp_path / "t5-large"
+    t5.mkdir()
+    (t5 / "config.json").write_text("{}")
+    raw = {
+        **base(),
+        "data": {"source": "folder", "source_path": "photos"},
+        "model": {"conditioning": {"encoder_path": str(t5), "encoder": {"tokenizer": "word"}}},
+    }
+    assert resolve_params(raw).conditioning.encoder_path == str(t5)
+    (t5 / "imagen_encoder.json").write_text("{}")  # the project's own random T5: refused
+    with pytest.raises(ConfigError, match=r"model\.conditioning\.encoder\.tokenizer"):
+        resolve_params(raw)
+
+
 def test_preset_applies_and_explicit_keys_override_it():
     params = resolve_params(base({"unet": {"embed_dim": 24, "attention_type": "cross"}}))
     unet = params.stages["base64"].model.unet
