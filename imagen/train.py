@@ -286,6 +286,13 @@ class Progress(Callback):
         self._t_start = self._t_last = time.perf_counter()
         self.start_step = trainer.global_step
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loss history travels in the checkpoint, so a resumed run's loss.csv is whole."""
+        return {"history": [[s, v] for s, v in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: ImagenStage, outputs: Any, batch: Any, idx: int
     ) -> None:
@@ -712,16 +719,16 @@ def train_stage(
 
 
 def write_loss_csv(path: Path, history: list[tuple[int, float]], keep_until: int) -> None:
-    """``step,loss`` rows (for `dvc plots`): rows of an earlier, resumed run up to
-    ``keep_until``, then this run's."""
-    rows: list[str] = []
+    """``step,loss`` rows (for `dvc plots`): the history (restored from the checkpoint on a
+    resume), plus any rows up to ``keep_until`` of an earlier file that the history lacks."""
+    rows: dict[int, str] = {}
     if keep_until > 0 and path.is_file():
         for line in path.read_text().splitlines()[1:]:
             step = line.split(",", 1)[0]
             if step.isdigit() and int(step) <= keep_until:
-                rows.append(line)
-    rows += [f"{s},{v:.6f}" for s, v in history]
-    path.write_text("step,loss\n" + "".join(r + "\n" for r in rows))
+                rows[int(step)] = line
+    rows |= {s: f"{s},{v:.6f}" for s, v in history}
+    path.write_text("step,loss\n" + "".join(rows[s] + "\n" for s in sorted(rows)))
 
 
 class _NullRun:

@@ -132,3 +132,6 @@ def test_sigkill_then_rerun_resumes_step_optimizer_ema_and_mlflow_run(tmp_path: 
     steps = {m.step for m in client.get_metric_history(run_id, "train/loss_avg")}
     assert min(steps) <= killed_at < max(steps) == 16
     assert {s for s in steps if s > killed_at} == set(range(killed_at + 2, 17, 2))
+    # loss.csv (dvc plots) holds both halves: the first half's history came back with the ckpt
+    logged = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(2, 17, 2))
