@@ -27,7 +27,14 @@ def make_params(root: Path, data: dict[str, Any], **cond: Any) -> Params:
     text = {
         "token_length": 16,
         "embed_dim": 32,
-        "encoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64},
+        # bytes: the mask checks below count one token per caption byte
+        "encoder": {
+            "d_model": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "d_ff": 64,
+            "tokenizer": "byt5",
+        },
     } | cond
     over = {
         "data": {

@@ -49,7 +49,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_default_encoder_is_built_saved_and_reloaded(project: Path) -> None:
-    params = make_params(project)
+    params = make_params(project, encoder={"tokenizer": "byt5"})  # any caption, byte by byte
     enc = load_text_encoder(params.conditioning)
     assert (project / "data" / "encoder" / "config.json").exists()
     caps = ["a red circle", "a blue square at the top left on a dark background", "x" * 100]

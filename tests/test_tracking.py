@@ -74,7 +74,10 @@ def test_stage_run_logs_everything_nested_under_parent(db: str, tmp_path: Path) 
     assert got.data.tags["imagen.stage"] == "base64"
     assert got.data.tags["imagen.params_hash"]
     # the whole resolved config, flattened (more than one 100-param batch)
-    assert got.data.params["stages.base64.trainer.max_steps"] == "300"
+    assert got.data.params["stages.base64.trainer.max_steps"] == str(
+        params.stage("base64").trainer.max_steps
+    )
+    assert got.data.params["stages.base64.model.conditioning.encoder.tokenizer"] == "word"
     assert len(got.data.params) > 100
     history = client.get_metric_history(run.run_id, "train/loss")
     assert [m.step for m in history] == [0, 1, 2]
