@@ -707,7 +707,7 @@ def train_stage(
             extra={"metrics": metrics, "mlflow_run_id": run.run_id},
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_loss_csv(out / "loss.csv", progress.history, keep_until=progress.start_step)
+        write_loss_csv(out / "loss.csv", progress.history)
         run.log_metrics(
             {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
             step=int(trainer.global_step),
@@ -718,17 +718,9 @@ def train_stage(
         return metrics
 
 
-def write_loss_csv(path: Path, history: list[tuple[int, float]], keep_until: int) -> None:
-    """``step,loss`` rows (for `dvc plots`): the history (restored from the checkpoint on a
-    resume), plus any rows up to ``keep_until`` of an earlier file that the history lacks."""
-    rows: dict[int, str] = {}
-    if keep_until > 0 and path.is_file():
-        for line in path.read_text().splitlines()[1:]:
-            step = line.split(",", 1)[0]
-            if step.isdigit() and int(step) <= keep_until:
-                rows[int(step)] = line
-    rows |= {s: f"{s},{v:.6f}" for s, v in history}
-    path.write_text("step,loss\n" + "".join(rows[s] + "\n" for s in sorted(rows)))
+def write_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
+    """``step,loss`` rows for `dvc plots` (after a resume, the history came from the ckpt)."""
+    path.write_text("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
 
 
 class _NullRun:
