@@ -8,7 +8,7 @@ For every classifier-free guidance scale in ``evaluate.guidance_scales`` (NeMo's
   ``fid`` -- torchmetrics' FrechetInceptionDistance with Inception-v3 weights from
   ``evaluate.inception_path`` (needs torch-fidelity) -- or, with no Inception weights,
   ``fd_embedded`` -- the same torchmetrics Frechet distance over the embedded evaluator's
-  features (:class:`imagen.data.evaluator.EmbeddedEvaluator`). The latter is NOT FID and is
+  features (:class:`imagen.embedded.evaluator.EmbeddedEvaluator`). The latter is NOT FID and is
   labelled ``FD-embedded-evaluator`` everywhere.
 - alignment of image and caption (higher is better): ``clip_score`` -- torchmetrics' CLIPScore
   with the CLIP model in the local folder ``evaluate.clip_path`` -- or, with no CLIP weights,
@@ -31,7 +31,7 @@ for ``dvc plots``), ``fid_clip.png`` (distance on y against alignment on x, each
 with its scale), ``grids/scale_<w>.png`` (samples with their captions), ``cascade.png`` (a few
 prompts through every trained stage, 64 -> 256 -> 1024 side by side). All of it is logged to
 the evaluate stage's MLflow run; then the stage models and the ``imagen-cascade`` pyfunc model
-are registered (:mod:`imagen.registry`).
+are registered (:mod:`imagen.mlops.registry`).
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def _pil_to_uint8(image: Any, size: int) -> Tensor:
 
 
 def _attributes_of(caption: str, given: dict | None) -> dict[str, str]:
-    from imagen.data.embedded import ATTRIBUTES
-    from imagen.data.evaluator import parse_caption
+    from imagen.embedded.dataset import ATTRIBUTES
+    from imagen.embedded.evaluator import parse_caption
 
     found = dict(given or {})
     if not found:
@@ -144,7 +144,7 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
                 stacklevel=2,
             )
     else:
-        from imagen.data.embedded import EmbeddedDataset
+        from imagen.embedded.dataset import EmbeddedDataset
 
         data = EmbeddedDataset(num, seed=params.data.seed, size=resolution, split="holdout")
         for item in data:
@@ -191,7 +191,7 @@ class Fidelity:
             )
         else:
             if feature is None:
-                from imagen.data.evaluator import EmbeddedEvaluator
+                from imagen.embedded.evaluator import EmbeddedEvaluator
 
                 feature = EmbeddedEvaluator()
             self.name, self.label = FD_EMBEDDED, FD_EMBEDDED_LABEL
@@ -268,7 +268,7 @@ class Alignment:
     """
 
     def __init__(self, clip_path: str | None = None) -> None:
-        from imagen.data.evaluator import EmbeddedEvaluator
+        from imagen.embedded.evaluator import EmbeddedEvaluator
 
         self.evaluator = EmbeddedEvaluator()
         self.clip = None
@@ -457,8 +457,8 @@ def write_reports(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metrics.json, fid_clip.csv, fid_clip.png and grids/scale_<w>.png; returns the metrics."""
-    from imagen.cascade import image_grid, to_pil
-    from imagen.data.evaluator import chance_levels
+    from imagen.embedded.evaluator import chance_levels
+    from imagen.images import image_grid, to_pil
 
     out = Path(out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
@@ -509,8 +509,8 @@ def untrained_reference(
 ) -> dict[str, float]:
     """The same metrics for a freshly initialised base UNet of the same config: the yardstick
     that says how much training moved the fidelity and alignment numbers."""
-    from imagen.cascade import Cascade
     from imagen.nn import build_unet
+    from imagen.sample.cascade import Cascade
 
     config = cascade.stages["base64"].config
     with torch.random.fork_rng(devices=[]):
@@ -543,9 +543,10 @@ def evaluate(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the whole evaluate stage; returns the metrics written to metrics.json."""
-    from imagen.cascade import Cascade, cascade_grid, stages_to
     from imagen.checkpoint import MODEL_FILE
-    from imagen.tracking import stage_run, tracking_uri
+    from imagen.mlops.client import tracking_uri
+    from imagen.mlops.tracking import stage_run
+    from imagen.sample.cascade import Cascade, cascade_grid, stages_to
 
     cfg = params.evaluate
     models_dir = Path(models_dir or params.models_dir)
@@ -633,7 +634,7 @@ def evaluate(
         )
         run.log_artifact(out, "reports")
         if register and run.active:
-            from imagen.registry import register_models
+            from imagen.mlops.registry import register_models
             from imagen.text import resolve_encoder_path
 
             encoder = resolve_encoder_path(cascade.stages["base64"].config.model.conditioning)

@@ -100,7 +100,7 @@ def test_frechet_distance_through_torchmetrics_with_a_feature_net() -> None:
 def test_fd_embedded_is_named_as_not_fid() -> None:
     fd = Fidelity()  # the embedded evaluator's features
     assert fd.name == FD_EMBEDDED and "not FID" in fd.label
-    from imagen.data.embedded import EmbeddedDataset
+    from imagen.embedded.dataset import EmbeddedDataset
     from imagen.evaluate import _pil_to_uint8
 
     data = EmbeddedDataset(24, size=32, split="holdout")

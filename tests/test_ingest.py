@@ -234,7 +234,7 @@ def test_webdataset_source(tmp_path: Path, how: str) -> None:
 
 
 def test_embedded_source_writes_train_and_holdout(tmp_path: Path) -> None:
-    pytest.importorskip("imagen.data.embedded")
+    pytest.importorskip("imagen.embedded.dataset")
     cfg = _cfg(tmp_path, source="embedded", num_train=6, num_holdout=3)
     m = ingest(cfg, progress=False)
     assert m["counts"] == {"seen": 9, "written": 9, "train": 6, "holdout": 3, "rejected": 0}

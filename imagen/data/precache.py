@@ -202,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
-    from imagen.tracking import stage_run
+    from imagen.mlops.tracking import stage_run
 
     # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
     with stage_run(params, "precache") as run:

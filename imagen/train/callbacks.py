@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from imagen.config import StageConfig
-from imagen.tracking import StageRun
+from imagen.mlops.tracking import StageRun
 from imagen.train.grids import SampleGrid
 from imagen.train.module import ImagenStage
 

@@ -11,7 +11,7 @@ import torch
 
 from imagen.config import ConfigError, Params, StageConfig
 from imagen.images import image_grid, side_by_side, to_pil
-from imagen.tracking import StageRun
+from imagen.mlops.tracking import StageRun
 from imagen.train.module import ImagenStage
 
 
@@ -118,7 +118,7 @@ class SampleGrid:
         """Caption agreement of the base stage's samples, attribute by attribute, when the
         prompts speak the embedded dataset's grammar (logged as ``samples/<attribute>`` and
         appended to ``agreement.csv``): how well the model follows its captions, over time."""
-        from imagen.data.evaluator import EmbeddedEvaluator, parse_caption
+        from imagen.embedded.evaluator import EmbeddedEvaluator, parse_caption
 
         attrs = [parse_caption(c) for c in self.captions]
         if not any(attrs) or step == self._scored_step:  # the end grid may repeat a step

@@ -7,7 +7,7 @@ from typing import Any
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from imagen.tracking import StageRun
+from imagen.mlops.tracking import StageRun
 
 
 class StageRunLogger(Logger):

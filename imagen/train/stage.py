@@ -15,7 +15,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from imagen.checkpoint import save_stage
 from imagen.config import ConfigError, Params
-from imagen.tracking import stage_run
+from imagen.mlops.tracking import stage_run
 from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, Progress
 from imagen.train.checkpoints import LAST_CKPT, resume_path
 from imagen.train.grids import SampleGrid
