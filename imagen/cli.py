@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("imagen.data.ingest", "write webdataset shards + manifest from a source"),
     "precache": ("imagen.data.precache", "encode every caption with the T5 text encoder"),
     "train": ("imagen.train", "train one cascade stage (base64, sr256 or sr1024)"),
+    "checkpoints": (
+        "imagen.train.listing",
+        "list a stage's checkpoints: step, time, size, settings that differ",
+    ),
     "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
     "evaluate": ("imagen.evaluate", "FID-CLIP sweep over guidance scales; register models"),
     "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),

@@ -32,6 +32,7 @@ from imagen.config.model import (
 from imagen.config.run import (
     DataConfig,
     EvaluateConfig,
+    KeepConfig,
     MlflowConfig,
     OptimConfig,
     Params,
@@ -53,6 +54,7 @@ __all__ = [
     "EDMConfig",
     "EncoderConfig",
     "EvaluateConfig",
+    "KeepConfig",
     "MlflowConfig",
     "ModelConfig",
     "NoiseAugConfig",

@@ -23,6 +23,25 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(10000, ge=0)
 
 
+class KeepConfig(_Strict):
+    """Which checkpoints are kept besides ``last.ckpt`` (NeMo keeps the best 5 every 1000 steps).
+
+    Every ``every_n_steps`` (default: ``checkpoint_every_n_steps``) a checkpoint is written and
+    the best ``top_k`` by ``monitor`` are kept; with ``archive_every_n_steps`` every n-th step is
+    also kept for good. Nothing else is ever removed.
+    """
+
+    top_k: int = Field(2, ge=0, description="keep the best k checkpoints by monitor (0: none)")
+    monitor: Literal["train/loss_avg", "train/loss"] = Field(
+        "train/loss_avg",
+        description="ranks the kept checkpoints (loss_avg: mean of the last "
+        "log_every_n_steps steps over all ranks; loss: this step's)",
+    )
+    mode: Literal["min", "max"] = "min"
+    every_n_steps: int | None = Field(None, gt=0, description="default: checkpoint_every_n_steps")
+    archive_every_n_steps: int = Field(0, ge=0, description="also keep every n-th step (0: off)")
+
+
 class TrainerConfig(_Strict):
     """NeMo's ``trainer`` block plus what the stage runner needs."""
 
@@ -41,6 +60,9 @@ class TrainerConfig(_Strict):
     checkpoint_every_n_steps: int = Field(200, gt=0)
     sample_every_n_steps: int = Field(500, gt=0)
     log_every_n_steps: int = Field(10, gt=0)
+    progress_seconds: float = Field(
+        30.0, gt=0, description="seconds between progress lines when not on a terminal"
+    )
     nan_policy: Literal["stop", "skip"] = "stop"
     sample_grid_size: int = Field(8, gt=0, description="images in each training sample grid")
     sample_prompts: list[str] = Field(
@@ -48,6 +70,12 @@ class TrainerConfig(_Strict):
     )
     seed: int = 0
     optim: OptimConfig = OptimConfig()
+    keep: KeepConfig = KeepConfig()
+    init_from: str | None = Field(
+        None,
+        description="fine-tune: start from these weights (a stage .ckpt or model.pt, a folder "
+        "holding model.pt, models:/name@alias, a NeMo .nemo/.ckpt) with a fresh optimiser",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod

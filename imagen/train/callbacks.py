@@ -1,18 +1,21 @@
-"""Training callbacks: progress metrics and the loss history, sample grids on schedule, and the
-per-rank key recorder that checks data parallelism.
+"""Training callbacks: progress metrics and the loss history, the monitored loss of the keeping
+rule, sample grids on schedule, progress lines for logs, and the per-rank key recorder that
+checks data parallelism.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from imagen.config import StageConfig
 from imagen.mlops.tracking import StageRun
@@ -25,13 +28,23 @@ class Progress(Callback):
 
     Every ``log_every_n_steps`` optimiser steps it logs ``train/loss_avg`` (the mean since the
     last log), ``train/lr`` and ``train/images_per_s`` (all ranks, sampling time excluded).
+    Every ``monitor_every`` steps it puts ``train/loss_avg`` (the mean of the last
+    ``log_every_n_steps`` losses, averaged over the ranks) where Lightning's checkpoint
+    callbacks read their monitored metric.
     """
 
     def __init__(
-        self, stage: StageConfig, out: Path, grid: SampleGrid | None, run: StageRun
+        self,
+        stage: StageConfig,
+        out: Path,
+        grid: SampleGrid | None,
+        run: StageRun,
+        monitor_every: int = 0,
     ) -> None:
         self.stage, self.out, self.grid, self.run = stage, out, grid, run
+        self.monitor_every = monitor_every
         self.history: list[tuple[int, float]] = []  # (step, loss)
+        self.window: deque[float] = deque(maxlen=stage.trainer.log_every_n_steps)
         self._losses: list[float] = []
         self._images = 0
         self._t_last = 0.0
@@ -60,7 +73,10 @@ class Progress(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self._losses.append(float(loss.detach()))
+            self.window.append(self._losses[-1])
         step = trainer.global_step
+        if self.monitor_every and step % self.monitor_every == 0:
+            self.publish_monitor(trainer)
         every = self.stage.trainer.log_every_n_steps
         if self._losses and (step % every == 0 or step == trainer.max_steps):
             now = time.perf_counter()
@@ -77,6 +93,13 @@ class Progress(Callback):
             self._losses, self._images, self._t_last = [], 0, now
         if self.grid is not None and step % self.stage.trainer.sample_every_n_steps == 0:
             self.sample(trainer, pl_module)
+
+    def publish_monitor(self, trainer: pl.Trainer) -> None:
+        """``train/loss_avg`` for the best-k rule: the same value on every rank (a collective,
+        so every rank calls it at the same steps)."""
+        local = sum(self.window) / len(self.window) if self.window else float("inf")
+        value = trainer.strategy.reduce(torch.tensor(local), reduce_op="mean")
+        trainer.callback_metrics["train/loss_avg"] = torch.as_tensor(value).detach().cpu()
 
     def sample(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
         t0 = time.perf_counter()
@@ -138,3 +161,66 @@ class GridFromFirstBatch(Callback):
     ) -> None:
         if not self.grid.ready:
             self.grid.fill_from_batch(batch)
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class LogLines(Callback):
+    """One line every ``trainer.progress_seconds`` (rank zero) for logs that are not a terminal
+    (``dvc repro``, Prefect, SLURM): step, mean loss, images/s and the time left."""
+
+    def __init__(self, stage: StageConfig, stream: Any = None) -> None:
+        self.stage, self.stream = stage, stream or sys.stderr
+        self.every = stage.trainer.progress_seconds
+        self._t = self._step = self._images = 0
+        self._losses: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
+        self._t, self._step, self._images = time.perf_counter(), trainer.global_step, 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: ImagenStage, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(float(loss.detach()))
+        self._images += batch["image"].shape[0] * trainer.world_size
+        now, step = time.perf_counter(), trainer.global_step
+        if now - self._t >= self.every or step == trainer.max_steps:
+            self.line(trainer, now, step)
+
+    def line(self, trainer: pl.Trainer, now: float, step: int) -> None:
+        dt, steps = max(now - self._t, 1e-9), max(step - self._step, 1)
+        loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        left = (trainer.max_steps - step) * dt / steps
+        if trainer.is_global_zero:
+            print(
+                f"imagen train {self.stage.name}: step {step}/{trainer.max_steps} "
+                f"loss {loss:.4f} {self._images / dt:.1f} images/s {_duration(left)} left",
+                file=self.stream,
+                flush=True,
+            )
+        self._t, self._step, self._images, self._losses = now, step, 0, []
+
+
+class StepBar(TQDMProgressBar):
+    """Lightning's bar on a terminal, counting optimiser steps to max_steps (training is
+    step-based: one endless epoch, so the default 'Epoch 0' bar has no total)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = trainer.global_step
+        bar.set_description(f"{trainer.lightning_module.stage.name} step")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        bar = self.train_progress_bar
+        bar.n = trainer.global_step
+        bar.set_postfix(self.get_metrics(trainer, pl_module))
+        bar.refresh()

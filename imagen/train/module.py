@@ -142,8 +142,12 @@ class ImagenStage(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from imagen.train.settings import settings_hash
+
+        stage = self.stage.model_dump(mode="json")
         checkpoint["imagen"] = {
-            "stage": self.stage.model_dump(mode="json"),
+            "stage": stage,
+            "settings": settings_hash(stage),
             "skipped_nonfinite": int(self.skipped_nonfinite),
         }
 

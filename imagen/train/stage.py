@@ -11,16 +11,21 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from imagen.checkpoint import save_stage
-from imagen.config import ConfigError, Params
-from imagen.mlops.tracking import stage_run
-from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, Progress
-from imagen.train.checkpoints import LAST_CKPT, resume_path
+from imagen.checkpoint import MODEL_FILE, save_stage
+from imagen.config import ConfigError, Params, StageConfig
+from imagen.mlops.tracking import StageRun, stage_run
+from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, LogLines, Progress
+from imagen.train.checkpoints import LAST_CKPT, CheckpointWriteError
 from imagen.train.grids import SampleGrid
+from imagen.train.keep import keep_interval, keeping_rule
 from imagen.train.logger import NullRun, StageRunLogger
 from imagen.train.module import ImagenStage, NonFiniteLossError
+from imagen.train.preempt import EXIT_PREEMPTED, Preempted
+from imagen.train.quiet import quiet_lightning
+from imagen.train.resume import ResumeChoice, choose_resume
 from imagen.train.trainer import build_trainer
 
 
@@ -41,6 +46,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seed(stage: StageConfig, resume_step: int) -> None:
+    """Seed this rank; a resumed run draws other noise and data order than its first part."""
+    seed = (stage.trainer.seed * 1_000_003 + resume_step) * 1009 + rank_zero_only.rank
+    pl.seed_everything(seed % 2**31, workers=True, verbose=False)
+
+
+def _data(params: Params, stage: StageConfig, resume_step: int) -> Any:
+    """The training data; after a resume the shard order is reshuffled (seeded by the step), so
+    the first steps' samples are not replayed; every rank draws the same order and takes its
+    own share, whatever the number of ranks (docs/training.md)."""
+    from imagen.data.loader import ImagenDataModule
+
+    if resume_step:
+        t = stage.trainer.model_copy(update={"seed": stage.trainer.seed + resume_step})
+        stage = stage.model_copy(update={"trainer": t})
+    return ImagenDataModule(params, stage, split="train")
+
+
+def _run_context(
+    params: Params, stage_name: str, out: Path, parent_run_id: str | None, is_zero: bool
+) -> Any:
+    if not is_zero:
+        return NullRun()
+    return stage_run(
+        params,
+        stage_name,
+        parent_run_id=parent_run_id,
+        resume_file=out / "mlflow_run.json",
+        tags={"imagen.out": str(out)},
+    )
+
+
+def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: StageRun) -> None:
+    """Say where training starts: resumed, fine-tuned from ``init_from``, or from scratch."""
+    stage = module.stage
+    rule = keeping_rule(stage)
+    run.set_tags({"imagen.keep_rule": rule})
+    if resume.path is not None:
+        _say(f"resuming {stage.name} from {resume.path} (step {resume.step})")
+    elif stage.trainer.init_from:
+        from imagen.mlops.client import tracking_uri
+        from imagen.train.finetune import init_weights
+
+        src = init_weights(module, stage.trainer.init_from, tracking_uri(params))
+        run.set_tags({f"imagen.init_from.{k}": v for k, v in src.items() if v is not None})
+        ema = "weights and EMA" if src["ema"] else "weights"
+        _say(f"fine-tuning {stage.name} from {src['source']} ({src['file']}: {ema}, step "
+             f"{src['step']}); fresh optimiser and schedule")  # fmt: skip
+    _say(rule)
+
+
+def _say(text: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(f"imagen train: {text}", file=sys.stderr, flush=True)
+
+
+def _callbacks(
+    params: Params, stage: StageConfig, out: Path, run: StageRun, record_keys: bool
+) -> tuple[Progress, list[Callback]]:
+    grid = SampleGrid(params, stage) if rank_zero_only.rank == 0 else None
+    progress = Progress(stage, out, grid, run, monitor_every=keep_interval(stage))
+    callbacks: list[Callback] = [progress]
+    if grid is not None:
+        callbacks.append(GridFromFirstBatch(grid))
+    if record_keys:
+        callbacks.append(KeyRecorder(out))
+    if not sys.stderr.isatty():
+        callbacks.append(LogLines(stage))
+    return progress, callbacks
+
+
 def train_stage(
     params: Params,
     stage_name: str,
@@ -49,81 +125,76 @@ def train_stage(
     parent_run_id: str | None = None,
     record_keys: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) one stage into ``out``; returns the metrics written to metrics.json."""
-    from imagen.data.loader import ImagenDataModule
-
+    """Train (or resume, or fine-tune) one stage into ``out``; returns the metrics written to
+    metrics.json (an empty dict on ranks other than zero)."""
     stage = params.stage(stage_name)
     out.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(stage.trainer.seed + rank_zero_only.rank, workers=True, verbose=False)
     is_zero = rank_zero_only.rank == 0
+    quiet_lightning()
+    resume = choose_resume(out / "checkpoints", stage, apply=is_zero, report=is_zero)
+    _seed(stage, resume.step)
     wall0 = time.perf_counter()
-    ctx = (
-        stage_run(
-            params,
-            stage_name,
-            parent_run_id=parent_run_id,
-            resume_file=out / "mlflow_run.json",
-            tags={"imagen.out": str(out)},
-        )
-        if is_zero
-        else NullRun()
-    )
-    with ctx as run:
+    with _run_context(params, stage_name, out, parent_run_id, is_zero) as run:
         module = ImagenStage(stage)
-        grid = SampleGrid(params, stage) if is_zero else None
-        progress = Progress(stage, out, grid, run)
-        callbacks: list[Callback] = [progress]
-        if grid is not None:
-            callbacks.append(GridFromFirstBatch(grid))
-        if record_keys:
-            callbacks.append(KeyRecorder(out))
+        _start(module, resume, params, run)
+        progress, callbacks = _callbacks(params, stage, out, run, record_keys)
         trainer = build_trainer(stage, out, callbacks, logger=StageRunLogger(run))
-        data = ImagenDataModule(params, stage, split="train")
-        ckpt = resume_path(out, stage)
-        if ckpt is not None and is_zero:
-            print(f"imagen train: resuming {stage_name} from {ckpt}", file=sys.stderr, flush=True)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        try:
+            trainer.fit(
+                module,
+                datamodule=_data(params, stage, resume.step),
+                ckpt_path=resume.path,
+                weights_only=True,
+            )
+        except Preempted as e:
+            run.set_tags({"imagen.preempted_at_step": e.step})
+            raise
         final = out / "checkpoints" / LAST_CKPT
         # the final state, also when max_steps was already reached before this run
         trainer.save_checkpoint(final, weights_only=False)
         if not trainer.is_global_zero:
             return {}
-        if grid is not None and progress.start_step < trainer.global_step:
+        if progress.grid is not None and progress.start_step < trainer.global_step:
             progress.sample(trainer, module)
-        from imagen.nn import count_parameters
+        return _finish(stage, out, module, trainer, progress, run, time.perf_counter() - wall0)
 
-        wall = time.perf_counter() - wall0
-        losses = [v for _, v in progress.history[-5:]]
-        metrics = {
-            "stage": stage_name,
-            "steps": int(trainer.global_step),
-            "final_loss": float(sum(losses) / len(losses)) if losses else None,
-            "first_loss": float(progress.history[0][1]) if progress.history else None,
-            "images_per_s": progress.images / max(progress.train_seconds, 1e-9),
-            "train_seconds": progress.train_seconds,
-            "wall_seconds": wall,
-            "parameters": count_parameters(module.net),
-            "skipped_nonfinite": int(module.skipped_nonfinite),
-            "world_size": trainer.world_size,
-            "precision": str(trainer.precision),
-        }
-        save_stage(
-            out,
-            stage,
-            module.ema_state_dict(),
-            step=trainer.global_step,
-            extra={"metrics": metrics, "mlflow_run_id": run.run_id},
-        )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_loss_csv(out / "loss.csv", progress.history)
-        run.log_metrics(
-            {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-            step=int(trainer.global_step),
-        )
-        run.log_artifact(out / "metrics.json")
-        run.log_artifact(out / "model.pt")
-        run.log_artifact(final, "checkpoints")
-        return metrics
+
+def _finish(
+    stage: StageConfig,
+    out: Path,
+    module: ImagenStage,
+    trainer: pl.Trainer,
+    progress: Progress,
+    run: StageRun,
+    wall: float,
+) -> dict[str, Any]:
+    """Write model.pt, metrics.json and loss.csv; log them to the run."""
+    from imagen.nn import count_parameters
+
+    losses = [v for _, v in progress.history[-5:]]
+    metrics = {
+        "stage": stage.name,
+        "steps": int(trainer.global_step),
+        "final_loss": float(sum(losses) / len(losses)) if losses else None,
+        "first_loss": float(progress.history[0][1]) if progress.history else None,
+        "images_per_s": progress.images / max(progress.train_seconds, 1e-9),
+        "train_seconds": progress.train_seconds,
+        "wall_seconds": wall,
+        "parameters": count_parameters(module.net),
+        "skipped_nonfinite": int(module.skipped_nonfinite),
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+    }
+    extra = {"metrics": metrics, "mlflow_run_id": run.run_id}
+    save_stage(out, stage, module.ema_state_dict(), step=trainer.global_step, extra=extra)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_loss_csv(out / "loss.csv", progress.history)
+    numbers = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    run.log_metrics(numbers, step=int(trainer.global_step))
+    run.log_artifact(out / "metrics.json")
+    run.log_artifact(out / MODEL_FILE)
+    run.log_artifact(out / "checkpoints" / LAST_CKPT, "checkpoints")
+    return metrics
 
 
 def write_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
@@ -135,6 +206,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     stage_name = args.stage
     params.stage(stage_name)  # a clear error for a stage missing from params.yaml
     out = Path(args.out) if args.out else Path(params.models_dir) / stage_name
+    where = f"imagen train --stage {stage_name}"
     try:
         metrics = train_stage(
             params,
@@ -143,9 +215,17 @@ def main(args: argparse.Namespace, params: Params) -> int:
             parent_run_id=args.parent_run_id,
             record_keys=getattr(args, "record_keys", False),
         )
-    except NonFiniteLossError as e:
-        print(f"imagen train --stage {stage_name}: {e}", file=sys.stderr)
+    except (NonFiniteLossError, CheckpointWriteError) as e:
+        print(f"{where}: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"{where}: {e}; run the same command to resume", file=sys.stderr)
+        # rank zero speaks for the job; other ranks leave quietly (Lightning's own launcher
+        # stops every process when one of its children exits non-zero)
+        return EXIT_PREEMPTED if rank_zero_only.rank == 0 else 0
+    except SIGTERMException:  # before the first step: nothing new to save
+        print(f"{where}: SIGTERM before training started", file=sys.stderr)
+        return EXIT_PREEMPTED
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
     if metrics:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers.logger import Logger
 
 from imagen.config import StageConfig
-from imagen.train.checkpoints import AtomicCheckpointIO
+from imagen.train.callbacks import StepBar
+from imagen.train.checkpoints import LAST_CKPT, AtomicCheckpointIO
+from imagen.train.keep import keeping_callbacks
+from imagen.train.preempt import Preemption
 
 
 def lightning_precision(precision: str) -> str:
@@ -22,22 +26,19 @@ def build_trainer(
     out: Path,
     callbacks: list[Callback],
     logger: Logger | bool = False,
+    *,
+    terminal: bool | None = None,
 ) -> pl.Trainer:
-    """The Lightning Trainer of a stage: precision, clipping, DDP, atomic checkpoints."""
+    """The Lightning Trainer of a stage: precision, clipping, DDP, the keeping rule's atomic
+    checkpoints in ``out/checkpoints``, SIGTERM -> checkpoint; a step bar on a terminal."""
     t = stage.trainer
     distributed = (t.devices == "auto" or int(t.devices) > 1) or t.num_nodes > 1
     strategy = t.strategy
     if strategy == "auto" and distributed:
         strategy = "ddp"
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        filename="step={step}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every_n_steps,
-        save_top_k=0,
-        save_last=True,
-        save_on_train_epoch_end=False,
-    )
+    folder = out / "checkpoints"
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    bar: list[Callback] = [StepBar()] if terminal else []
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -49,9 +50,15 @@ def build_trainer(
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[
+            *keeping_callbacks(stage, folder),
+            *callbacks,
+            *bar,
+            Preemption(folder / LAST_CKPT),
+        ],
         plugins=[AtomicCheckpointIO()],
         logger=logger,
+        enable_progress_bar=terminal,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
