@@ -7,14 +7,18 @@
   :class:`StageRun` with ``log_metrics``, ``log_image``, ``log_artifact`` and ``log_dict``.
 
 If the tracking server cannot be reached, a single clear warning is printed and the yielded
-object does nothing: the stage still writes all of its outputs locally.
+object does nothing: the stage still writes all of its outputs locally. If it goes away
+mid-run, what the stage logs is queued and sent when it answers again; what never reached it
+is reported at the end and listed in ``mlflow_unlogged.json`` beside the run file.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,43 +38,125 @@ def _warn(message: str) -> None:
     print(f"imagen: WARNING: {message}", file=sys.stderr, flush=True)
 
 
+# MLflow error codes that a retry cannot fix: such a call is dropped (and reported), not queued.
+_PERMANENT = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+}
+
+
+def _permanent(e: Exception) -> bool:
+    return getattr(e, "error_code", None) in _PERMANENT
+
+
+def _describe_call(method: str, a: tuple, kw: dict) -> dict[str, Any]:
+    """A JSON-able record of a call that did not reach MLflow (for mlflow_unlogged.json)."""
+    if method == "log_batch":
+        metrics = [{"key": m.key, "value": m.value, "step": m.step} for m in kw.get("metrics", [])]
+        params = {p.key: p.value for p in kw.get("params", [])}
+        return {"call": method, **({"metrics": metrics} if metrics else {}),
+                **({"params": params} if params else {})}  # fmt: skip
+    args = [x if isinstance(x, str | int | float) else type(x).__name__ for x in a[1:]]
+    return {"call": method, "args": args, **{k: str(v) for k, v in kw.items()}}
+
+
 class StageRun:
     """The logging handle a stage gets from :func:`stage_run`.
 
-    Every method is safe to call when tracking is off (``run_id`` None): it does nothing. The
-    first MLflow error (say, the server went away mid-run) is reported once and turns tracking
-    off for the rest of the stage, so training never stops because of tracking.
+    Every method is safe to call when tracking is off (``run_id`` None): it does nothing. When
+    the server stops answering mid-run, calls are queued in order (at most ``max_pending``)
+    and sent when it answers again (tried at most every ``retry_seconds``), so training never
+    waits on tracking; :meth:`close` reports exactly what never reached MLflow and writes it to
+    ``unlogged_file``.
     """
 
-    def __init__(self, client: Any = None, run_id: str | None = None, uri: str = "") -> None:
+    def __init__(
+        self,
+        client: Any = None,
+        run_id: str | None = None,
+        uri: str = "",
+        *,
+        unlogged_file: Path | None = None,
+        retry_seconds: float = 10.0,
+        max_pending: int = 100_000,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.uri = uri
+        self.unlogged_file = unlogged_file
+        self.retry_seconds, self.max_pending = retry_seconds, max_pending
+        self.pending: deque[tuple[str, tuple, dict]] = deque()
+        self.lost: list[dict[str, Any]] = []  # dropped calls (permanent errors, overflow)
+        self._retry_at: float | None = None  # set while the server does not answer
 
     @property
     def active(self) -> bool:
         return self.client is not None and self.run_id is not None
 
     def _call(self, method: str, *a: Any, **kw: Any) -> None:
-        """``self.client.<method>(*a, **kw)``, turning tracking off on the first failure."""
+        """``self.client.<method>(*a, **kw)``, after any queued calls; queued if MLflow is away."""
         if not self.active:
             return
-        what = method
-        try:
-            getattr(self.client, method)(*a, **kw)
-        except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
-            _warn(
-                f"MLflow {what} failed ({type(e).__name__}: {e}); tracking is off from here, "
-                "all outputs are still written locally"
-            )
-            self.client = None
+        self.pending.append((method, a, kw))
+        if len(self.pending) > self.max_pending:
+            self.lost.append(_describe_call(*self.pending.popleft()))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send the queued calls in order; False while the server does not answer."""
+        if self._retry_at is not None and not force and time.monotonic() < self._retry_at:
+            return False
+        while self.pending:
+            method, a, kw = self.pending[0]
+            try:
+                getattr(self.client, method)(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
+                if _permanent(e):
+                    _warn(f"MLflow {method} refused ({type(e).__name__}: {e}); not retried")
+                    self.lost.append(_describe_call(*self.pending.popleft()))
+                    continue
+                if self._retry_at is None:
+                    _warn(
+                        f"MLflow {method} failed ({type(e).__name__}: {e}); training goes on, "
+                        f"what it logs is kept and sent when {self.uri} answers again"
+                    )
+                self._retry_at = time.monotonic() + self.retry_seconds
+                return False
+            self.pending.popleft()
+        if self._retry_at is not None:
+            self._retry_at = None
+            print(f"imagen: MLflow {self.uri} answers again; the queued logs were sent",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return True
+
+    def close(self, status: str) -> None:
+        """End the run (``set_terminated``); report and record whatever MLflow never got."""
+        if not self.active:
+            return
+        self._call("set_terminated", self.run_id, status)
+        self.flush(force=True)
+        unlogged = self.lost + [_describe_call(*c) for c in self.pending]
+        if not unlogged:
+            return
+        values = sum(len(u.get("metrics", [])) for u in unlogged)
+        where = ""
+        if self.unlogged_file is not None:
+            self.unlogged_file.write_text(json.dumps({"run_id": self.run_id, "uri": self.uri,
+                                                      "unlogged": unlogged}, indent=1))  # fmt: skip
+            where = f"; listed in {self.unlogged_file}"
+        _warn(
+            f"MLflow {self.uri} did not get {len(unlogged)} calls of run {self.run_id} "
+            f"({values} metric values, {', '.join(sorted({u['call'] for u in unlogged}))})" + where
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log several metrics at one step in one request."""
         if not self.active:
             return
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -143,7 +229,8 @@ def _open_run(
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run_id = client.create_run(exp_id, tags=all_tags, run_name=stage_name).info.run_id
-    run = StageRun(client, run_id, uri)
+    unlogged = resume_file.with_name("mlflow_unlogged.json") if resume_file else None
+    run = StageRun(client, run_id, uri, unlogged_file=unlogged)
     if not resumed:
         run.log_params(flatten(params.model_dump(mode="json")))
     if resume_file is not None:
@@ -194,5 +281,4 @@ def stage_run(
         yield run
         status = "FINISHED"
     finally:
-        if run.active:
-            run._call("set_terminated", run.run_id, status)
+        run.close(status)

@@ -24,7 +24,6 @@ from imagen.train.keep import keep_interval, keeping_rule
 from imagen.train.logger import NullRun, StageRunLogger
 from imagen.train.module import ImagenStage, NonFiniteLossError
 from imagen.train.preempt import EXIT_PREEMPTED, Preempted
-from imagen.train.quiet import quiet_lightning
 from imagen.train.resume import ResumeChoice, choose_resume
 from imagen.train.trainer import build_trainer
 
@@ -130,7 +129,6 @@ def train_stage(
     stage = params.stage(stage_name)
     out.mkdir(parents=True, exist_ok=True)
     is_zero = rank_zero_only.rank == 0
-    quiet_lightning()
     resume = choose_resume(out / "checkpoints", stage, apply=is_zero, report=is_zero)
     _seed(stage, resume.step)
     wall0 = time.perf_counter()

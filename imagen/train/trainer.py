@@ -14,6 +14,7 @@ from imagen.train.callbacks import StepBar
 from imagen.train.checkpoints import LAST_CKPT, AtomicCheckpointIO
 from imagen.train.keep import keeping_callbacks
 from imagen.train.preempt import Preemption
+from imagen.train.quiet import quiet_lightning
 
 
 def lightning_precision(precision: str) -> str:
@@ -31,6 +32,7 @@ def build_trainer(
 ) -> pl.Trainer:
     """The Lightning Trainer of a stage: precision, clipping, DDP, the keeping rule's atomic
     checkpoints in ``out/checkpoints``, SIGTERM -> checkpoint; a step bar on a terminal."""
+    quiet_lightning()
     t = stage.trainer
     distributed = (t.devices == "auto" or int(t.devices) > 1) or t.num_nodes > 1
     strategy = t.strategy
