@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,3 +136,99 @@ def test_sigkill_then_rerun_resumes_step_optimizer_ema_and_mlflow_run(tmp_path: 
     # loss.csv (dvc plots) holds both halves: the first half's history came back with the ckpt
     logged = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert logged == list(range(2, 17, 2))
+
+
+# Lightning's and other libraries' output that must not reach a training log
+NOISE = ("litlogger", "tensorboard", "val_dataloader", "Epoch 0/", "deprecated", "Tip:")
+
+
+def _start(root: Path, *args: str, **popen: Any) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagen.cli", "train", "--stage", "base64", *args],
+        cwd=root,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def _sets(**over: Any) -> list[str]:
+    return [a for k, v in over.items() for a in ("-S", f"stages.base64.trainer.{k}={v}")]
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, lines: list[str], limit: float) -> None:
+    """Read the process's output into ``lines`` until a line holds ``needle``."""
+    deadline = time.time() + limit
+    assert proc.stdout is not None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return
+    pytest.fail(f"no {needle!r} in the output:\n" + "".join(lines)[-3000:])
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_once_exits_143_and_the_rerun_resumes(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    # no periodic checkpoint: the only one is the one SIGTERM writes
+    args = _sets(max_steps=5000, checkpoint_every_n_steps=100000, progress_seconds=0.5,
+                 batch_size=4, **{"keep.top_k": 0})  # fmt: skip
+    proc = _start(tmp_path, *args)
+    lines: list[str] = []
+    try:
+        _wait_for_line(proc, "images/s", lines, 240)  # a progress line: training runs
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 143, log[-3000:]
+    assert "loss" in lines[-1] and "left" in lines[-1]  # step, loss, images/s, time left
+    assert not [n for n in NOISE if n in log], log
+    last = tmp_path / "models" / "base64" / "checkpoints" / "last.ckpt"
+    step = _ckpt_step(last)
+    assert f"stopped by SIGTERM at step {step}; checkpoint {last.relative_to(tmp_path)}" in log
+    assert 0 < step < 5000
+    res = imagen(tmp_path, "train", "--stage", "base64", *_sets(max_steps=step + 2, batch_size=4))
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert f"(step {step})" in res.stdout and _ckpt_step(last) == step + 2
+
+
+def _fsize_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_disk_full_mid_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    first = _sets(max_steps=2, checkpoint_every_n_steps=2, batch_size=4)
+    assert imagen(tmp_path, "train", "--stage", "base64", *first).returncode == 0
+    folder = tmp_path / "models" / "base64" / "checkpoints"
+    last = folder / "last.ckpt"
+    before = last.read_bytes()
+    # files may not grow past half a checkpoint: the next checkpoint write fails part-way
+    more = [*_sets(max_steps=6, checkpoint_every_n_steps=2, batch_size=4),
+            "-S", "mlflow.tracking_uri=http://127.0.0.1:9"]  # fmt: skip
+    proc = _start(tmp_path, *more, preexec_fn=_fsize_limit(len(before) // 2))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    msg = out.strip().splitlines()[-1]
+    assert f"writing checkpoint {folder}/" in msg and "failed (" in msg
+    assert f"file size limit {len(before) // 2} bytes" in msg  # the cause, named
+    assert f"the last good checkpoint is {last.relative_to(tmp_path)} (step 2)" in msg
+    assert last.read_bytes() == before and _ckpt_step(last) == 2
+    assert not list(folder.glob(".*.tmp"))  # the half-written file was removed
+    res = imagen(tmp_path, "train", "--stage", "base64", *more[:-2])  # disk space again
+    assert res.returncode == 0 and "(step 2)" in res.stdout and _ckpt_step(last) == 6

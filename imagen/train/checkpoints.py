@@ -45,9 +45,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_torch_save(checkpoint, path)
         except Exception as e:  # disk full surfaces as OSError or torch's RuntimeError
-            old = "the previous checkpoint there is intact" if Path(path).is_file() else "none"
+            old = "the earlier file there is intact" if Path(path).is_file() else "none replaced"
             raise CheckpointWriteError(
-                f"writing checkpoint {path} failed ({type(e).__name__}: {e}); {old}"
+                f"writing checkpoint {path} failed ({type(e).__name__}: {e}{_limits(path)}); {old}"
             ) from e
 
     def load_checkpoint(
@@ -56,6 +56,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: checkpoint not found")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def _limits(path: Any) -> str:
+    """What may have stopped a write: free disk space, a file-size limit (torch's zip writer
+    reports a failed write as 'unexpected pos')."""
+    import resource
+    import shutil
+
+    free = shutil.disk_usage(Path(path).parent).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = f"; file size limit {soft} bytes (ulimit -f)" if soft != resource.RLIM_INFINITY else ""
+    return f"; {free / 2**20:.0f} MB free on its disk{limit}"
 
 
 @dataclass(frozen=True)

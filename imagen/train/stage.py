@@ -18,7 +18,7 @@ from imagen.checkpoint import MODEL_FILE, save_stage
 from imagen.config import ConfigError, Params, StageConfig
 from imagen.mlops.tracking import StageRun, stage_run
 from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, LogLines, Progress
-from imagen.train.checkpoints import LAST_CKPT, CheckpointWriteError
+from imagen.train.checkpoints import LAST_CKPT, CheckpointWriteError, read_info
 from imagen.train.grids import SampleGrid
 from imagen.train.keep import keep_interval, keeping_rule
 from imagen.train.logger import NullRun, StageRunLogger
@@ -200,6 +200,14 @@ def write_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
     path.write_text("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
 
 
+def _last_good(out: Path) -> str:
+    last = out / "checkpoints" / LAST_CKPT
+    try:
+        return f"the last good checkpoint is {last} (step {read_info(last).step})"
+    except Exception:  # noqa: BLE001 - missing or unreadable: say so
+        return f"no readable {last}"
+
+
 def main(args: argparse.Namespace, params: Params) -> int:
     stage_name = args.stage
     params.stage(stage_name)  # a clear error for a stage missing from params.yaml
@@ -213,8 +221,11 @@ def main(args: argparse.Namespace, params: Params) -> int:
             parent_run_id=args.parent_run_id,
             record_keys=getattr(args, "record_keys", False),
         )
-    except (NonFiniteLossError, CheckpointWriteError) as e:
+    except NonFiniteLossError as e:
         print(f"{where}: {e}", file=sys.stderr)
+        return 1
+    except CheckpointWriteError as e:
+        print(f"{where}: {e}; {_last_good(out)}", file=sys.stderr)
         return 1
     except Preempted as e:
         print(f"{where}: {e}; run the same command to resume", file=sys.stderr)
