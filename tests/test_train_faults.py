@@ -232,3 +232,85 @@ def test_disk_full_mid_write_keeps_the_previous_checkpoint(tmp_path: Path) -> No
     assert not list(folder.glob(".*.tmp"))  # the half-written file was removed
     res = imagen(tmp_path, "train", "--stage", "base64", *more[:-2])  # disk space again
     assert res.returncode == 0 and "(step 2)" in res.stdout and _ckpt_step(last) == 6
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """Start a real MLflow tracking server on 127.0.0.1 (sqlite store in ``root``)."""
+    bin_dir = str(Path(sys.executable).parent)  # it starts uvicorn from the environment's bin
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--default-artifact-root", (root / "server-artifacts").as_uri()]  # fmt: skip
+    log = (root / "server.log").open("a")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            env={**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                            start_new_session=True)  # fmt: skip
+    return proc
+
+
+def _answering(proc: subprocess.Popen, root: Path, port: int) -> subprocess.Popen:
+    """``proc`` once its server answers on ``port``."""
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text())
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mlflow_server_going_away_mid_run_loses_no_metric(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    tmp_path.mkdir(exist_ok=True)
+    server = _mlflow_server(tmp_path, port)  # starts while the shards are written
+    make_project(tmp_path)
+    _answering(server, tmp_path, port)
+    args = [*_sets(max_steps=100000, log_every_n_steps=2, checkpoint_every_n_steps=10**5,
+                   progress_seconds=0.5, batch_size=4, **{"keep.top_k": 0}),
+            "-S", f"mlflow.tracking_uri={uri}"]  # fmt: skip
+    proc = _start(tmp_path, *args)
+    lines: list[str] = []
+    try:
+        _wait_for_line(proc, "images/s", lines, 240)  # metrics are reaching the server
+        _stop(server)
+        _wait_for_line(proc, "training goes on", lines, 120)
+        _wait_for_line(proc, "images/s", lines, 60)  # and it does, while the server is away
+        server = _answering(_mlflow_server(tmp_path, port), tmp_path, port)  # same store, port
+        _wait_for_line(proc, "answers again", lines, 120)
+        _wait_for_line(proc, "images/s", lines, 60)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+        assert proc.returncode == 143, "".join(lines)[-3000:]
+        run_id = json.loads((tmp_path / "models/base64/mlflow_run.json").read_text())["run_id"]
+        client = MlflowClient(uri)
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_avg"))
+        assert steps == list(range(2, steps[-1] + 1, 2)) and steps[-1] >= 10  # no gap
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert not (tmp_path / "models/base64/mlflow_unlogged.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop(server)

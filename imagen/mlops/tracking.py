@@ -92,6 +92,7 @@ class StageRun:
         self.pending: deque[tuple[str, tuple, dict]] = deque()
         self.lost: list[dict[str, Any]] = []  # dropped calls (permanent errors, overflow)
         self._retry_at: float | None = None  # set while the server does not answer
+        self.final_status: str | None = None  # the body may say how the run ended (KILLED)
 
     @property
     def active(self) -> bool:
@@ -281,4 +282,4 @@ def stage_run(
         yield run
         status = "FINISHED"
     finally:
-        run.close(status)
+        run.close(run.final_status or status)

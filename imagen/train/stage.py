@@ -146,6 +146,7 @@ def train_stage(
             )
         except Preempted as e:
             run.set_tags({"imagen.preempted_at_step": e.step})
+            run.final_status = "KILLED"  # a re-run resumes this run
             raise
         final = out / "checkpoints" / LAST_CKPT
         # the final state, also when max_steps was already reached before this run
