@@ -232,6 +232,10 @@ def test_disk_full_mid_write_keeps_the_previous_checkpoint(tmp_path: Path) -> No
     assert not list(folder.glob(".*.tmp"))  # the half-written file was removed
     res = imagen(tmp_path, "train", "--stage", "base64", *more[:-2])  # disk space again
     assert res.returncode == 0 and "(step 2)" in res.stdout and _ckpt_step(last) == 6
+    listing = imagen(tmp_path, "checkpoints", "--stage", "base64", "-S",
+                     "stages.base64.trainer.optim.lr=0.1").stdout  # fmt: skip
+    row = next(line for line in listing.splitlines() if line.startswith("last.ckpt "))
+    assert row.split()[1] == "6" and "trainer.optim.lr 0.002 -> 0.1" in row
 
 
 def _free_port() -> int:
