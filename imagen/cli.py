@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precache": ("imagen.data.precache", "encode every caption with the T5 text encoder"),
     "train": ("imagen.train", "train one cascade stage (base64, sr256 or sr1024)"),
     "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
-    "evaluate": ("imagen.evaluate", "FID-CLIP sweep over guidance scales; register models"),
+    "evaluate": ("imagen.evaluate.stage", "FID-CLIP sweep over guidance scales; register models"),
     "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
 }
 

@@ -128,7 +128,10 @@ class EvaluateConfig(_Strict):
     seed: int = 1234
     steps: int | None = Field(None, gt=0, description="sweep sampling steps (None: the stage's)")
     tradeoff_tolerance: float = Field(
-        0.1, ge=0.0, le=1.0, description="best point: alignment within this share of its range"
+        0.25,
+        ge=0.0,
+        description="best point: the best-aligned scale whose fidelity distance is within "
+        "this share of the lowest (0.25: at most 25% worse)",
     )
     grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
     cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
