@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+from imagen.cli import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
