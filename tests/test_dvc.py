@@ -74,27 +74,16 @@ def _dvc(cwd: Path, *args: str) -> str:
 @pytest.mark.slow
 def test_dvc_status_sees_a_preset_edit_and_ignores_unused_code(tmp_path: Path) -> None:
     work = tmp_path / "project"
-    shutil.copytree(
-        ROOT,
-        work,
-        ignore=shutil.ignore_patterns(
-            ".venv",
-            ".git",
-            "data",
-            "models",
-            "reports",
-            "mlruns",
-            "mlartifacts",
-            "*.db",
-            "__pycache__",
-            ".pytest_cache",
-            ".ruff_cache",
-            "*.egg-info",
-            ".dvc/cache",
-            ".dvc/tmp",
-            "dvc.lock",
-        ),
+    top_level = {"data", "models", "reports", "mlruns", "mlartifacts", "dvc.lock", ".git"}
+    anywhere = shutil.ignore_patterns(
+        ".venv", "*.db", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "cache", "tmp"
     )
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = set(anywhere(folder, names))
+        return skip | (top_level & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, work, ignore=ignore)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     # the stage's data dependencies and outputs, as a finished run leaves them
     for d in ("data/encoded", "data/encoder", "models/base64/samples"):
