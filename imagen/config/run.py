@@ -136,6 +136,12 @@ class EvaluateConfig(_Strict):
     grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
     cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
     cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")
+    sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"] | None = Field(
+        None, description="sweep sampler (None: each stage's own sampling.sampler)"
+    )
+    sr_pairs: int = Field(
+        8, ge=0, description="held-out pairs per SR stage scored against bicubic (0: off)"
+    )
 
 
 class MlflowConfig(_Strict):
