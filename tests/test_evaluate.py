@@ -100,8 +100,8 @@ def test_frechet_distance_through_torchmetrics_with_a_feature_net() -> None:
 def test_fd_embedded_is_named_as_not_fid() -> None:
     fd = Fidelity()  # the embedded evaluator's features
     assert fd.name == FD_EMBEDDED and "not FID" in fd.label
+    from imagen.data.holdout import pil_to_uint8 as _pil_to_uint8
     from imagen.embedded.dataset import EmbeddedDataset
-    from imagen.evaluate import _pil_to_uint8
 
     data = EmbeddedDataset(24, size=32, split="holdout")
     real = torch.stack([_pil_to_uint8(x["image"], 32) for x in data])
@@ -147,17 +147,20 @@ def test_clip_score_through_torchmetrics_with_a_local_tiny_clip(tmp_path: Path) 
         Alignment(str(tmp_path / "nothing-here"))
 
 
-def test_best_tradeoff_rule() -> None:
+def test_best_tradeoff_keeps_fidelity_near_the_best() -> None:
+    """The demo's old rule picked w=6 at 1.7x the lowest distance; the pick now stays within
+    the tolerance of the lowest distance and takes the best alignment there."""
     rows = [
         {"guidance_scale": 1.0, "fd": 5.0, "agree": 0.50},
-        {"guidance_scale": 3.0, "fd": 7.0, "agree": 0.78},
+        {"guidance_scale": 3.0, "fd": 6.0, "agree": 0.78},
         {"guidance_scale": 5.0, "fd": 9.0, "agree": 0.80},
         {"guidance_scale": 7.0, "fd": 12.0, "agree": 0.79},
     ]
-    # within 10% of the range (0.30) of the best agreement: 3, 5, 7 -> lowest fd is w=3
-    assert best_tradeoff(rows, "fd", "agree", 0.1)["guidance_scale"] == 3.0
-    assert best_tradeoff(rows, "fd", "agree", 0.0)["guidance_scale"] == 5.0
-    assert best_tradeoff(rows, "fd", "agree", 1.0)["guidance_scale"] == 1.0
+    best = best_tradeoff(rows, "fd", "agree", 0.25)  # fd <= 6.25: w=1, 3 -> best agreement w=3
+    assert best["guidance_scale"] == 3.0 and best["eligible_scales"] == [1.0, 3.0]
+    assert "6.25" in best["rule"]
+    assert best_tradeoff(rows, "fd", "agree", 0.0)["guidance_scale"] == 1.0  # lowest distance
+    assert best_tradeoff(rows, "fd", "agree", 10.0)["guidance_scale"] == 5.0  # best alignment
 
 
 # --------------------------------------------------------------------------- held-out data
@@ -197,6 +200,7 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
             "grid_images": 4,
             "cascade_prompts": 2,
             "cascade_steps": 1,
+            "sr_pairs": 2,
         },
     )
     metrics = evaluate(params, log=None)
@@ -209,6 +213,16 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     assert metrics["cascade"]["stages"] == ["base64", "sr256", "sr1024"]
     # the untrained reference: the same metrics for a freshly initialised base UNet
     assert set(saved["untrained"]) >= {FD_EMBEDDED, AGREEMENT}
+    # each SR stage against bicubic upsampling of the same real low-res inputs, with a picture
+    for name in ("sr256", "sr1024"):
+        sr, stage = saved[name], params.stages[name]
+        assert (sr["input_resolution"], sr["resolution"]) == (stage.lowres, stage.resolution)
+        assert sr["pairs"] == 2
+        for kind in ("sr", "bicubic"):
+            assert set(sr[kind]) == {"psnr", FD_EMBEDDED, "sharpness"}
+            assert sr[kind]["psnr"] > 0 and sr[kind]["sharpness"] > 0
+        assert set(sr["sr_beats_bicubic"]) == {"psnr", FD_EMBEDDED}
+        assert Image.open(reports / f"sr_{name}.png").size[0] > 4 * 256  # 4 views, 256 px
     assert saved["untrained"][FD_EMBEDDED] > 0
     rows = list(csv.reader((reports / "fid_clip.csv").open()))
     assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3

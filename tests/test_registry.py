@@ -99,7 +99,7 @@ def test_the_pyfunc_pickles_no_torch_module(registered, tracking, tmp_path) -> N
         mlflow.artifacts.download_artifacts(f"models:/{CASCADE_MODEL}@champion", dst_path=tmp_path)
     )
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("python_model*"))
-    assert (local / "code" / "imagen" / "cascade.py").exists()
+    assert (local / "code" / "imagen" / "sample" / "cascade.py").exists()
     assert sorted(p.name for p in (local / "artifacts").iterdir()) == [
         "base64", "encoder", "sr1024", "sr256"
     ]  # fmt: skip

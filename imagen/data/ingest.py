@@ -32,20 +32,16 @@ and counted with its reason.
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import hashlib
 import io
 import json
 import math
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,94 +50,17 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagen.config import ConfigError, DataConfig, Params
+from imagen.data.shards import ShardSetWriter
+from imagen.data.sources import RawRecord, clean_key, records
 
 SPLITS: tuple[str, ...] = ("train", "holdout")
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
 MAX_RECORDS_PER_REASON = 1000  # the manifest lists at most this many records per reason
 JPEG_QUALITY = 95
 
 
 # --------------------------------------------------------------------------------------------
-# Deterministic shard writing (shared with precache)
-# --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_tar(path: str | os.PathLike[str], samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Write samples (``{"__key__": k, "ext": bytes, ...}``) to one tar, atomically.
-
-    Members have mtime 0, owner root/root with empty names and mode 0644, in sample order and
-    sorted extension order (webdataset's TarWriter), so equal samples give equal bytes.
-    Returns ``{"name", "samples", "bytes", "sha256"}``.
-    """
-    import webdataset as wds
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
-            for s in samples:
-                writer.write(s)
-                n += 1
-            writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return {
-        "name": path.name,
-        "samples": n,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
-
-
-class ShardSetWriter:
-    """Rolls samples into ``<prefix>-000000.tar, ...`` of ``per_shard`` samples each."""
-
-    def __init__(self, out_dir: Path, prefix: str, per_shard: int) -> None:
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
-        self.buffer: list[dict[str, Any]] = []
-        self.shards: list[dict[str, Any]] = []
-
-    def write(self, sample: dict[str, Any]) -> None:
-        self.buffer.append(sample)
-        if len(self.buffer) >= self.per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        info = write_tar(self.out_dir / name, self.buffer)
-        self.shards.append({**info, "split": self.prefix})
-        self.buffer = []
-
-
-# --------------------------------------------------------------------------------------------
 # Records from the sources
 # --------------------------------------------------------------------------------------------
-@dataclass
-class RawRecord:
-    """One candidate sample as a source gives it (before any checks)."""
-
-    key: str
-    origin: str  # the file or shard member it came from (named in the manifest)
-    image: bytes | Image.Image | None = None
-    caption: bytes | str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    split: str | None = None  # set by sources that know it (embedded)
-    embedded_index: int | None = None  # rendered in the worker process
-
-
 @dataclass
 class Result:
     key: str
@@ -151,117 +70,6 @@ class Result:
     reason: str | None = None  # rejection reason
     detail: str = ""
     notes: list[str] = field(default_factory=list)  # what was normalised
-
-
-_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def clean_key(key: str) -> str:
-    """A webdataset-safe key: no dots (they separate key and extension), no slashes."""
-    return _KEY_CHARS.sub("_", key).strip("_") or "_"
-
-
-def _embedded_records(cfg: DataConfig) -> Iterator[RawRecord]:
-    for split, num in (("train", cfg.num_train), ("holdout", cfg.num_holdout)):
-        for i in range(num):
-            yield RawRecord(key="", origin=f"embedded:{split}/{i}", split=split, embedded_index=i)
-
-
-def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
-    index: dict[str, bytes | str] = {}
-    csv_path, jsonl_path = folder / "captions.csv", folder / "captions.jsonl"
-    if csv_path.exists():
-        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                raise ConfigError(f"{csv_path}: needs the columns file,caption")
-            for row in reader:
-                index[row["file"]] = row["caption"] or ""
-    if jsonl_path.exists():
-        for n, line in enumerate(jsonl_path.read_bytes().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                index[str(row["file"])] = row.get("caption") or ""
-            except (ValueError, KeyError, TypeError) as e:
-                warnings.warn(f"{jsonl_path}:{n}: skipped a bad line ({e})", stacklevel=2)
-    return index
-
-
-def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
-    folder = Path(cfg.source_path or "")
-    if not cfg.source_path or not folder.is_dir():
-        raise ConfigError(f"data.source_path: {cfg.source_path!r} is not a folder of images")
-    index = _read_caption_index(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        name = path.name
-        if name.startswith(".") or rel in CAPTION_FILES or path.suffix.lower() in (".txt", ".json"):
-            continue
-        caption: bytes | str | None = index.get(rel)
-        if caption is None:
-            txt = path.with_suffix(".txt")
-            caption = txt.read_bytes() if txt.exists() else None
-        stem = rel.rsplit(".", 1)[0] if "." in name else rel
-        yield RawRecord(key=clean_key(stem), origin=rel, image=path.read_bytes(), caption=caption)
-
-
-def expand_source(source: str) -> list[str] | str:
-    """Local folders and globs -> a sorted list of tar paths; anything else is given to
-    webdataset as is (brace patterns, ``pipe:``, ``http(s)://``, ``file://``)."""
-    if "://" in source or source.startswith("pipe:"):
-        return source
-    p = Path(source)
-    if p.is_dir():
-        return sorted(str(x) for x in p.glob("*.tar"))
-    if any(c in source for c in "*?["):
-        return sorted(glob.glob(source))
-    return source
-
-
-def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Iterator[RawRecord]:
-    import webdataset as wds
-
-    if not cfg.source_path:
-        raise ConfigError("data.source_path: the webdataset source needs shards or a URL")
-    urls = expand_source(cfg.source_path)
-    if isinstance(urls, list) and not urls:
-        raise ConfigError(f"data.source_path: no tar shards match {cfg.source_path!r}")
-
-    def handler(exn: Exception) -> bool:
-        errors.append((type(exn).__name__, str(exn)[:300]))
-        return True  # keep going with the next sample / shard
-
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=handler)
-    for s in ds:
-        raw_key = str(s.get("__key__", ""))
-        url = str(s.get("__url__", ""))
-        origin = f"{url}#{raw_key}"
-        image, ext = None, None
-        for e in IMAGE_EXTS:
-            if e in s:
-                image, ext = s[e], e
-                break
-        meta: dict[str, Any] = {}
-        if "json" in s:
-            try:
-                meta = json.loads(s["json"])
-            except ValueError:
-                meta = {}
-        caption = s.get("txt")
-        if caption is None and isinstance(meta, dict):
-            caption = meta.get("caption")
-        extra = {"source_meta": meta} if isinstance(meta, dict) and meta else {}
-        if image is None:
-            extra["missing_image"] = sorted(k for k in s if not k.startswith("__"))
-        yield RawRecord(
-            key=clean_key(raw_key),
-            origin=origin,
-            image=image,
-            caption=caption,
-            extra=extra | ({"source_ext": ext} if ext else {}),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,85 +171,95 @@ def _pyramid(img: Image.Image, sizes: list[int], ext: str) -> dict[str, bytes]:
     return out
 
 
+def decode_image(data: bytes) -> tuple[Image.Image | None, str | None, str, str]:
+    """Image bytes -> (image, source format, rejection reason or "", detail)."""
+    if len(data) == 0:
+        return None, None, "empty_file", ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            img.load()
+    except UnidentifiedImageError:
+        return None, None, "not_an_image", ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, None, "image_too_large", str(e)[:200]
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        return None, None, "truncated_or_corrupt_image", str(e)[:200]
+    return img, fmt, "", ""
+
+
+def normalise_image(img: Image.Image, cfg: DataConfig) -> tuple[Image.Image, list[str]]:
+    """EXIF rotation, 8-bit RGB, center-crop to a square, downsize to data.image_size; returns
+    the image and what was changed (the caller checks min_resolution before cropping)."""
+    notes: list[str] = []
+    try:
+        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation says "rotate me"
+            img = ImageOps.exif_transpose(img)
+            notes.append("exif_rotated")
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        pass
+    img, mode_notes = to_rgb8(img)
+    notes += mode_notes
+    w, h = img.size
+    if min(w, h) < cfg.min_resolution:
+        return img, notes
+    if w != h:  # center crop to a square
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        notes.append("center_cropped")
+    if img.size[0] > cfg.image_size:
+        img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
+        notes.append("resized")
+    return img, notes
+
+
+def encode_image(img: Image.Image, src_format: str | None, raw: Any, changed: bool) -> tuple:
+    """(extension, bytes): a JPEG source keeps its bytes when unchanged, else is re-encoded as
+    JPEG once; everything else is stored as PNG (no JPEG artefacts on synthetic images)."""
+    if src_format == "JPEG" and not changed:
+        return "jpg", bytes(raw)
+    buf = io.BytesIO()
+    if src_format == "JPEG":
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return "jpg", buf.getvalue()
+    img.save(buf, format="PNG", compress_level=3)
+    return "png", buf.getvalue()
+
+
 def process(rec: RawRecord, cfg: DataConfig) -> Result:
     """Check and normalise one record into a webdataset sample, or say why it is rejected."""
     extra = dict(rec.extra)
-    key, split, image, caption = rec.key, rec.split, rec.image, rec.caption
+    key, image, caption = rec.key, rec.image, rec.caption
     if rec.embedded_index is not None:
         # generated data cannot be bad input: a failure here is a bug and stops the run
         item = _embedded_item(cfg, rec.split or "train", rec.embedded_index)
         key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
         extra["attributes"] = item.get("attributes", {})
-    res = Result(key, rec.origin, split)
-    text, notes = normalise_caption(caption, cfg.max_caption_chars)
-    res.notes += notes
+    res = Result(key, rec.origin, rec.split)
+    text, res.notes = normalise_caption(caption, cfg.max_caption_chars)
     if text is None:
         res.reason = "missing_caption" if caption is None else "empty_caption"
         return res
-    # ---- image
-    src_format = None
     if image is None:
         res.reason, res.detail = "missing_image", ",".join(extra.pop("missing_image", []))
         return res
+    img, src_format = image, None
     if isinstance(image, bytes | bytearray):
-        if len(image) == 0:
-            res.reason = "empty_file"
+        img, src_format, res.reason, res.detail = decode_image(image)
+        if img is None:
             return res
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(image))
-                src_format = img.format
-                img.load()
-        except UnidentifiedImageError:
-            res.reason = "not_an_image"
-            return res
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            res.reason, res.detail = "image_too_large", str(e)[:200]
-            return res
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            res.reason, res.detail = "truncated_or_corrupt_image", str(e)[:200]
-            return res
-    else:
-        img = image
+        res.reason = None
     orig_size, orig_mode = img.size, img.mode
-    changed = False
-    try:
-        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation says "rotate me"
-            img = ImageOps.exif_transpose(img)
-            res.notes.append("exif_rotated")
-            changed = True
-    except Exception:  # a broken EXIF block: keep the pixels as stored
-        pass
-    img, mode_notes = to_rgb8(img)
-    res.notes += mode_notes
-    changed |= bool(mode_notes)
-    w, h = img.size
-    if min(w, h) < cfg.min_resolution:
+    img, notes = normalise_image(img, cfg)
+    res.notes += notes
+    if min(img.size) < cfg.min_resolution:
+        w, h = img.size
         res.reason, res.detail = "below_min_resolution", f"{w}x{h} < {cfg.min_resolution}"
         return res
-    if w != h:  # center crop to a square
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-        res.notes.append("center_cropped")
-        changed = True
-    if img.size[0] > cfg.image_size:
-        img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
-        res.notes.append("resized")
-        changed = True
-    # ---- encode
-    if src_format == "JPEG" and not changed:
-        ext, data = "jpg", bytes(image)  # type: ignore[arg-type]
-    elif src_format == "JPEG":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        ext, data = "jpg", buf.getvalue()
-    else:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=3)
-        ext, data = "png", buf.getvalue()
-    pyramid = _pyramid(img, cfg.pyramid, ext)
+    ext, data = encode_image(img, src_format, image, changed=bool(notes))
     meta = {
         "source": rec.origin,
         "original_size": list(orig_size),
@@ -454,7 +272,7 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
     res.sample = {
         "__key__": key,
         ext: data,
-        **pyramid,
+        **_pyramid(img, cfg.pyramid, ext),
         "txt": text.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode(),
     }
@@ -468,17 +286,82 @@ def _process_star(args: tuple[RawRecord, DataConfig]) -> Result:
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
-def records(
-    cfg: DataConfig, errors: list[tuple[str, str]]
-) -> tuple[Iterator[RawRecord], int | None]:
-    """The source's records and their count when known beforehand."""
-    if cfg.source == "embedded":
-        return _embedded_records(cfg), cfg.num_train + cfg.num_holdout
-    if cfg.source == "folder":
-        folder = Path(cfg.source_path or "")
-        total = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else None
-        return _folder_records(cfg), total
-    return _webdataset_records(cfg, errors), None
+@dataclass
+class _Tally:
+    """What the ingest has seen so far: counts, rejections with reasons, what was normalised."""
+
+    seen: int = 0
+    accepted: int = 0
+    rejected: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    rejected_counts: Counter[str] = field(default_factory=Counter)
+    normalised: Counter[str] = field(default_factory=Counter)
+    written: Counter[str] = field(default_factory=Counter)
+    keys: set[str] = field(default_factory=set)
+
+    def reject(self, reason: str, key: str, origin: str, detail: str) -> None:
+        self.rejected_counts[reason] += 1
+        if len(self.rejected[reason]) < MAX_RECORDS_PER_REASON:
+            self.rejected[reason].append({"key": key, "file": origin, "detail": detail})
+
+
+def holdout_spacing(cfg: DataConfig, total: int | None) -> int:
+    """Non-embedded sources hold out every k-th accepted sample until num_holdout are: k from
+    the number of images when the source knows it (so exactly num_holdout are held out when
+    that many are accepted), else from num_train + num_holdout."""
+    expected = total if total else cfg.num_train + cfg.num_holdout
+    return max(2, expected // max(1, cfg.num_holdout))
+
+
+def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | None:
+    """The split an accepted result goes to, or None after recording why it was rejected."""
+    if res.reason is None and res.key in tally.keys:
+        res.reason, res.sample = "duplicate_key", None
+    if res.reason is not None:
+        tally.reject(res.reason, res.key, res.origin, res.detail)
+        return None
+    tally.normalised.update(set(res.notes))
+    tally.keys.add(res.key)
+    split = res.split
+    if split is None:
+        due = tally.accepted % every == every - 1
+        split = "holdout" if tally.written["holdout"] < cfg.num_holdout and due else "train"
+    tally.accepted += 1
+    tally.written[split] += 1
+    return split
+
+
+def _remove_stale_shards(out: Path, shards: list[dict[str, Any]]) -> None:
+    fresh = {s["name"] for s in shards}
+    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
+        if old.name not in fresh:  # a previous run with more data left these
+            old.unlink()
+
+
+def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    written = tally.written
+    return {
+        "source": {"kind": cfg.source, "path": cfg.source_path},
+        "counts": {
+            "seen": tally.seen,
+            "written": sum(written.values()),
+            "train": written["train"],
+            "holdout": written["holdout"],
+            "rejected": sum(tally.rejected_counts.values()),
+        },
+        "rejected_by_reason": dict(sorted(tally.rejected_counts.items())),
+        "rejected": {k: tally.rejected[k] for k in sorted(tally.rejected)},
+        "normalised": dict(sorted(tally.normalised.items())),
+        "resolution_filter": {
+            "min_resolution": cfg.min_resolution,
+            "image_size": cfg.image_size,
+            "rule": "reject if short side < min_resolution; center-crop square; downsize to "
+            "image_size if larger (LANCZOS), never upsize",
+        },
+        "storage": "PNG for embedded and lossless sources; JPEG kept or re-encoded at quality "
+        f"{JPEG_QUALITY} for JPEG sources",
+        "shards": shards,
+        "params": cfg.model_dump(mode="json"),
+    }
 
 
 def ingest(
@@ -497,14 +380,8 @@ def ingest(
     reader_errors: list[tuple[str, str]] = []
     recs, total = records(cfg, reader_errors)
     writers = {s: ShardSetWriter(out, s, cfg.samples_per_shard) for s in SPLITS}
-    # Non-embedded sources: every k-th accepted sample is held out until num_holdout are.
-    every = max(2, math.ceil((cfg.num_train + cfg.num_holdout) / max(1, cfg.num_holdout)))
-    seen, accepted = 0, 0
-    rejected: dict[str, list[dict[str, str]]] = defaultdict(list)
-    rejected_counts: Counter[str] = Counter()
-    normalised: Counter[str] = Counter()
-    written: Counter[str] = Counter()
-    keys: set[str] = set()
+    every = holdout_spacing(cfg, total)
+    tally = _Tally()
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
@@ -512,26 +389,11 @@ def ingest(
         jobs = ((r, cfg) for r in recs)
         results = pool.imap(_process_star, jobs, chunksize=4) if pool else map(_process_star, jobs)
         for res in results:
-            seen += 1
+            tally.seen += 1
             bar.update(1)
-            if res.reason is None and res.key in keys:
-                res.reason, res.sample = "duplicate_key", None
-            if res.reason is not None:
-                rejected_counts[res.reason] += 1
-                if len(rejected[res.reason]) < MAX_RECORDS_PER_REASON:
-                    rejected[res.reason].append(
-                        {"key": res.key, "file": res.origin, "detail": res.detail}
-                    )
-                continue
-            normalised.update(set(res.notes))
-            keys.add(res.key)
-            split = res.split
-            if split is None:
-                held = written["holdout"] < cfg.num_holdout and accepted % every == every - 1
-                split = "holdout" if held else "train"
-            accepted += 1
-            writers[split].write(res.sample)  # type: ignore[arg-type]
-            written[split] += 1
+            split = _route(res, cfg, every, tally)
+            if split is not None:
+                writers[split].write(res.sample)  # type: ignore[arg-type]
     finally:
         bar.close()
         if pool is not None:
@@ -541,46 +403,24 @@ def ingest(
         w.flush()
     elapsed = time.perf_counter() - t0
     shards = writers["train"].shards + writers["holdout"].shards
-    fresh = {s["name"] for s in shards}
-    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
-        if old.name not in fresh:  # a previous run with more data left these
-            old.unlink()
+    _remove_stale_shards(out, shards)
     for kind, msg in reader_errors:
-        rejected_counts["unreadable_source"] += 1
-        rejected["unreadable_source"].append(
-            {"key": "", "file": cfg.source_path or "", "detail": f"{kind}: {msg}"}
-        )
-    manifest = {
-        "source": {"kind": cfg.source, "path": cfg.source_path},
-        "counts": {
-            "seen": seen,
-            "written": sum(written.values()),
-            "train": written["train"],
-            "holdout": written["holdout"],
-            "rejected": sum(rejected_counts.values()),
-        },
-        "rejected_by_reason": dict(sorted(rejected_counts.items())),
-        "rejected": {k: rejected[k] for k in sorted(rejected)},
-        "normalised": dict(sorted(normalised.items())),
-        "resolution_filter": {
-            "min_resolution": cfg.min_resolution,
-            "image_size": cfg.image_size,
-            "rule": "reject if short side < min_resolution; center-crop square; downsize to "
-            "image_size if larger (LANCZOS), never upsize",
-        },
-        "storage": "PNG for embedded and lossless sources; JPEG kept or re-encoded at quality "
-        f"{JPEG_QUALITY} for JPEG sources",
-        "shards": shards,
-        "params": cfg.model_dump(mode="json"),
-    }
+        tally.reject("unreadable_source", "", cfg.source_path or "", f"{kind}: {msg}")
+    manifest = _manifest(cfg, tally, shards)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    rate = seen / elapsed if elapsed > 0 else float("inf")
+    rate = tally.seen / elapsed if elapsed > 0 else float("inf")
+    counts = manifest["counts"]
     log(
-        f"ingest: {manifest['counts']['written']} samples written (train {written['train']}, "
-        f"holdout {written['holdout']}) in {len(shards)} shards to {out}; "
-        f"{manifest['counts']['rejected']} rejected {dict(rejected_counts) or ''}; "
-        f"{seen} images in {elapsed:.1f} s = {rate:.1f} images/s"
+        f"ingest: {counts['written']} samples written (train {counts['train']}, "
+        f"holdout {counts['holdout']}) in {len(shards)} shards to {out}; "
+        f"{counts['rejected']} rejected {dict(tally.rejected_counts) or ''}; "
+        f"{tally.seen} images in {elapsed:.1f} s = {rate:.1f} images/s"
     )
+    if cfg.source != "embedded" and counts["holdout"] < cfg.num_holdout:
+        log(
+            f"ingest: WARNING: data.num_holdout is {cfg.num_holdout} but only "
+            f"{counts['holdout']} images could be held out ({counts['written']} accepted)"
+        )
     manifest["images_per_s"] = rate
     return manifest
 

@@ -279,14 +279,16 @@ class Cascade:
 
         stage = self.stages[name]
         cfg = stage.config
-        b = text_embed.shape[0]
+        b = text_embed.shape[0]  # text_embed (B, L, D), text_mask (B, L)
         cond: dict[str, Any] = {"text_embed": text_embed, "text_mask": text_mask}
         if stage.net.is_sr:
             if lowres is None:
                 raise ValueError(f"{name} is a super-resolution stage: it needs a lowres image")
             size = cfg.lowres or lowres.shape[-1]
             if lowres.shape[-1] != size:
-                lowres = F.interpolate(lowres, size=(size, size), mode="bilinear", antialias=True)
+                lowres = F.interpolate(
+                    lowres, size=(size, size), mode="bilinear", antialias=True
+                )  # (B, C, lowres, lowres)
             aug = cfg.model.noise_cond_aug
             level = aug.sample_level if noise_aug is None else float(noise_aug)
             if not aug.enabled:
@@ -294,7 +296,7 @@ class Cascade:
             level_t = torch.full((b,), level, device=self.device)
             cond["lowres"] = augment_lowres(lowres.to(self.device), level_t, generator)
             cond["aug_level"] = level_t
-        shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)
+        shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)  # (B, C, R, R)
         out = sample(
             stage.denoiser,
             shape,

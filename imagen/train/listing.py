@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from imagen.config import Params, StageConfig
+from imagen.config import STAGES, Params, StageConfig
 from imagen.train.checkpoints import checkpoint_files, read_info
 from imagen.train.settings import changed_settings, describe, settings_hash
 
@@ -64,7 +64,7 @@ def format_rows(rows: list[dict[str, str]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", required=True, choices=["base64", "sr256", "sr1024"])
+    parser.add_argument("--stage", required=True, choices=list(STAGES))
     parser.add_argument("--out", default=None, help="stage folder (default: <models_dir>/<stage>)")
 
 

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from imagen.checkpoint import MODEL_FILE, save_stage
-from imagen.config import ConfigError, Params, StageConfig
+from imagen.config import STAGES, ConfigError, Params, StageConfig
 from imagen.mlops.tracking import StageRun, stage_run
 from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, LogLines, Progress
 from imagen.train.checkpoints import LAST_CKPT, CheckpointWriteError, read_info
@@ -29,9 +29,7 @@ from imagen.train.trainer import build_trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stage", required=True, choices=["base64", "sr256", "sr1024"], help="stage to train"
-    )
+    parser.add_argument("--stage", required=True, choices=list(STAGES), help="stage to train")
     parser.add_argument(
         "--parent-run-id",
         default=None,
