@@ -318,3 +318,28 @@ def test_mlflow_server_going_away_mid_run_loses_no_metric(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
         _stop(server)
+
+
+@pytest.mark.slow
+def test_fine_tuning_through_the_cli_starts_from_the_weights_then_resumes(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    make_project(tmp_path)
+    assert imagen(tmp_path, "train", "--stage", "base64", *_sets(max_steps=2)).returncode == 0
+    (tmp_path / "models/base64/model.pt").rename(tmp_path / "source.pt")  # a model from elsewhere
+    ft = {"optim.lr": 1e-4, "init_from": "source.pt"}
+    res = imagen(tmp_path, "train", "--stage", "base64", "--out", "models/ft",
+                 *_sets(max_steps=3, **ft))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:]
+    took = "its EMA weights (as weights and EMA)"
+    assert f"fine-tuning base64 from source.pt (source.pt, step 2: {took})" in res.stdout
+    run_id = json.loads((tmp_path / "models/ft/mlflow_run.json").read_text())["run_id"]
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
+    assert tags["imagen.init_from.source"] == "source.pt"
+    assert tags["imagen.init_from.kind"] == "model" and tags["imagen.init_from.step"] == "2"
+    # re-running the fine-tuning (longer) resumes it instead of starting it again
+    again = imagen(tmp_path, "train", "--stage", "base64", "--out", "models/ft",
+                   *_sets(max_steps=4, **ft))  # fmt: skip
+    assert "resuming base64 from models/ft/checkpoints/last.ckpt (step 3)" in again.stdout
+    assert "fine-tuning" not in again.stdout
+    assert _ckpt_step(tmp_path / "models/ft/checkpoints/last.ckpt") == 4

@@ -88,21 +88,22 @@ def _load_nemo(module: ImagenStage, path: Path) -> dict[str, Any]:
         ) from e
     load_nemo_weights(module.net, _nemo_state(path), module.stage.model.unet_type)
     module.ema.module.load_state_dict(module.net.state_dict())
-    return {"kind": "nemo", "step": None}
+    return {"kind": "nemo", "step": None, "took": "its UNet weights (EMA: the same)"}
 
 
 def _read_weights(path: Path) -> tuple[dict, dict | None, int | None, dict[str, Any]] | None:
     """(UNet, EMA, EMA count, info) from a project file; None for a foreign (NeMo) file."""
     if path.suffix == ".pt":
         _, state, meta = read_stage(path)
-        return state, state, None, {"kind": "model", "step": meta["step"]}
+        return state, None, None, {"kind": "model", "step": meta["step"]}
     if path.suffix == ".nemo":
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "imagen" not in ckpt:
         return None
     net, ema, count = _split(ckpt["state_dict"])
-    return net, ema, count, {"kind": "checkpoint", "step": int(ckpt.get("global_step", 0))}
+    info = {"kind": "checkpoint", "step": int(ckpt.get("global_step", 0))}
+    return net, ema, count, info
 
 
 def _load(target: torch.nn.Module, state: dict, what: str, spec: str, stage: StageConfig) -> None:
@@ -125,13 +126,15 @@ def init_weights(module: ImagenStage, spec: str, tracking_uri: str | None = None
     stage = module.stage
     path = resolve_source(spec, stage.name, tracking_uri)
     read = _read_weights(path)
-    ema_found = read is not None and read[1] is not None
     if read is None:
         info = _load_nemo(module, path)
     else:
         net, ema, count, info = read
+        info["took"] = (
+            "its weights and EMA weights" if ema else "its EMA weights (as weights and EMA)"
+        )
         _load(module.net, net, "UNet", spec, stage)
         _load(module.ema.module, ema or net, "EMA UNet", spec, stage)
         # a count > 0 keeps AveragedModel from overwriting the loaded EMA at the first update
         module.ema.n_averaged.fill_(max(1, count or 1))
-    return {"source": spec, "file": str(path), "ema": ema_found, **info}
+    return {"source": spec, "file": str(path), **info}

@@ -88,9 +88,8 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
 
         src = init_weights(module, stage.trainer.init_from, tracking_uri(params))
         run.set_tags({f"imagen.init_from.{k}": v for k, v in src.items() if v is not None})
-        ema = "weights and EMA" if src["ema"] else "weights"
-        _say(f"fine-tuning {stage.name} from {src['source']} ({src['file']}: {ema}, step "
-             f"{src['step']}); fresh optimiser and schedule")  # fmt: skip
+        _say(f"fine-tuning {stage.name} from {src['source']} ({src['file']}, step {src['step']}: "
+             f"{src['took']}); fresh optimiser and schedule")  # fmt: skip
     _say(rule)
 
 
