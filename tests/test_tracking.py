@@ -127,3 +127,29 @@ def test_unreachable_server_warns_once_and_becomes_no_op(tmp_path: Path) -> None
         run.log_dict({"a": 1}, "x.json")
     assert time.perf_counter() - t0 < 10
     assert run.run_id is None
+
+
+def test_what_a_server_never_got_is_queued_then_reported_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run = tracking.StageRun(
+        MlflowClient(uri), "run0", uri, unlogged_file=tmp_path / "unlogged.json", retry_seconds=0
+    )
+    run.log_metrics({"train/loss_avg": 1.5}, step=2)  # no exception: queued
+    run.log_metrics({"train/loss_avg": 1.2, "train/lr": 1e-3}, step=4)
+    assert len(run.pending) == 2
+    with pytest.warns(RuntimeWarning, match=r"did not get 3 calls of run run0 \(3 metric values"):
+        run.close("FINISHED")
+    unlogged = json.loads((tmp_path / "unlogged.json").read_text())["unlogged"]
+    assert [(m["key"], m["step"]) for u in unlogged for m in u.get("metrics", [])] == [
+        ("train/loss_avg", 2), ("train/loss_avg", 4), ("train/lr", 4)
+    ]  # fmt: skip
+    assert unlogged[-1] == {"call": "set_terminated", "args": ["FINISHED"]}
