@@ -19,6 +19,7 @@ from imagen.train.checkpoints import LAST_CKPT, read_info
 from imagen.train.finetune import init_weights
 from imagen.train.keep import keep_interval
 from imagen.train.listing import checkpoint_rows
+from imagen.train.resume import resume_note
 
 STEPS = {"trainer.checkpoint_every_n_steps": 2, "trainer.log_every_n_steps": 1}
 
@@ -119,6 +120,10 @@ def test_changes_that_keep_the_state_resume(tmp_path: Path) -> None:
     for key, value in TOLERATED.items():
         choice = choose_resume(folder, tiny_stage(**{**STEPS, key: value}), report=False)
         assert choice.path == folder / LAST_CKPT and not choice.messages, key
+    now = tiny_stage(**{**STEPS, "trainer.devices": 2, "trainer.max_steps": 9})
+    note = resume_note(choose_resume(folder, now, report=False).saved, now)
+    assert note is not None and "trainer.devices 1 -> 2" in note and "trainer.max_steps" in note
+    assert "new pass, shard order seeded by the step" in note
     choice = choose_resume(folder, tiny_stage(**STEPS, **{"trainer.precision": "16"}), report=False)
     assert choice.path is None and "trainer.precision fp32 -> fp16-scaler" in choice.messages[0]
 

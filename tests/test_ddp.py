@@ -97,4 +97,5 @@ def test_sigterm_under_ddp_rank_zero_writes_the_others_wait(tmp_path: Path) -> N
     res = imagen(tmp_path, "train", "--stage", "base64", "-S",
                  f"stages.base64.trainer.max_steps={step + 2}")  # fmt: skip
     assert res.returncode == 0 and f"(step {step})" in res.stdout, res.stdout[-3000:]
+    assert "trainer.devices 2 -> 1" in res.stdout and "split over the new ranks" in res.stdout
     assert json.loads((tmp_path / "models/base64/metrics.json").read_text())["steps"] == step + 2

@@ -31,7 +31,7 @@ from imagen.train.checkpoints import (
     set_aside_last,
     unfinished_writes,
 )
-from imagen.train.settings import changed_settings, describe, settings_hash
+from imagen.train.settings import all_changes, changed_settings, describe, settings_hash
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ResumeChoice:
 
     path: Path | None = None
     step: int = 0
+    saved: dict[str, Any] = field(default_factory=dict)  # the stage config it was trained with
     messages: list[str] = field(default_factory=list)
 
 
@@ -86,6 +87,21 @@ def _stale(info: CheckpointInfo, now: dict[str, Any], apply: bool) -> str:
     )
 
 
+def resume_note(saved: dict[str, Any], stage: StageConfig) -> str | None:
+    """What changed since the checkpoint (none of it state-relevant) and, for another number of
+    devices or nodes, how training goes on."""
+    changes = all_changes(saved, stage.model_dump(mode="json")) if saved else {}
+    if not changes:
+        return None
+    note = f"changed since the checkpoint (the state still applies): {describe(changes)}"
+    if {"trainer.devices", "trainer.num_nodes"} & changes.keys():
+        note += (
+            "; Lightning builds the data-parallel group anew and the data stream starts a new "
+            "pass, shard order seeded by the step, split over the new ranks (docs/training.md)"
+        )
+    return note
+
+
 def choose_resume(
     folder: Path, stage: StageConfig, *, apply: bool = True, report: bool = True
 ) -> ResumeChoice:
@@ -116,5 +132,5 @@ def choose_resume(
             best = info
             break
     if best is not None:
-        choice.path, choice.step = best.path, best.step
+        choice.path, choice.step, choice.saved = best.path, best.step, best.stage
     return choice

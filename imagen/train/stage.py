@@ -24,7 +24,7 @@ from imagen.train.keep import keep_interval, keeping_rule
 from imagen.train.logger import NullRun, StageRunLogger
 from imagen.train.module import ImagenStage, NonFiniteLossError
 from imagen.train.preempt import EXIT_PREEMPTED, Preempted
-from imagen.train.resume import ResumeChoice, choose_resume
+from imagen.train.resume import ResumeChoice, choose_resume, resume_note
 from imagen.train.trainer import build_trainer
 
 
@@ -82,6 +82,9 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
     run.set_tags({"imagen.keep_rule": rule})
     if resume.path is not None:
         _say(f"resuming {stage.name} from {resume.path} (step {resume.step})")
+        note = resume_note(resume.saved, stage)
+        if note:
+            _say(note)
     elif stage.trainer.init_from:
         from imagen.mlops.client import tracking_uri
         from imagen.train.finetune import init_weights
