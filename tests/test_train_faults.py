@@ -142,6 +142,14 @@ def test_sigkill_then_rerun_resumes_step_optimizer_ema_and_mlflow_run(tmp_path: 
 NOISE = ("litlogger", "tensorboard", "val_dataloader", "Epoch 0/", "deprecated", "Tip:")
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny project (shards, encoder) for the tests below; each trains into its own --out."""
+    root = tmp_path_factory.mktemp("project")
+    make_project(root)
+    return root
+
+
 def _start(root: Path, *args: str, **popen: Any) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "imagen.cli", "train", "--stage", "base64", *args],
@@ -173,12 +181,11 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, lines: list[str], limit:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_at_once_exits_143_and_the_rerun_resumes(tmp_path: Path) -> None:
-    make_project(tmp_path)
+def test_sigterm_checkpoints_at_once_exits_143_and_the_rerun_resumes(project: Path) -> None:
     # no periodic checkpoint: the only one is the one SIGTERM writes
     args = _sets(max_steps=5000, checkpoint_every_n_steps=100000, progress_seconds=0.5,
                  batch_size=4, **{"keep.top_k": 0})  # fmt: skip
-    proc = _start(tmp_path, *args)
+    proc = _start(project, "--out", "models/term", *args)
     lines: list[str] = []
     try:
         _wait_for_line(proc, "images/s", lines, 240)  # a progress line: training runs
@@ -191,11 +198,12 @@ def test_sigterm_checkpoints_at_once_exits_143_and_the_rerun_resumes(tmp_path: P
     assert proc.returncode == 143, log[-3000:]
     assert "loss" in lines[-1] and "left" in lines[-1]  # step, loss, images/s, time left
     assert not [n for n in NOISE if n in log], log
-    last = tmp_path / "models" / "base64" / "checkpoints" / "last.ckpt"
+    last = project / "models/term/checkpoints/last.ckpt"
     step = _ckpt_step(last)
-    assert f"stopped by SIGTERM at step {step}; checkpoint {last.relative_to(tmp_path)}" in log
+    assert f"stopped by SIGTERM at step {step}; checkpoint {last.relative_to(project)}" in log
     assert 0 < step < 5000
-    res = imagen(tmp_path, "train", "--stage", "base64", *_sets(max_steps=step + 2, batch_size=4))
+    res = imagen(project, "train", "--stage", "base64", "--out", "models/term",
+                 *_sets(max_steps=step + 2, batch_size=4))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:]
     assert f"(step {step})" in res.stdout and _ckpt_step(last) == step + 2
 
@@ -211,28 +219,27 @@ def _fsize_limit(limit: int):
 
 
 @pytest.mark.slow
-def test_disk_full_mid_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    make_project(tmp_path)
-    first = _sets(max_steps=2, checkpoint_every_n_steps=2, batch_size=4)
-    assert imagen(tmp_path, "train", "--stage", "base64", *first).returncode == 0
-    folder = tmp_path / "models" / "base64" / "checkpoints"
+def test_disk_full_mid_write_keeps_the_previous_checkpoint(project: Path) -> None:
+    first = ["--out", "models/disk", *_sets(max_steps=2, checkpoint_every_n_steps=2, batch_size=4)]
+    assert imagen(project, "train", "--stage", "base64", *first).returncode == 0
+    folder = project / "models/disk/checkpoints"
     last = folder / "last.ckpt"
     before = last.read_bytes()
     # files may not grow past half a checkpoint: the next checkpoint write fails part-way
-    more = [*_sets(max_steps=6, checkpoint_every_n_steps=2, batch_size=4),
+    more = ["--out", "models/disk", *_sets(max_steps=6, checkpoint_every_n_steps=2, batch_size=4),
             "-S", "mlflow.tracking_uri=http://127.0.0.1:9"]  # fmt: skip
-    proc = _start(tmp_path, *more, preexec_fn=_fsize_limit(len(before) // 2))
+    proc = _start(project, *more, preexec_fn=_fsize_limit(len(before) // 2))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
     msg = out.strip().splitlines()[-1]
     assert f"writing checkpoint {folder}/" in msg and "failed (" in msg
     assert f"file size limit {len(before) // 2} bytes" in msg  # the cause, named
-    assert f"the last good checkpoint is {last.relative_to(tmp_path)} (step 2)" in msg
+    assert f"the last good checkpoint is {last.relative_to(project)} (step 2)" in msg
     assert last.read_bytes() == before and _ckpt_step(last) == 2
     assert not list(folder.glob(".*.tmp"))  # the half-written file was removed
-    res = imagen(tmp_path, "train", "--stage", "base64", *more[:-2])  # disk space again
+    res = imagen(project, "train", "--stage", "base64", *more[:-2])  # disk space again
     assert res.returncode == 0 and "(step 2)" in res.stdout and _ckpt_step(last) == 6
-    listing = imagen(tmp_path, "checkpoints", "--stage", "base64", "-S",
+    listing = imagen(project, "checkpoints", "--stage", "base64", "--out", "models/disk", "-S",
                      "stages.base64.trainer.optim.lr=0.1").stdout  # fmt: skip
     row = next(line for line in listing.splitlines() if line.startswith("last.ckpt "))
     assert row.split()[1] == "6" and "trainer.optim.lr 0.002 -> 0.1" in row
@@ -282,19 +289,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mlflow_server_going_away_mid_run_loses_no_metric(tmp_path: Path) -> None:
+def test_mlflow_server_going_away_mid_run_loses_no_metric(project: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    tmp_path.mkdir(exist_ok=True)
-    server = _mlflow_server(tmp_path, port)  # starts while the shards are written
-    make_project(tmp_path)
-    _answering(server, tmp_path, port)
+    server = _answering(_mlflow_server(tmp_path, port), tmp_path, port)
     args = [*_sets(max_steps=100000, log_every_n_steps=2, checkpoint_every_n_steps=10**5,
                    progress_seconds=0.5, batch_size=4, **{"keep.top_k": 0}),
             "-S", f"mlflow.tracking_uri={uri}"]  # fmt: skip
-    proc = _start(tmp_path, *args)
+    proc = _start(project, "--out", "models/mlflow", *args)
     lines: list[str] = []
     try:
         _wait_for_line(proc, "images/s", lines, 240)  # metrics are reaching the server
@@ -308,12 +312,12 @@ def test_mlflow_server_going_away_mid_run_loses_no_metric(tmp_path: Path) -> Non
         rest, _ = proc.communicate(timeout=60)
         lines.append(rest)
         assert proc.returncode == 143, "".join(lines)[-3000:]
-        run_id = json.loads((tmp_path / "models/base64/mlflow_run.json").read_text())["run_id"]
+        run_id = json.loads((project / "models/mlflow/mlflow_run.json").read_text())["run_id"]
         client = MlflowClient(uri)
         steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_avg"))
         assert steps == list(range(2, steps[-1] + 1, 2)) and steps[-1] >= 10  # no gap
         assert client.get_run(run_id).info.status == "KILLED"
-        assert not (tmp_path / "models/base64/mlflow_unlogged.json").exists()
+        assert not (project / "models/mlflow/mlflow_unlogged.json").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -321,25 +325,25 @@ def test_mlflow_server_going_away_mid_run_loses_no_metric(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_fine_tuning_through_the_cli_starts_from_the_weights_then_resumes(tmp_path: Path) -> None:
+def test_fine_tuning_through_the_cli_starts_from_the_weights_then_resumes(project: Path) -> None:
     from mlflow import MlflowClient
 
-    make_project(tmp_path)
-    assert imagen(tmp_path, "train", "--stage", "base64", *_sets(max_steps=2)).returncode == 0
-    (tmp_path / "models/base64/model.pt").rename(tmp_path / "source.pt")  # a model from elsewhere
+    src = ["--out", "models/ft-src", *_sets(max_steps=2)]
+    assert imagen(project, "train", "--stage", "base64", *src).returncode == 0
+    (project / "models/ft-src/model.pt").rename(project / "source.pt")  # a model from elsewhere
     ft = {"optim.lr": 1e-4, "init_from": "source.pt"}
-    res = imagen(tmp_path, "train", "--stage", "base64", "--out", "models/ft",
+    res = imagen(project, "train", "--stage", "base64", "--out", "models/ft",
                  *_sets(max_steps=3, **ft))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:]
     took = "its EMA weights (as weights and EMA)"
     assert f"fine-tuning base64 from source.pt (source.pt, step 2: {took})" in res.stdout
-    run_id = json.loads((tmp_path / "models/ft/mlflow_run.json").read_text())["run_id"]
-    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
+    run_id = json.loads((project / "models/ft/mlflow_run.json").read_text())["run_id"]
+    tags = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).data.tags
     assert tags["imagen.init_from.source"] == "source.pt"
     assert tags["imagen.init_from.kind"] == "model" and tags["imagen.init_from.step"] == "2"
     # re-running the fine-tuning (longer) resumes it instead of starting it again
-    again = imagen(tmp_path, "train", "--stage", "base64", "--out", "models/ft",
+    again = imagen(project, "train", "--stage", "base64", "--out", "models/ft",
                    *_sets(max_steps=4, **ft))  # fmt: skip
     assert "resuming base64 from models/ft/checkpoints/last.ckpt (step 3)" in again.stdout
     assert "fine-tuning" not in again.stdout
-    assert _ckpt_step(tmp_path / "models/ft/checkpoints/last.ckpt") == 4
+    assert _ckpt_step(project / "models/ft/checkpoints/last.ckpt") == 4
