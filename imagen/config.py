@@ -113,6 +113,11 @@ class UNetConfig(_Strict):
         description="pool the text over its valid tokens only (NeMo pools over every position, "
         "padding included)",
     )
+    context_norm: Literal["group", "layer"] = Field(
+        "group",
+        description="text-context norm of the attention blocks: group (NeMo's GroupNorm over "
+        "every token position, padding included) or layer (each token on its own)",
+    )
     noise_cond_scale: float = Field(
         1.0,
         gt=0,

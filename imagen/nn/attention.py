@@ -204,20 +204,33 @@ class SelfAttention(AttentionBlock):
         return x + _to_image(self.proj_out(out), x)
 
 
-def _norm_context(norm: nn.GroupNorm, context: Tensor) -> Tensor:
-    """GroupNorm of the text tokens over (channel group, every token position): NeMo normalises
-    the (B, cond_dim, L) context like an image with L pixels, padding included."""
-    return norm(context.transpose(1, 2)).transpose(1, 2)  # (B, L, cond_dim)
+def context_norm_layer(kind: str, cond_dim: int) -> nn.Module:
+    """The text-context norm ``unet.context_norm`` names: "group" (NeMo's GroupNorm(32) over
+    channel groups and every token position, padding included) or "layer" (per token)."""
+    if kind == "group":
+        return group_norm(cond_dim)
+    if kind == "layer":
+        return nn.LayerNorm(cond_dim)
+    raise ValueError(f"unet.context_norm: unknown {kind!r}; allowed: group, layer")
+
+
+def _norm_context(norm: nn.Module, context: Tensor) -> Tensor:
+    """Normalise the (B, L, cond_dim) text tokens; GroupNorm sees them as (B, cond_dim, L)."""
+    if isinstance(norm, nn.GroupNorm):
+        return norm(context.transpose(1, 2)).transpose(1, 2)  # (B, L, cond_dim)
+    return norm(context)
 
 
 class CrossAttention(AttentionBlock):
     """Queries from the image, keys/values from the (GroupNorm-ed) text tokens."""
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         self.heads = heads
         self.norm = group_norm(channels)
-        self.norm_context = group_norm(cond_dim)
+        self.norm_context = context_norm_layer(context_norm, cond_dim)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(cond_dim, 2 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -237,12 +250,14 @@ class FusedAttention(AttentionBlock):
     x (``norm_self``), text keys/values from the GroupNorm-ed context.
     """
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         self.heads = heads
         self.norm = group_norm(channels)
         self.norm_self = group_norm(channels)
-        self.norm_context = group_norm(cond_dim)
+        self.norm_context = context_norm_layer(context_norm, cond_dim)
         self.q = nn.Linear(channels, channels)
         self.kv_self = nn.Linear(channels, 2 * channels)
         self.kv_context = nn.Linear(cond_dim, 2 * channels)
@@ -279,13 +294,15 @@ class FeedForward(nn.Module):
 class StackedAttention(AttentionBlock):
     """Self-attention, then cross-attention, then feed-forward; zero-initialised output."""
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         inner = {"stable": kw["stable"], "flash": kw["flash"], "checkpointing": False}
         self.norm = group_norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.self_attn = SelfAttention(channels, heads, **inner)
-        self.cross_attn = CrossAttention(channels, heads, cond_dim, **inner)
+        self.cross_attn = CrossAttention(channels, heads, cond_dim, context_norm, **inner)
         self.ff = FeedForward(channels)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -306,15 +323,16 @@ def make_attention(
     stable: bool,
     flash: bool,
     checkpointing: bool,
+    context_norm: str = "group",
 ) -> AttentionBlock:
     """Build the attention block named by ``unet.attention_type``."""
     kw = {"stable": stable, "flash": flash, "checkpointing": checkpointing}
     if kind == "self":
         return SelfAttention(channels, heads, **kw)
     if kind == "cross":
-        return CrossAttention(channels, heads, cond_dim, **kw)
+        return CrossAttention(channels, heads, cond_dim, context_norm, **kw)
     if kind == "stacked":
-        return StackedAttention(channels, heads, cond_dim, **kw)
+        return StackedAttention(channels, heads, cond_dim, context_norm, **kw)
     if kind == "fused":
-        return FusedAttention(channels, heads, cond_dim, **kw)
+        return FusedAttention(channels, heads, cond_dim, context_norm, **kw)
     raise ValueError(f"unet.attention_type: unknown {kind!r}; allowed: self, cross, stacked, fused")

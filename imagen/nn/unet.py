@@ -72,6 +72,7 @@ class UNetBase(nn.Module):
             stable=c.stable_attention,
             flash=c.flash_attention,
             checkpointing=c.gradient_checkpointing,
+            context_norm=c.context_norm,
         )
 
     def forward(
