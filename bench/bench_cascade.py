@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagen.cascade import Cascade  # noqa: E402
 from imagen.config import STAGES, load_params  # noqa: E402
 from imagen.nn import build_unet, count_parameters  # noqa: E402
+from imagen.sample.cascade import Cascade  # noqa: E402
 from imagen.text import build_default_encoder, load_text_encoder  # noqa: E402
 
 # (sampler, steps) measured per stage on the CPU; a GPU adds the configured step counts.

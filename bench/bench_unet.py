@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagen.config import PAPER_PRESETS, ModelConfig  # noqa: E402
+from imagen.config import ModelConfig  # noqa: E402
 from imagen.nn import build_unet, count_parameters, preset_model_config  # noqa: E402
+from imagen.presets import PAPER_PRESETS  # noqa: E402
 
 SMALL = ("small_res_64", "small_res_256", "small_res_1024")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagen.data.embedded import ATTRIBUTES  # noqa: E402
+from imagen.embedded.dataset import ATTRIBUTES  # noqa: E402
 
 Z95 = 1.645  # one-sided 95%
 

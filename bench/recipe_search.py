@@ -2,9 +2,9 @@
 
 Trains the project's own UNet (imagen.nn) with EDM (imagen.diffusion) on the embedded dataset
 (rendered in memory at the search resolution, captions encoded once by a frozen random T5 from
-imagen.text / imagen.text_vocab) in a plain PyTorch loop, for a wall-clock budget of training
+imagen.text / imagen.text.vocab) in a plain PyTorch loop, for a wall-clock budget of training
 time, and scores the EMA weights every ``--eval-every`` minutes on held-out captions with the
-analytic evaluator (imagen.data.evaluator): per-attribute correctness, agreement and a Frechet
+analytic evaluator (imagen.embedded.evaluator): per-attribute correctness, agreement and a Frechet
 distance of evaluator features to real held-out images. Evaluation time is not counted as
 training time. Results go to ``bench/results/recipe_<config>.json``.
 
@@ -31,9 +31,9 @@ import torch
 from scipy import linalg
 
 from imagen.config import ConditioningConfig, ModelConfig, SamplingConfig
-from imagen.data.embedded import ATTRIBUTES, EmbeddedDataset, attributes
-from imagen.data.evaluator import EmbeddedEvaluator
 from imagen.diffusion import build_denoiser, drop_mask, sample
+from imagen.embedded.dataset import ATTRIBUTES, EmbeddedDataset, attributes
+from imagen.embedded.evaluator import EmbeddedEvaluator
 from imagen.nn import build_unet, count_parameters
 from imagen.text import build_default_encoder, load_text_encoder
 

@@ -33,17 +33,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from imagen.config import ConfigError, Params, flatten, load_params
-from imagen.pipeline import (
-    PARENT_ENV,
-    STAGES,
-    ReproTimer,
-    create_parent_run,
-    end_parent_run,
-    run_url,
-    stage_runs,
-    stream,
-)
+from imagen.config import STAGES, ConfigError, Params, flatten, load_params
+from imagen.mlops.client import client_and_experiment
+from imagen.mlops.parent import PARENT_ENV, create_parent_run, end_parent_run, stage_runs
+from imagen.mlops.pipeline import DVC_STAGES, ReproTimer, run_url, stream
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -140,7 +133,7 @@ def run_stage(stage: str, root: str, parent_run_id: str | None) -> dict[str, Any
 def _metrics(root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     files = [("evaluate", root / "reports" / "metrics.json")]
-    files += [(f"train@{s}", root / "models" / s / "metrics.json") for s in STAGES_TRAINED]
+    files += [(f"train@{s}", root / "models" / s / "metrics.json") for s in STAGES]
     for prefix, path in files:
         if not path.is_file():
             continue
@@ -154,21 +147,16 @@ def _metrics(root: Path) -> dict[str, float]:
     return out
 
 
-STAGES_TRAINED = ("base64", "sr256", "sr1024")
-
-
 def _stage_links(params: Params, parent: str | None, ui: str) -> tuple[dict[str, str], str | None]:
     """Stage -> MLflow UI link of its run under ``parent``; and the parent's link."""
     if parent is None:
         return {}, None
-    from imagen.pipeline import _client
-
     try:
-        client, exp_id = _client(params)
+        client, exp_id = client_and_experiment(params)
         links: dict[str, str] = {}
         for run in stage_runs(params, parent):
             tag = run.data.tags.get("imagen.stage", run.info.run_name or "")
-            for stage in STAGES:
+            for stage in DVC_STAGES:
                 if tag in (stage, stage.split("@")[-1]):
                     links[stage] = run_url(ui, exp_id, run.info.run_id)
         return links, run_url(ui, exp_id, parent)
@@ -238,7 +226,7 @@ def imagen_flow(
     results: list[dict[str, Any]] = []
     status = "FAILED"
     try:
-        for stage in STAGES:
+        for stage in DVC_STAGES:
             results.append(run_stage(stage, str(root), parent))
         status = "FINISHED"
     finally:

@@ -16,13 +16,13 @@ from pathlib import Path
 # name -> (module, one-line help). Each module defines add_arguments(parser) and
 # main(args, params) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "presets": ("imagen.nn.presets", "list the UNet presets with their parameter counts"),
+    "presets": ("imagen.nn.counts", "list the UNet presets with their parameter counts"),
     "ingest": ("imagen.data.ingest", "write webdataset shards + manifest from a source"),
     "precache": ("imagen.data.precache", "encode every caption with the T5 text encoder"),
     "train": ("imagen.train", "train one cascade stage (base64, sr256 or sr1024)"),
-    "sample": ("imagen.cascade", "generate images for prompts with the trained cascade"),
-    "evaluate": ("imagen.evaluate", "FID-CLIP sweep over guidance scales; register models"),
-    "pipeline": ("imagen.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
+    "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
+    "evaluate": ("imagen.evaluate.stage", "FID-CLIP sweep over guidance scales; register models"),
+    "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
 }
 
 OFFLINE_ENV = {

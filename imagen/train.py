@@ -68,7 +68,7 @@ from torch.optim.swa_utils import AveragedModel
 from imagen.checkpoint import atomic_torch_save, save_stage
 from imagen.config import ConfigError, Params, StageConfig
 from imagen.images import image_grid, side_by_side, to_pil
-from imagen.tracking import StageRun, stage_run
+from imagen.mlops.tracking import StageRun, stage_run
 
 LAST_CKPT = "last.ckpt"
 
@@ -435,7 +435,7 @@ class SampleGrid:
         """Caption agreement of the base stage's samples, attribute by attribute, when the
         prompts speak the embedded dataset's grammar (logged as ``samples/<attribute>`` and
         appended to ``agreement.csv``): how well the model follows its captions, over time."""
-        from imagen.data.evaluator import EmbeddedEvaluator, parse_caption
+        from imagen.embedded.evaluator import EmbeddedEvaluator, parse_caption
 
         attrs = [parse_caption(c) for c in self.captions]
         if not any(attrs) or step == self._scored_step:  # the end grid may repeat a step

@@ -9,9 +9,9 @@ import torch
 from _tiny_cascade import make_tiny_cascade, tiny_raw, write_params_yaml
 from PIL import Image
 
-from imagen.cascade import Cascade, parse_stage_values
 from imagen.cli import main as cli_main
 from imagen.config import ConfigError
+from imagen.sample.cascade import Cascade, parse_stage_values
 
 PROMPTS = ["a large red circle on the left, dark background", "a small blue square at the top"]
 

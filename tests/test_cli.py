@@ -14,10 +14,9 @@ import yaml
 
 from imagen.cli import main as imagen_main
 from imagen.config import ConfigError
-from imagen.pipeline import (
+from imagen.mlops.parent import (
     EXECUTION_TAG,
     TRIGGER_TAG,
-    ReproTimer,
     _dvc_command,
     create_parent_run,
     end_parent_run,
@@ -25,6 +24,7 @@ from imagen.pipeline import (
     latest_parent_run,
     stage_runs,
 )
+from imagen.mlops.pipeline import ReproTimer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_a_process_finds_the_dvc_process_it_runs_under(tmp_path: Path) -> None:
     # A real process tree: an executable named `dvc` starts a Python child that looks upwards.
     dvc = tmp_path / "dvc"
     probe = (
-        "from imagen.pipeline import find_dvc_execution as f; e = f(); "
+        "from imagen.mlops.parent import find_dvc_execution as f; e = f(); "
         "print(e.pid, e.command, e.key)"
     )
     dvc.write_text(f"#!/bin/sh\n'{sys.executable}' -c '{probe}'\n")
@@ -147,7 +147,7 @@ def test_repro_timer_follows_dvc_output() -> None:
 def test_stage_runs_nest_under_the_parent_and_the_parent_reports_failures(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imagen.tracking import stage_run
+    from imagen.mlops.tracking import stage_run
 
     params = _params()
     parent = create_parent_run(params, "test")
@@ -170,7 +170,7 @@ def test_stage_runs_nest_under_the_parent_and_the_parent_reports_failures(
 def test_pipeline_runs_prints_the_parent_and_its_stages(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from imagen.tracking import stage_run
+    from imagen.mlops.tracking import stage_run
 
     assert imagen_main(["pipeline", "runs"]) == 1  # nothing yet
     assert imagen_main(["pipeline", "parent-run", "--new", "--trigger", "cli"]) == 0

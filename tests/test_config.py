@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagen.config import PRESETS, ConfigError, load_params, resolve_params
+from imagen.config import ConfigError, load_params, resolve_params
+from imagen.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGEN = ROOT / ".venv" / "bin" / "imagen"
@@ -153,9 +154,21 @@ def test_word_tokenizer_setting_is_moot_with_a_real_t5_folder(tmp_path):
         "model": {"conditioning": {"encoder_path": str(t5), "encoder": {"tokenizer": "word"}}},
     }
     assert resolve_params(raw).conditioning.encoder_path == str(t5)
-    (t5 / "imagen_encoder.json").write_text("{}")  # the project's own random T5: refused
-    with pytest.raises(ConfigError, match=r"model\.conditioning\.encoder\.tokenizer"):
-        resolve_params(raw)
+
+
+def test_tokenizer_and_token_length_follow_the_data_source():
+    """Unset, the tokenizer is word for the embedded captions and bytes for anyone else's, and
+    token_length follows it, so `-S data.source=folder -S data.source_path=DIR` alone works."""
+    embedded = resolve_params(base()).conditioning
+    assert (embedded.encoder.tokenizer, embedded.token_length) == ("word", 24)
+    own = resolve_params({**base(), "data": {"source": "folder", "source_path": "photos"}})
+    assert (own.conditioning.encoder.tokenizer, own.conditioning.token_length) == ("byt5", 128)
+    for stage in own.stages.values():
+        assert stage.model.conditioning.encoder.tokenizer == "byt5"
+    explicit = base()
+    explicit["model"] = {"conditioning": {"token_length": 40, "encoder": {"tokenizer": "byt5"}}}
+    cond = resolve_params(explicit).conditioning
+    assert (cond.encoder.tokenizer, cond.token_length) == ("byt5", 40)
 
 
 def test_preset_applies_and_explicit_keys_override_it():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen.data.embedded import (
+from imagen.embedded.dataset import (
     ATTRIBUTES,
     EmbeddedDataset,
     attributes,

@@ -100,8 +100,8 @@ def test_frechet_distance_through_torchmetrics_with_a_feature_net() -> None:
 def test_fd_embedded_is_named_as_not_fid() -> None:
     fd = Fidelity()  # the embedded evaluator's features
     assert fd.name == FD_EMBEDDED and "not FID" in fd.label
-    from imagen.data.embedded import EmbeddedDataset
-    from imagen.evaluate import _pil_to_uint8
+    from imagen.data.holdout import pil_to_uint8 as _pil_to_uint8
+    from imagen.embedded.dataset import EmbeddedDataset
 
     data = EmbeddedDataset(24, size=32, split="holdout")
     real = torch.stack([_pil_to_uint8(x["image"], 32) for x in data])
@@ -147,17 +147,20 @@ def test_clip_score_through_torchmetrics_with_a_local_tiny_clip(tmp_path: Path) 
         Alignment(str(tmp_path / "nothing-here"))
 
 
-def test_best_tradeoff_rule() -> None:
+def test_best_tradeoff_keeps_fidelity_near_the_best() -> None:
+    """The demo's old rule picked w=6 at 1.7x the lowest distance; the pick now stays within
+    the tolerance of the lowest distance and takes the best alignment there."""
     rows = [
         {"guidance_scale": 1.0, "fd": 5.0, "agree": 0.50},
-        {"guidance_scale": 3.0, "fd": 7.0, "agree": 0.78},
+        {"guidance_scale": 3.0, "fd": 6.0, "agree": 0.78},
         {"guidance_scale": 5.0, "fd": 9.0, "agree": 0.80},
         {"guidance_scale": 7.0, "fd": 12.0, "agree": 0.79},
     ]
-    # within 10% of the range (0.30) of the best agreement: 3, 5, 7 -> lowest fd is w=3
-    assert best_tradeoff(rows, "fd", "agree", 0.1)["guidance_scale"] == 3.0
-    assert best_tradeoff(rows, "fd", "agree", 0.0)["guidance_scale"] == 5.0
-    assert best_tradeoff(rows, "fd", "agree", 1.0)["guidance_scale"] == 1.0
+    best = best_tradeoff(rows, "fd", "agree", 0.25)  # fd <= 6.25: w=1, 3 -> best agreement w=3
+    assert best["guidance_scale"] == 3.0 and best["eligible_scales"] == [1.0, 3.0]
+    assert "6.25" in best["rule"]
+    assert best_tradeoff(rows, "fd", "agree", 0.0)["guidance_scale"] == 1.0  # lowest distance
+    assert best_tradeoff(rows, "fd", "agree", 10.0)["guidance_scale"] == 5.0  # best alignment
 
 
 # --------------------------------------------------------------------------- held-out data

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from imagen.data.embedded import ATTRIBUTES, COLOR_RGB, EmbeddedDataset
-from imagen.data.evaluator import (
+from imagen.embedded.dataset import ATTRIBUTES, COLOR_RGB, EmbeddedDataset
+from imagen.embedded.evaluator import (
     NUM_FEATURES,
     EmbeddedEvaluator,
     chance_levels,

@@ -234,7 +234,7 @@ def test_webdataset_source(tmp_path: Path, how: str) -> None:
 
 
 def test_embedded_source_writes_train_and_holdout(tmp_path: Path) -> None:
-    pytest.importorskip("imagen.data.embedded")
+    pytest.importorskip("imagen.embedded.dataset")
     cfg = _cfg(tmp_path, source="embedded", num_train=6, num_holdout=3)
     m = ingest(cfg, progress=False)
     assert m["counts"] == {"seen": 9, "written": 9, "train": 6, "holdout": 3, "rejected": 0}
@@ -243,3 +243,21 @@ def test_embedded_source_writes_train_and_holdout(tmp_path: Path) -> None:
     s = next(iter(hold.values()))
     assert Image.open(io.BytesIO(s["png"])).size == (SIZE, SIZE)
     assert json.loads(s["json"])["attributes"]
+
+
+def test_folder_holds_out_exactly_num_holdout(tmp_path: Path) -> None:
+    """A folder sorted by class (like digits/0..9) gets exactly num_holdout held-out images,
+    spread over the whole folder rather than taken from its start."""
+    src = tmp_path / "src"
+    for cls in range(6):
+        (src / str(cls)).mkdir(parents=True)
+        for i in range(10):
+            (src / str(cls) / f"{i}.png").write_bytes(_png(_noise((40, 40), seed=cls * 10 + i)))
+            (src / str(cls) / f"{i}.txt").write_text(f"a picture of the digit {cls}")
+    cfg = _cfg(tmp_path, source="folder", source_path=str(src), num_holdout=13)
+    manifest = ingest(cfg, progress=False, log=lambda _m: None)
+    assert manifest["counts"]["holdout"] == 13
+    assert manifest["counts"]["train"] == 60 - 13
+    held = read_shards(tmp_path / "shards", "holdout")
+    classes = {s["txt"].decode()[-1] for s in held.values()}
+    assert len(classes) >= 5, classes

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagen.config import PAPER_PRESETS, PRESET_SIZE_EXCEPTIONS, PRESETS, PUBLISHED_SIZES_M
 from imagen.nn import preset_parameter_count
+from imagen.presets import PAPER_PRESETS, PRESET_SIZE_EXCEPTIONS, PRESETS, PUBLISHED_SIZES_M
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 from _tiny_cascade import make_tiny_cascade
 
-from imagen.cascade import Cascade, to_pil
 from imagen.checkpoint import read_stage
-from imagen.registry import CASCADE_MODEL, decode_png, register_models
+from imagen.images import to_pil
+from imagen.mlops.registry import CASCADE_MODEL, decode_png, load_cascade, register_models
+from imagen.sample import Cascade
 
 PROMPTS = ["a large red circle on the left, dark background", "a small blue square at the top"]
 
@@ -98,20 +99,20 @@ def test_the_pyfunc_pickles_no_torch_module(registered, tracking, tmp_path) -> N
         mlflow.artifacts.download_artifacts(f"models:/{CASCADE_MODEL}@champion", dst_path=tmp_path)
     )
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("python_model*"))
-    assert (local / "code" / "imagen" / "cascade.py").exists()
+    assert (local / "code" / "imagen" / "sample" / "cascade.py").exists()
     assert sorted(p.name for p in (local / "artifacts").iterdir()) == [
         "base64", "encoder", "sr1024", "sr256"
     ]  # fmt: skip
 
 
 def test_sample_from_a_registered_model(registered, tracking) -> None:
-    cascade = Cascade.load(
+    cascade = load_cascade(
         f"models:/{CASCADE_MODEL}@champion", depth="sr256", tracking_uri=tracking
     )
     out = cascade.generate(PROMPTS[:1], seed=0)
     assert out["sr256"].shape == (1, 3, 32, 32)
     with pytest.raises(FileNotFoundError, match="imagen evaluate"):
-        Cascade.load("models:/imagen-cascade@nope", tracking_uri=tracking)
+        load_cascade("models:/imagen-cascade@nope", tracking_uri=tracking)
 
 
 def _free_port() -> int:

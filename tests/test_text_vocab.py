@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from imagen.config import ConditioningConfig, ConfigError
-from imagen.data.embedded import EmbeddedDataset
+from imagen.embedded.dataset import EmbeddedDataset
 from imagen.text import BUILT_MARKER, build_default_encoder, load_text_encoder
-from imagen.text_vocab import EOS, UNK, word_tokenizer
+from imagen.text.vocab import EOS, UNK, word_tokenizer
 
 
 def _cond(path, **kw) -> ConditioningConfig:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagen import tracking
 from imagen.config import load_params
+from imagen.mlops import client, parent, tracking
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -31,25 +31,25 @@ def _params(uri: str | None, experiment: str = "imagen-test"):
 def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(_params(None)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.artifact_location(tracking.tracking_uri(None)) == (
+    assert client.tracking_uri(_params(None)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert client.artifact_location(client.tracking_uri(None)) == (
         (tmp_path.resolve() / "mlartifacts").as_uri()
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri(_params(None)) == "http://127.0.0.1:5000"
-    assert tracking.tracking_uri(_params("sqlite:////x/y.db")) == "sqlite:////x/y.db"
+    assert client.tracking_uri(_params(None)) == "http://127.0.0.1:5000"
+    assert client.tracking_uri(_params("sqlite:////x/y.db")) == "sqlite:////x/y.db"
 
 
 def test_parent_run_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("IMAGEN_PARENT_RUN_ID", raising=False)
-    assert tracking.resolve_parent_run_id(None) is None
+    assert parent.resolve_parent_run_id(None) is None
     (tmp_path / ".imagen").mkdir()
     (tmp_path / ".imagen" / "parent_run").write_text("fromfile\n")
-    assert tracking.resolve_parent_run_id(None) == "fromfile"
+    assert parent.resolve_parent_run_id(None) == "fromfile"
     monkeypatch.setenv("IMAGEN_PARENT_RUN_ID", "fromenv")
-    assert tracking.resolve_parent_run_id(None) == "fromenv"
-    assert tracking.resolve_parent_run_id("explicit") == "explicit"
+    assert parent.resolve_parent_run_id(None) == "fromenv"
+    assert parent.resolve_parent_run_id("explicit") == "explicit"
 
 
 def test_stage_run_logs_everything_nested_under_parent(db: str, tmp_path: Path) -> None:

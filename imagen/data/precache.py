@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
-from imagen.data.ingest import sha256_file, write_tar
+from imagen.data.shards import sha256_file, write_tar
 from imagen.text import TextEncoder, encoder_fingerprint, load_text_encoder, to_storage
 
 
@@ -95,6 +95,89 @@ def encode_shard(
     return info
 
 
+def _encoder_record(cond: ConditioningConfig, encoder: TextEncoder) -> dict[str, Any]:
+    """The encoder and text settings the embeddings were made with (data/encoded/encoder.json)."""
+    return {
+        **encoder_fingerprint(encoder.path),
+        "embed_dim": cond.embed_dim,
+        "token_length": cond.token_length,
+        "storage_dtype": cond.storage_dtype,
+        "precached_key": cond.precached_key,
+        "online_encoding": cond.online_encoding,
+    }
+
+
+def _finished(side: Path, in_hash: str, expect: dict[str, Any]) -> dict[str, Any] | None:
+    """The side-car of an encoded shard made from the same input with the same settings."""
+    if not side.exists():
+        return None
+    prev = json.loads(side.read_text())
+    same = prev.get("input_sha256") == in_hash and all(prev.get(k) == v for k, v in expect.items())
+    return prev if same else None
+
+
+def _encode_shards(
+    shards: list[Path],
+    out: Path,
+    encoder: TextEncoder,
+    cond: ConditioningConfig,
+    expect: dict[str, Any],
+    batch_size: int,
+    bar: Any,
+) -> tuple[list[dict[str, Any]], int]:
+    """Encode every shard not already finished; returns (one entry per shard, captions encoded)."""
+    results, encoded = [], 0
+    for src in shards:
+        dst, side = out / src.name, out / f"{src.name}.json"
+        in_hash = sha256_file(src)
+        prev = _finished(side, in_hash, expect) if dst.exists() else None
+        if prev is not None:
+            bar.update(prev["samples"])
+            results.append({**prev, "skipped": True})
+            continue
+        info = encode_shard(src, dst, encoder, cond, batch_size, on_batch=bar.update)
+        encoded += info["samples"]
+        entry = {**info, "input_sha256": in_hash, "split": src.name.split("-")[0], **expect}
+        _atomic_json(side, entry)
+        results.append({**entry, "skipped": False})
+    return results, encoded
+
+
+def _remove_stale(out: Path, shards: list[Path]) -> None:
+    names = {s.name for s in shards}
+    for old in out.glob("*.tar"):
+        if old.name not in names:  # shards of an earlier ingest that no longer exist
+            old.unlink()
+            Path(f"{old}.json").unlink(missing_ok=True)
+
+
+def _manifest(
+    cond: ConditioningConfig, record: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    n = sum(r["samples"] for r in results)
+    emb_bytes = sum(r["embedding_bytes"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    itemsize = 4 if cond.storage_dtype == "float32" else 2
+    return {
+        "online_encoding": False,
+        "encoder": record,
+        "samples": n,
+        "bytes_per_sample": emb_bytes / max(1, n),
+        "mean_tokens": tokens / max(1, n),
+        "padded_float32_bytes_per_sample": cond.token_length * cond.embed_dim * 4,
+        "payload_bytes_per_sample": tokens / max(1, n) * cond.embed_dim * itemsize,
+        "shards": [{k: r[k] for k in sorted(r)} for r in results],
+    }
+
+
+def _shard_sizes(data: DataConfig) -> dict[str, int]:
+    """Samples per ingested shard from ingest's manifest (for the progress bar's total)."""
+    path = Path(data.shards_dir) / "manifest.json"
+    if not path.exists():
+        return {}
+    return {s["name"]: s["samples"] for s in json.loads(path.read_text())["shards"]}
+
+
 def precache(
     params: Params, batch_size: int = 64, progress: bool = True, log: Callable[[str], Any] = print
 ) -> dict[str, Any]:
@@ -105,15 +188,7 @@ def precache(
     out = Path(data.encoded_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = load_text_encoder(cond)  # builds the embedded default on first use
-    fp = encoder_fingerprint(encoder.path)
-    record = {
-        **fp,
-        "embed_dim": cond.embed_dim,
-        "token_length": cond.token_length,
-        "storage_dtype": cond.storage_dtype,
-        "precached_key": cond.precached_key,
-        "online_encoding": cond.online_encoding,
-    }
+    record = _encoder_record(cond, encoder)
     _atomic_json(out / "encoder.json", record)
     if cond.online_encoding:
         manifest = {"online_encoding": True, "encoder": record, "shards": []}
@@ -125,72 +200,32 @@ def precache(
         return manifest
     shards = input_shards(data)
     expect = {
-        "encoder_sha256": fp["sha256"],
+        "encoder_sha256": record["sha256"],
         "token_length": cond.token_length,
         "storage_dtype": cond.storage_dtype,
         "precached_key": cond.precached_key,
     }
-    ingest_manifest = Path(data.shards_dir) / "manifest.json"
-    counts: dict[str, int] = {}
-    if ingest_manifest.exists():  # only for the progress bar's total
-        counts = {
-            s["name"]: s["samples"] for s in json.loads(ingest_manifest.read_text())["shards"]
-        }
-    total = sum(counts.get(s.name, 0) for s in shards) or None
+    sizes = _shard_sizes(data)
+    total = sum(sizes.get(s.name, 0) for s in shards) or None
     bar = tqdm(total=total, desc="precache", unit="caption", disable=not progress, file=sys.stderr)
-    results, encoded, t0 = [], 0, time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for src in shards:
-            dst, side = out / src.name, out / f"{src.name}.json"
-            in_hash = sha256_file(src)
-            if dst.exists() and side.exists():
-                prev = json.loads(side.read_text())
-                if prev.get("input_sha256") == in_hash and all(
-                    prev.get(k) == v for k, v in expect.items()
-                ):
-                    bar.update(prev["samples"])
-                    results.append({**prev, "skipped": True})
-                    continue
-
-            def tick(n: int) -> None:
-                bar.update(n)
-
-            info = encode_shard(src, dst, encoder, cond, batch_size, on_batch=tick)
-            encoded += info["samples"]
-            entry = {**info, "input_sha256": in_hash, "split": src.name.split("-")[0], **expect}
-            _atomic_json(side, entry)
-            results.append({**entry, "skipped": False})
+        results, encoded = _encode_shards(shards, out, encoder, cond, expect, batch_size, bar)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
-    names = {s.name for s in shards}
-    for old in out.glob("*.tar"):
-        if old.name not in names:  # shards of an earlier ingest that no longer exist
-            old.unlink()
-            Path(f"{old}.json").unlink(missing_ok=True)
-    n = sum(r["samples"] for r in results)
-    emb_bytes = sum(r["embedding_bytes"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
-    itemsize = 4 if cond.storage_dtype == "float32" else 2
-    manifest = {
-        "online_encoding": False,
-        "encoder": record,
-        "samples": n,
-        "bytes_per_sample": emb_bytes / max(1, n),
-        "mean_tokens": tokens / max(1, n),
-        "padded_float32_bytes_per_sample": cond.token_length * cond.embed_dim * 4,
-        "payload_bytes_per_sample": tokens / max(1, n) * cond.embed_dim * itemsize,
-        "shards": [{k: r[k] for k in sorted(r)} for r in results],
-    }
+    _remove_stale(out, shards)
+    manifest = _manifest(cond, record, results)
     _atomic_json(out / "manifest.json", manifest)
     rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
     skipped = sum(r["skipped"] for r in results)
     log(
-        f"precache: {n} samples in {len(results)} shards ({skipped} already finished, skipped) "
-        f"-> {out}; embeddings {manifest['bytes_per_sample']:.0f} bytes/sample "
-        f"({cond.storage_dtype}, {manifest['mean_tokens']:.1f} tokens of {cond.embed_dim}; "
-        f"padded float32 would be {manifest['padded_float32_bytes_per_sample']}); "
-        f"{encoded} captions encoded at {rate:.1f} captions/s"
+        f"precache: {manifest['samples']} samples in {len(results)} shards "
+        f"({skipped} already finished, skipped) -> {out}; embeddings "
+        f"{manifest['bytes_per_sample']:.0f} bytes/sample ({cond.storage_dtype}, "
+        f"{manifest['mean_tokens']:.1f} tokens of {cond.embed_dim}; padded float32 would be "
+        f"{manifest['padded_float32_bytes_per_sample']}); {encoded} captions encoded at "
+        f"{rate:.1f} captions/s"
     )
     manifest["captions_per_s"] = rate
     return manifest
@@ -202,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
-    from imagen.tracking import stage_run
+    from imagen.mlops.tracking import stage_run
 
     # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
     with stage_run(params, "precache") as run:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imagen.config import PRESETS, ConditioningConfig, ModelConfig
+from imagen.config import ConditioningConfig, ModelConfig
 from imagen.nn.efficient_unet import EfficientUNet
 from imagen.nn.unet import UNet, UNetBase
+from imagen.presets import PRESETS
 
 __all__ = [
     "EfficientUNet",
@@ -58,7 +59,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def preset_model_config(name: str, text_embed_dim: int = 1024) -> ModelConfig:
-    """The ModelConfig of a preset from :data:`imagen.config.PRESETS`."""
+    """The ModelConfig of a preset from :data:`imagen.presets.PRESETS`."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
     p = PRESETS[name]

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from imagen.config import UNetConfig
+
 
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter (output convolutions start as the identity residual)."""
@@ -156,3 +158,10 @@ class ResBlock(nn.Module):
             h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.shortcut(x) * self.shortcut_scale + h
+
+
+def heads_for(u: UNetConfig, channels: int) -> int:
+    """Attention heads for a block of ``channels``: per_head_channels wins when it divides."""
+    if u.per_head_channels > 0 and channels % u.per_head_channels == 0:
+        return max(1, channels // u.per_head_channels)
+    return max(1, math.gcd(channels, u.num_attn_heads))

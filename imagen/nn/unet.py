@@ -20,10 +20,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from imagen.config import UNetConfig, heads_for
+from imagen.config import UNetConfig
 from imagen.nn.attention import AttentionBlock, make_attention
 from imagen.nn.embeddings import Conditioning, resize_lowres
-from imagen.nn.layers import Downsample, ResBlock, Upsample, group_norm, zero_module
+from imagen.nn.layers import (
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    heads_for,
+    zero_module,
+)
 
 
 class UNetBase(nn.Module):

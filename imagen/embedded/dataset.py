@@ -14,7 +14,7 @@ something to learn:
 
 Captions name every attribute with varied templates, synonyms and word order, e.g.
 ``"a large red circle on the left, dark background"``; :func:`parse_caption` in
-:mod:`imagen.data.evaluator` reads them back. :class:`EmbeddedDataset` is a map-style dataset of
+:mod:`imagen.embedded.evaluator` reads them back. :class:`EmbeddedDataset` is a map-style dataset of
 ``dict(key, image, caption, attributes)``; its ``holdout`` split draws from a separate random
 stream with its own keys so evaluation prompts are not the training samples.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 __all__ = [
     "ATTRIBUTES",
@@ -414,7 +414,7 @@ def save_preview(
     return path
 
 
-if __name__ == "__main__":  # python -m imagen.data.embedded preview.png [n] [size]
+if __name__ == "__main__":  # python -m imagen.embedded.dataset preview.png [n] [size]
     import sys
 
     args = sys.argv[1:] or ["embedded_preview.png"]

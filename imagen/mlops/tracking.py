@@ -1,11 +1,7 @@
 """MLflow tracking for every pipeline stage: one child run per stage under a pipeline parent run.
 
-- :func:`tracking_uri` picks the tracking server: ``mlflow.tracking_uri`` in params.yaml, else
-  ``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the working directory (MLflow's
-  file store is deprecated). With a SQLite store the artifacts go to ``mlartifacts/`` beside
-  the database file.
-- :func:`resolve_parent_run_id` finds the pipeline's parent run (explicit id, then
-  ``$IMAGEN_PARENT_RUN_ID``, then the file ``.imagen/parent_run``).
+- the tracking server comes from :func:`imagen.mlops.client.tracking_uri`, the parent run from
+  :func:`imagen.mlops.parent.resolve_parent_run_id`;
 - :func:`stage_run` starts a stage run (or resumes an unfinished one named in a run file, so a
   training restarted after a crash keeps logging to the same run) and yields a
   :class:`StageRun` with ``log_metrics``, ``log_image``, ``log_artifact`` and ``log_dict``.
@@ -17,91 +13,20 @@ object does nothing: the stage still writes all of its outputs locally.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imagen.config import Params, flatten, params_hash
+from imagen.config import Params, flatten
+from imagen.mlops.client import client_and_experiment, reachable, run_tags, tracking_uri
+from imagen.mlops.parent import resolve_parent_run_id
 
-PARENT_RUN_FILE = Path(".imagen/parent_run")
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 500  # MLflow caps param values (6000 chars in 3.x); keep the UI readable
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
-
-# Fail fast instead of retrying for minutes when an HTTP tracking server goes away mid-run.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def tracking_uri(params: Params | None = None) -> str:
-    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
-    if params is not None and params.mlflow.tracking_uri:
-        return params.mlflow.tracking_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: ``mlartifacts/`` beside a SQLite database; the
-    server's own default otherwise (None)."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.resolve().parent / "mlartifacts").as_uri()
-    return None
-
-
-def resolve_parent_run_id(explicit: str | None = None, params: Params | None = None) -> str | None:
-    """The pipeline's parent run: explicit, else $IMAGEN_PARENT_RUN_ID, else (given ``params``)
-    the parent run of the ``dvc repro`` / ``dvc exp run`` this process runs under
-    (:func:`imagen.pipeline.execution_parent_run`), else .imagen/parent_run."""
-    if explicit:
-        return explicit
-    env = os.environ.get("IMAGEN_PARENT_RUN_ID")
-    if env:
-        return env
-    if params is not None:
-        from imagen.pipeline import execution_parent_run
-
-        found = execution_parent_run(params)
-        if found:
-            return found
-    if PARENT_RUN_FILE.is_file():
-        text = PARENT_RUN_FILE.read_text().strip()
-        return text or None
-    return None
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the working directory, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _reachable(uri: str) -> str | None:
-    """None when the tracking server answers, else the reason it does not."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3):
-            return None
-    except urllib.error.HTTPError:
-        return None  # it answered (a server without /health still answers)
-    except (OSError, urllib.error.URLError) as e:
-        return str(getattr(e, "reason", e))
 
 
 def _warn(message: str) -> None:
@@ -200,20 +125,6 @@ def _resumable(client: Any, resume_file: Path | None) -> str | None:
     return run_id if run.info.status in ("RUNNING", "SCHEDULED", "FAILED", "KILLED") else None
 
 
-def run_tags(
-    params: Params, run_name: str, extra: Mapping[str, Any] | None = None, **tags: str | None
-) -> dict[str, str]:
-    """The tags every run of this project carries: name, params hash, git commit, plus ``tags``
-    (``None`` values dropped) and ``extra`` (stringified, last so a caller can override)."""
-    all_tags = {"imagen.params_hash": params_hash(params), "mlflow.runName": run_name}
-    commit = git_commit()
-    if commit:
-        all_tags["mlflow.source.git.commit"] = commit
-    all_tags.update({k: v for k, v in tags.items() if v is not None})
-    all_tags.update({k: str(v) for k, v in (extra or {}).items()})
-    return all_tags
-
-
 def _open_run(
     params: Params,
     stage_name: str,
@@ -222,21 +133,7 @@ def _open_run(
     resume_file: Path | None,
     tags: Mapping[str, Any] | None,
 ) -> tuple[StageRun, bool]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    name = params.mlflow.experiment
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(name, artifact_location=artifact_location(uri))
-        except Exception:  # noqa: BLE001 - another stage created it at the same moment
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
+    client, exp_id = client_and_experiment(params, uri)
     run_id = _resumable(client, resume_file)
     resumed = run_id is not None
     if resumed:
@@ -275,7 +172,7 @@ def stage_run(
     uri = tracking_uri(params)
     parent = resolve_parent_run_id(parent_run_id, params)
     run = StageRun(uri=uri)
-    reason = _reachable(uri)
+    reason = reachable(uri)
     if reason is not None:
         _warn(
             f"MLflow tracking server {uri} cannot be reached ({reason}); stage {stage_name!r} "

@@ -1,7 +1,7 @@
 """Caption-agreement scores and Frechet features for the embedded dataset, without weights.
 
 Where no Inception or CLIP weights exist, evaluation of the embedded default uses this module:
-:class:`EmbeddedEvaluator` reads the attributes of :mod:`imagen.data.embedded` back out of an
+:class:`EmbeddedEvaluator` reads the attributes of :mod:`imagen.embedded.dataset` back out of an
 image analytically (no training, deterministic), scores them against the attributes a caption
 asked for, and gives a fixed feature vector per image for a Frechet distance.
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from imagen.data.embedded import (
+from imagen.embedded.dataset import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     COLOR_RGB,

@@ -78,7 +78,7 @@ def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]
             f"d_model {enc.d_model}"
         )
     if enc.tokenizer == "word":
-        from imagen.text_vocab import word_tokenizer
+        from imagen.text.vocab import word_tokenizer
 
         tokenizer = word_tokenizer()
     else:

@@ -7,9 +7,9 @@ and produce 256 px and 1024 px images. Each stage samples with its own sampler, 
 classifier-free guidance scale (``stages.<name>.sampling`` in params.yaml, or overrides here).
 
 :class:`Cascade` holds the stage networks (loaded from the self-describing stage model files
-``models/<stage>/model.pt``, or from the MLflow model registry via :mod:`imagen.registry`) and
-the T5 text encoder. ``imagen sample`` is its command line: PNGs per prompt and stage, plus a
-grid with the stages side by side.
+``models/<stage>/model.pt``; :func:`imagen.mlops.registry.load_cascade` also takes a registered
+model URI) and the T5 text encoder. ``imagen sample`` (:mod:`imagen.sample.cli`) is its command
+line.
 
 Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
 same on the same machine (every random draw comes from a generator seeded by
@@ -18,10 +18,7 @@ same on the same machine (every random draw comes from a generator seeded by
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,6 @@ from imagen.config import (
     STAGES,
     ConditioningConfig,
     ConfigError,
-    Params,
     SamplingConfig,
     StageConfig,
 )
@@ -46,10 +42,8 @@ from imagen.images import image_grid, to_pil, wrap_text
 __all__ = [
     "Cascade",
     "CascadeStage",
-    "add_arguments",
     "cascade_grid",
     "image_grid",
-    "main",
     "missing_stage_message",
     "parse_stage_values",
     "to_pil",
@@ -251,24 +245,6 @@ class Cascade:
                 raise FileNotFoundError(missing_stage_message(file, name))
         return cls.from_files(files, encoder_path=encoder_path, device=device)
 
-    @classmethod
-    def load(
-        cls,
-        source: str | Path,
-        *,
-        depth: str = "sr1024",
-        tracking_uri: str | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Cascade:
-        """A models folder, or a registered model URI (``models:/imagen-cascade@champion``)."""
-        if str(source).startswith(("models:/", "runs:/")):
-            from imagen.registry import load_registered_cascade
-
-            return load_registered_cascade(
-                str(source), depth=depth, tracking_uri=tracking_uri, device=device
-            )
-        return cls.from_models_dir(source, depth=depth, device=device)
-
     # ---------------------------------------------------------------- sampling
     @property
     def depth(self) -> str:
@@ -420,121 +396,3 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="stage-batch", file=sys.stderr, dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------
-# imagen sample
-# --------------------------------------------------------------------------------------------
-def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe short form of a prompt."""
-    s = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")
-    return s[:limit].rstrip("-") or "prompt"
-
-
-def save_images(
-    images: Mapping[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path
-) -> list[Path]:
-    """Write ``out_dir/<stage>/<index>_<slug>.png`` for every prompt and stage + ``grid.png``."""
-    out_dir = Path(out_dir)
-    written: list[Path] = []
-    for stage, batch in images.items():
-        folder = out_dir / stage
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(prompts):
-            path = folder / f"{i:03d}_{slug(prompt)}.png"
-            to_pil(batch[i]).save(path)
-            written.append(path)
-    grid = out_dir / "grid.png"
-    cascade_grid(images, prompts, cell=256).save(grid)
-    written.append(grid)
-    return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="*", help="text prompts (one image per prompt)")
-    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--depth",
-        default="sr1024",
-        choices=list(STAGES),
-        help="last stage to run: base64 (64 px), sr256 or sr1024 (default: %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument(
-        "--steps", help="sampling steps: one number, or per stage e.g. base64=30,sr256=20"
-    )
-    parser.add_argument(
-        "--guidance", help="classifier-free guidance scale, one or per stage (base64=7.5)"
-    )
-    parser.add_argument(
-        "--sampler", help="heun | euler | ddpm | ddim | dpmpp_2m, one or per stage (base64=heun)"
-    )
-    parser.add_argument(
-        "--noise-aug",
-        help="noise augmentation level of the SR stages' low-res input (default: each stage's "
-        "model.noise_cond_aug.sample_level), one or per stage",
-    )
-    parser.add_argument(
-        "--models",
-        default=None,
-        help="folder with <stage>/model.pt (default: params models_dir), or a registered model "
-        "URI such as models:/imagen-cascade@champion",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def main(args: argparse.Namespace, params: Params) -> int:
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompts-file: {path} not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        print("imagen sample: give at least one prompt (or --prompts-file)", file=sys.stderr)
-        return 2
-    steps = parse_stage_values(args.steps, int, "--steps")
-    guidance = parse_stage_values(args.guidance, float, "--guidance")
-    sampler = parse_stage_values(args.sampler, str, "--sampler")
-    noise_aug = parse_stage_values(args.noise_aug, float, "--noise-aug")
-    source = args.models or params.models_dir
-    from imagen.tracking import tracking_uri
-
-    try:
-        cascade = Cascade.load(
-            source,
-            depth=args.depth,
-            tracking_uri=tracking_uri(params),
-            device=resolve_device(args.device),
-        )
-    except FileNotFoundError as e:
-        print(f"imagen sample: {e}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    images = cascade.generate(
-        prompts,
-        depth=args.depth,
-        steps=steps,
-        guidance=guidance,
-        sampler=sampler,
-        noise_aug=noise_aug,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    elapsed = time.perf_counter() - start
-    written = save_images(images, prompts, args.out)
-    print(
-        f"imagen sample: {len(prompts)} prompt(s) to {args.depth} in {elapsed:.1f} s; "
-        f"{len(written)} files in {args.out}/ (grid: {written[-1]})"
-    )
-    return 0

@@ -1,17 +1,7 @@
-"""Pipeline orchestration: one MLflow parent run per pipeline execution, timed `dvc repro`.
+"""``imagen pipeline``: `dvc repro` under one MLflow parent run, timed stage by stage.
 
-Every stage (ingest, precache, train@<stage>, evaluate) logs one MLflow child run; the runs of
-one pipeline execution hang under one parent run, whoever started the execution:
-
-- ``make demo`` (``imagen pipeline repro``) and the Prefect flow create the parent run first and
-  pass it to every stage in ``$IMAGEN_PARENT_RUN_ID``;
-- a bare ``dvc repro`` or ``dvc exp run`` passes nothing, so the first stage that runs finds
-  the ``dvc`` process it runs under (walking up the process tree), names the execution by that
-  process's host, pid and start time, and creates a parent run tagged with that name; the later
-  stages of the same execution find it by the tag (:func:`execution_parent_run`).
-
-:func:`imagen.tracking.resolve_parent_run_id` consults these in order: an explicit id,
-``$IMAGEN_PARENT_RUN_ID``, the enclosing DVC execution, the file ``.imagen/parent_run``.
+How the parent run is found or created for each kind of execution is
+:mod:`imagen.mlops.parent`'s business; this module runs DVC and reports.
 
 Sub-commands (``imagen pipeline <action>``):
 
@@ -24,11 +14,8 @@ Sub-commands (``imagen pipeline <action>``):
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,205 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagen.config import Params
-
-PARENT_ENV = "IMAGEN_PARENT_RUN_ID"
-EXECUTION_TAG = "imagen.pipeline.execution"
-TRIGGER_TAG = "imagen.pipeline.trigger"
-KIND_TAG = "imagen.kind"
-STAGES: tuple[str, ...] = (
-    "ingest",
-    "precache",
-    "train@base64",
-    "train@sr256",
-    "train@sr1024",
-    "evaluate",
+from imagen.config import STAGES, Params
+from imagen.mlops.client import client_and_experiment, tracking_uri
+from imagen.mlops.parent import (
+    PARENT_ENV,
+    PARENT_RUN_FILE,
+    create_parent_run,
+    end_parent_run,
+    execution_parent_run,
+    latest_parent_run,
+    resolve_parent_run_id,
+    stage_runs,
 )
+
+# The stages of dvc.yaml, in pipeline order (train is a foreach over the cascade stages).
+DVC_STAGES: tuple[str, ...] = ("ingest", "precache", *(f"train@{s}" for s in STAGES), "evaluate")
 
 # What `dvc repro` prints around each stage (DVC 3).
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 _LOCK = re.compile(r"^Updating lock file")
-
-
-# --------------------------------------------------------------------------------------------
-# Which pipeline execution is this process part of?
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DvcExecution:
-    """The ``dvc`` process a stage runs under: its identity and what it was asked to do."""
-
-    pid: int
-    started: float
-    command: str  # e.g. "dvc repro", "dvc exp run"
-
-    @property
-    def key(self) -> str:
-        """Unique across time on this host: a pid is reused, pid + start time is not."""
-        return f"{socket.gethostname()}:{self.pid}:{self.started:.2f}"
-
-
-def _dvc_command(cmdline: Sequence[str]) -> str | None:
-    """``"dvc repro"`` when ``cmdline`` is a DVC command line, else None."""
-    for i, arg in enumerate(cmdline[:3]):
-        name = os.path.basename(arg)
-        is_module = arg == "dvc" and i > 0 and cmdline[i - 1] == "-m"
-        if name == "dvc" or is_module:
-            words = [a for a in cmdline[i + 1 :] if not a.startswith("-")][:2]
-            if words[:1] == ["exp"]:
-                return "dvc " + " ".join(words)
-            return "dvc " + (words[0] if words else "")
-    return None
-
-
-def find_dvc_execution(pid: int | None = None) -> DvcExecution | None:
-    """The nearest ``dvc`` ancestor of process ``pid`` (default: this process), or None."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid or os.getpid()).parent()
-        while proc is not None:
-            try:
-                command = _dvc_command(proc.cmdline())
-            except (psutil.AccessDenied, psutil.ZombieProcess):
-                command = None
-            if command is not None:
-                return DvcExecution(proc.pid, proc.create_time(), command.strip())
-            proc = proc.parent()
-    except psutil.NoSuchProcess:
-        return None
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Parent runs
-# --------------------------------------------------------------------------------------------
-def _client(params: Params) -> tuple[Any, str]:
-    """An MlflowClient for the configured tracking URI and the experiment id (created here)."""
-    from mlflow import MlflowClient
-
-    from imagen.tracking import artifact_location, tracking_uri
-
-    uri = tracking_uri(params)
-    client = MlflowClient(tracking_uri=uri)
-    name = params.mlflow.experiment
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return client, exp.experiment_id
-    try:
-        return client, client.create_experiment(name, artifact_location=artifact_location(uri))
-    except Exception:  # noqa: BLE001 - created by another process a moment ago
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return client, exp.experiment_id
-
-
-def create_parent_run(
-    params: Params,
-    trigger: str,
-    *,
-    execution: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-) -> str:
-    """Create the parent run of one pipeline execution; return its id.
-
-    Tagged with the trigger (``make demo``, ``prefect``, ``dvc repro`` ...), the git commit,
-    the params hash and, for a DVC-started execution, the execution key.
-    """
-    from imagen.tracking import run_tags
-
-    client, exp_id = _client(params)
-    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({trigger})"
-    all_tags = run_tags(
-        params, name, tags, **{KIND_TAG: "pipeline", TRIGGER_TAG: trigger, EXECUTION_TAG: execution}
-    )
-    run = client.create_run(exp_id, tags=all_tags, run_name=name)
-    return run.info.run_id
-
-
-def stage_runs(params: Params, parent_run_id: str) -> list[Any]:
-    """The stage runs nested under ``parent_run_id``, oldest first."""
-    client, exp_id = _client(params)
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1000,
-    )
-    return list(runs)
-
-
-def end_parent_run(params: Params, parent_run_id: str, status: str | None = None) -> str:
-    """Mark the parent run terminated; ``status`` None: FAILED if a stage run failed, else
-    FINISHED. Returns the status set."""
-    client, _ = _client(params)
-    if status is None:
-        failed = any(
-            r.info.status in ("FAILED", "KILLED") for r in stage_runs(params, parent_run_id)
-        )
-        status = "FAILED" if failed else "FINISHED"
-    client.set_terminated(parent_run_id, status)
-    return status
-
-
-def latest_parent_run(params: Params) -> Any | None:
-    """The most recently started parent run of the experiment, or None."""
-    client, exp_id = _client(params)
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-_closing: set[str] = set()
-
-
-def execution_parent_run(params: Params | None) -> str | None:
-    """The parent run of the ``dvc repro`` / ``dvc exp run`` this process runs under.
-
-    Found by the execution's tag, or created by the first stage of the execution. The parent is
-    marked RUNNING while a stage runs; when this process exits it is marked FINISHED (or FAILED
-    if one of its stage runs failed), so after the last stage it shows the execution's outcome.
-    Returns None outside DVC or when tracking is unavailable (a stage never fails for this).
-    """
-    if params is None:
-        return None
-    execution = find_dvc_execution()
-    if execution is None:
-        return None
-    from imagen.tracking import _reachable, tracking_uri
-
-    if _reachable(tracking_uri(params)) is not None:
-        return None  # the stage itself reports the unreachable server
-    try:
-        client, exp_id = _client(params)
-        found = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{EXECUTION_TAG}` = '{execution.key}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = create_parent_run(params, execution.command, execution=execution.key)
-    except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
-        print(f"imagen: no MLflow parent run for this DVC execution ({e})", file=sys.stderr)
-        return None
-    if run_id not in _closing:
-        _closing.add(run_id)
-        atexit.register(_end_quietly, params, run_id)
-    return run_id
-
-
-def _end_quietly(params: Params, run_id: str) -> None:
-    # at exit: a failure here must not change the stage's own outcome
-    with contextlib.suppress(Exception):
-        end_parent_run(params, run_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +170,7 @@ def _close_repro_parent(
     params: Params, parent: str, rc: int, timings: list[StageTiming], total: float
 ) -> None:
     try:
-        client, _ = _client(params)
+        client, _ = client_and_experiment(params)
         if not any(t.status != "skipped" for t in timings):
             client.delete_run(parent)
             return
@@ -406,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_runs(params: Params, parent_id: str | None) -> int:
-    client, exp_id = _client(params)
+    client, exp_id = client_and_experiment(params)
     parent = client.get_run(parent_id) if parent_id else latest_parent_run(params)
     if parent is None:
         print("no pipeline runs yet: run `make demo` or `dvc repro`")
@@ -437,8 +245,6 @@ def main(args: argparse.Namespace, params: Params) -> int:
         if args.end:
             print(end_parent_run(params, args.end))
             return 0
-        from imagen.tracking import PARENT_RUN_FILE, resolve_parent_run_id
-
         run_id = None if args.new else resolve_parent_run_id(None)
         if run_id is None and not args.new:
             run_id = execution_parent_run(params)
@@ -452,8 +258,6 @@ def main(args: argparse.Namespace, params: Params) -> int:
     if args.action == "runs":
         return _print_runs(params, args.parent)
     if args.action == "ui":
-        from imagen.tracking import tracking_uri
-
         uri = tracking_uri(params)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         cmd = [

@@ -71,7 +71,7 @@ MODEL_SCRIPT = '''"""The imagen-cascade pyfunc model (MLflow models-from-code: n
 
 import mlflow
 
-from imagen.registry import CascadePyfunc
+from imagen.mlops.registry import CascadePyfunc
 
 mlflow.models.set_model(CascadePyfunc())
 '''
@@ -129,7 +129,7 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from imagen.cascade import Cascade
+        from imagen.sample.cascade import Cascade
 
         files = {s: context.artifacts[s] for s in STAGES if s in context.artifacts}
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import pandas as pd
 
-        from imagen.cascade import to_pil
+        from imagen.images import to_pil
 
         p = dict(params or {})
         prompts = _prompts(model_input)
@@ -357,7 +357,7 @@ def log_cascade_model(
         run_id,
         alias,
         {"imagen.stages": ",".join(stages), **dict(tags or {})},
-        "Imagen cascade (pyfunc): prompts -> base64 PNG images; see imagen.registry",
+        "Imagen cascade (pyfunc): prompts -> base64 PNG images; see imagen.mlops.registry",
     )
 
 
@@ -400,11 +400,11 @@ def load_registered_cascade(
     device: str | torch.device = "cpu",
 ) -> Any:
     """Download a registered ``imagen-cascade`` pyfunc model (``models:/name@alias`` or
-    ``models:/name/version``) and build a :class:`~imagen.cascade.Cascade` from its artifacts."""
+    ``models:/name/version``) and build a :class:`~imagen.sample.Cascade` from its artifacts."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from imagen.cascade import Cascade, stages_to
+    from imagen.sample.cascade import Cascade, stages_to
 
     if tracking_uri:
         import mlflow
@@ -425,3 +425,20 @@ def load_registered_cascade(
         if not (f / MODEL_FILE).exists():
             raise FileNotFoundError(f"{uri}: holds no {stage} stage (depth {depth!r} needs it)")
     return Cascade.from_files(files, encoder_path=folder / ENCODER_ARTIFACT, device=device)
+
+
+def load_cascade(
+    source: str | Path,
+    *,
+    depth: str = "sr1024",
+    tracking_uri: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """A models folder, or a registered model URI (``models:/imagen-cascade@champion``)."""
+    from imagen.sample import Cascade
+
+    if str(source).startswith(("models:/", "runs:/")):
+        return load_registered_cascade(
+            str(source), depth=depth, tracking_uri=tracking_uri, device=device
+        )
+    return Cascade.from_models_dir(source, depth=depth, device=device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from imagen.data import embedded
+from imagen.embedded import dataset as embedded
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 _TOKEN = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on

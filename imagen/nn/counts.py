@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from imagen.config import PRESET_SIZE_EXCEPTIONS, PRESETS, PUBLISHED_SIZES_M
+from imagen.presets import PRESET_SIZE_EXCEPTIONS, PRESETS, PUBLISHED_SIZES_M
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

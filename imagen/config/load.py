@@ -1,0 +1,252 @@
+"""Reading params.yaml: shared defaults merged under each stage, presets applied, validated.
+
+:func:`load_params` is the single entry point; every other module receives the resulting
+:class:`~imagen.config.run.Params`. A bad value raises :class:`ConfigError` listing every
+offending key with its full path before any work is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from imagen.config.base import STAGE_RESOLUTIONS, ConfigError
+from imagen.config.model import DEFAULT_ENCODER_PATH, validate_unet
+from imagen.config.run import Params, StageConfig, StageOverride
+from imagen.presets import PRESETS
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``over`` wins; neither input is modified."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _apply_preset(model: dict[str, Any], where: str) -> dict[str, Any]:
+    name = model.get("preset")
+    if name is None:
+        return model
+    if name not in PRESETS:
+        raise ConfigError(f"{where}.preset: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    # preset first, explicit keys on top (an explicit unet_type or unet key overrides it)
+    return deep_merge({"unet_type": preset["unet_type"], "unet": preset["unet"]}, model)
+
+
+def _format(err: ValidationError, prefix: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        # pydantic puts union member names (EDMConfig...) into paths; keep the user's keys
+        loc = ".".join(p for p in loc.split(".") if not p[:1].isupper())
+        path = f"{prefix}.{loc}" if loc else prefix
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; " + msg.replace("Input should be", "allowed:")
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _resolve_stage(
+    name: str, block: Any, shared: Mapping[str, Mapping[str, Any]], errors: list[str]
+) -> StageConfig | None:
+    """One ``stages.<name>`` block merged over the shared defaults, preset applied, validated."""
+    where = f"stages.{name}"
+    if name not in STAGE_RESOLUTIONS:
+        errors.append(f"{where}: unknown stage; allowed: {list(STAGE_RESOLUTIONS)}")
+        return None
+    try:
+        over = StageOverride.model_validate(block or {})
+        model = _apply_preset(deep_merge(shared["model"], over.model), f"{where}.model")
+    except ValidationError as e:
+        errors.extend(_format(e, where))
+        return None
+    except ConfigError as e:
+        errors.append(str(e))
+        return None
+    res, lowres = STAGE_RESOLUTIONS[name]
+    stage = {
+        "name": name,
+        "resolution": over.resolution or res,
+        "lowres": over.lowres if over.lowres is not None else lowres,
+        "model": model,
+        "trainer": deep_merge(shared["trainer"], over.trainer),
+        "sampling": deep_merge(shared["sampling"], over.sampling),
+    }
+    try:
+        sc = StageConfig.model_validate(stage)
+    except ValidationError as e:
+        errors.extend(_format(e, where))
+        return None
+    if not sc.model.is_sr and over.resolution is None:
+        # the base stage generates at its UNet's size (64 for the paper presets; a small
+        # CPU recipe may train at 32): the SR stage after it up-samples whatever it gets
+        sc.resolution = sc.model.unet.image_size
+    errors.extend(_stage_errors(name, sc))
+    return sc
+
+
+def _stage_errors(name: str, sc: StageConfig) -> list[str]:
+    """Cross-field checks of one resolved stage."""
+    where = f"stages.{name}"
+    errors = [
+        f"{where}.model.unet.{k}: {m}" for k, m in validate_unet(sc.model.unet_type, sc.model.unet)
+    ]
+    if sc.model.is_sr and sc.lowres is None:
+        errors.append(f"{where}.lowres: an SR stage needs the low-res input size")
+    if not sc.model.is_sr and name != "base64":
+        errors.append(
+            f"{where}.model.unet_type: {name} is a super-resolution stage; "
+            "allowed: 'sr-unet' or 'sr'"
+        )
+    if name == "base64" and sc.model.is_sr:
+        errors.append(f"{where}.model.unet_type: base64 generates from text; allowed: 'base'")
+    return errors
+
+
+def _conditioning_errors(stages: Mapping[str, StageConfig]) -> list[str]:
+    """Precache writes one set of embeddings, so the text features must agree across stages."""
+    errors: list[str] = []
+    conds = {n: s.model.conditioning for n, s in stages.items()}
+    first = next(iter(conds.values()), None)
+    for n, c in conds.items():
+        for key in ("embed_dim", "precached_key", "encoder_path", "online_encoding"):
+            if first is not None and getattr(c, key) != getattr(first, key):
+                errors.append(
+                    f"stages.{n}.model.conditioning.{key}: must equal the other stages' value "
+                    f"({getattr(first, key)!r}); one text encoder serves the whole cascade"
+                )
+    return errors
+
+
+# Tokens each tokenizer needs for the embedded captions (they reach 112 bytes / 21 words);
+# 128 is NeMo's token_length for T5.
+_TOKEN_LENGTH = {"word": 24, "byt5": 128}
+
+
+def _fill_text_defaults(params: Params) -> None:
+    """The tokenizer follows the data source unless set: word for the embedded captions, bytes
+    for anyone else's; token_length follows the tokenizer unless set."""
+    source = params.data.source
+    for sc in params.stages.values():
+        cond = sc.model.conditioning
+        if cond.encoder.tokenizer == "auto":
+            cond.encoder.tokenizer = "word" if source == "embedded" else "byt5"
+        if cond.token_length is None:
+            own = cond.encoder_path == DEFAULT_ENCODER_PATH
+            cond.token_length = _TOKEN_LENGTH[cond.encoder.tokenizer] if own else 128
+    cond = params.conditioning
+    own_word = cond.encoder.tokenizer == "word" and cond.encoder_path == DEFAULT_ENCODER_PATH
+    if source != "embedded" and own_word:
+        raise ConfigError(
+            "model.conditioning.encoder.tokenizer: 'word' knows only the embedded captions' "
+            f"vocabulary (every other word becomes <unk>), but data.source is {source!r}; "
+            "leave it unset or use 'byt5' for your own captions, or point "
+            "model.conditioning.encoder_path at a real T5"
+        )
+
+
+def resolve_params(raw: Mapping[str, Any]) -> Params:
+    """Validate a params mapping (as read from params.yaml) into :class:`Params`.
+
+    Raises :class:`ConfigError` listing every bad key with its full path.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError("params.yaml: the top level must be a mapping")
+    raw = dict(raw)
+    shared = {k: raw.pop(k, None) or {} for k in ("model", "trainer", "sampling")}
+    stage_raw = raw.pop("stages", None) or {}
+    if not isinstance(stage_raw, Mapping):
+        raise ConfigError("stages: must be a mapping of stage name -> stage block")
+    errors: list[str] = []
+    stages = {}
+    for name, block in stage_raw.items():
+        sc = _resolve_stage(name, block, shared, errors)
+        if sc is not None:
+            stages[name] = sc
+    if errors:
+        raise ConfigError("invalid params:\n  " + "\n  ".join(errors))
+    errors = _conditioning_errors(stages)
+    try:
+        params = Params.model_validate({**raw, "stages": stages})
+    except ValidationError as e:
+        errors.extend(_format(e, "params"))
+        params = None
+    if errors or params is None:
+        raise ConfigError("invalid params:\n  " + "\n  ".join(errors))
+    if not params.stages:
+        raise ConfigError("stages: at least one stage (base64) must be configured")
+    _fill_text_defaults(params)
+    return params
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: Mapping[str, Any] | list[str] | None = None
+) -> Params:
+    """Read params.yaml, apply ``key.path=value`` overrides, validate.
+
+    ``overrides`` is a mapping of dotted keys or a list of ``key=value`` strings (values are
+    parsed as YAML, so ``trainer.max_steps=10`` gives an int).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    elif overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key.path=value")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v)))
+    for k, v in items:
+        _set_dotted(raw, k, v)
+    return resolve_params(raw)
+
+
+def params_hash(params: Params) -> str:
+    """A short stable hash of the resolved params (tagged on every MLflow run)."""
+
+    blob = json.dumps(params.model_dump(mode="json"), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

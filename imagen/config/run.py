@@ -1,0 +1,178 @@
+"""The rest of params.yaml: trainer, sampling, data, evaluation, MLflow, and the resolved Params."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imagen.config.base import ConfigError
+from imagen.config.base import Strict as _Strict
+from imagen.config.model import ConditioningConfig, ModelConfig
+
+
+# --------------------------------------------------------------------------------------------
+# trainer / optimiser / sampling
+# --------------------------------------------------------------------------------------------
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up (reference: lr 1e-4, betas 0.9/0.999, wd 0.01, 10k warm-up)."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10000, ge=0)
+
+
+class TrainerConfig(_Strict):
+    """NeMo's ``trainer`` block plus what the stage runner needs."""
+
+    precision: Literal["32", "bf16", "bf16-mixed", "16", "16-mixed", "32-true"] = "32"
+    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    accumulate_grad_batches: int = Field(1, gt=0)
+    gradient_clip_val: float = Field(1.0, ge=0)
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, gt=0)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    strategy: str = "auto"
+    num_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(256, ge=0)
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    checkpoint_every_n_steps: int = Field(200, gt=0)
+    sample_every_n_steps: int = Field(500, gt=0)
+    log_every_n_steps: int = Field(10, gt=0)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    sample_grid_size: int = Field(8, gt=0, description="images in each training sample grid")
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="grid prompts (default: held-out captions)"
+    )
+    seed: int = 0
+    optim: OptimConfig = OptimConfig()
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _str_precision(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v
+
+
+class SamplingConfig(_Strict):
+    """How a stage samples (NeMo inference defaults: steps 30/20/20, guidance 7.5/8/7.5)."""
+
+    sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"] = "heun"
+    steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    dynamic_threshold: float | None = Field(0.995, gt=0.5, le=1.0)
+    s_churn: float = Field(0.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float = Field(float("inf"), ge=0)
+    s_noise: float = Field(1.0, gt=0)
+    thresholding: Literal["dynamic", "static", "none"] = Field(
+        "dynamic", description="x0 clipping: dynamic (percentile dynamic_threshold), [-1, 1], off"
+    )
+    schedule: Literal["auto", "karras", "uniform_t"] = Field(
+        "auto", description="sigma discretisation; auto: karras for EDM, uniform t for DDPM"
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 ancestral")
+
+
+class StageConfig(_Strict):
+    """One cascade stage, resolved: the shared defaults merged under the stage's own keys."""
+
+    name: str
+    resolution: int = Field(gt=0, description="output resolution of the stage (64/256/1024)")
+    lowres: int | None = Field(None, description="resolution of the conditioning image (SR)")
+    model: ModelConfig
+    trainer: TrainerConfig = TrainerConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# data / evaluation / tracking
+# --------------------------------------------------------------------------------------------
+class DataConfig(_Strict):
+    """Where ingest reads from and how it writes shards."""
+
+    source: Literal["embedded", "folder", "webdataset"] = "embedded"
+    source_path: str | None = None
+    num_train: int = Field(2048, gt=0, description="embedded: training samples")
+    num_holdout: int = Field(256, ge=0, description="embedded: held-out captions/images")
+    image_size: int = Field(256, gt=0, le=4096, description="stored image size")
+    min_resolution: int = Field(32, gt=0)
+    samples_per_shard: int = Field(256, gt=0)
+    pyramid: list[int] = Field(
+        default_factory=lambda: [64, 256],
+        description="also store copies at these sizes (keys <size>.png / <size>.jpg) so a stage "
+        "decodes only the resolution it trains on, not the full image",
+    )
+    max_caption_chars: int = Field(512, gt=0)
+    seed: int = 0
+    shards_dir: str = "data/shards"
+    encoded_dir: str = "data/encoded"
+
+
+class EvaluateConfig(_Strict):
+    """FID-CLIP sweep (NeMo's guidance scales by default)."""
+
+    guidance_scales: list[float] = Field(
+        default_factory=lambda: [1, 1.5, 2, 3, 4, 5, 6, 7], min_length=1
+    )
+    num_images: int = Field(64, gt=0)
+    batch_size: int = Field(32, gt=0)
+    depth: Literal["base64", "sr256", "sr1024"] = "base64"
+    inception_path: str | None = None
+    clip_path: str | None = None
+    reports_dir: str = "reports"
+    seed: int = 1234
+    steps: int | None = Field(None, gt=0, description="sweep sampling steps (None: the stage's)")
+    tradeoff_tolerance: float = Field(
+        0.25,
+        ge=0.0,
+        description="best point: the best-aligned scale whose fidelity distance is within "
+        "this share of the lowest (0.25: at most 25% worse)",
+    )
+    grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
+    cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
+    cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite")
+    experiment: str = "imagen"
+    register_models: bool = True
+    model_alias: str = Field("champion", description="alias set on the registered versions")
+
+
+class StageOverride(_Strict):
+    """What params.yaml may say under ``stages.<name>`` before merging with the defaults."""
+
+    resolution: int | None = None
+    lowres: int | None = None
+    model: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+class Params(BaseModel):
+    """The whole of params.yaml, resolved: ``params.stages["base64"]`` is a StageConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    stages: dict[str, StageConfig]
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    models_dir: str = "models"
+
+    @property
+    def conditioning(self) -> ConditioningConfig:
+        """Text conditioning shared by all stages (precache writes one set of embeddings)."""
+        return next(iter(self.stages.values())).model.conditioning
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in self.stages:
+            raise ConfigError(f"stages.{name}: unknown stage; allowed: {sorted(self.stages)}")
+        return self.stages[name]

@@ -1,0 +1,99 @@
+"""Held-out captions and real images for evaluation: ingest's holdout shards or the embedded split.
+
+:func:`load_holdout` returns exactly ``num`` samples when the source has them (and warns,
+naming the shard pattern, when it has fewer), each with the caption attributes the embedded
+grammar names so the evaluator can score agreement attribute by attribute.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from imagen.config import ConfigError, Params
+from imagen.data.loader import pick_image
+
+
+@dataclass
+class HeldOut:
+    """Held-out captions, the attributes they name ({} when unknown) and real images (uint8)."""
+
+    captions: list[str]
+    attributes: list[dict[str, str]]
+    images: Tensor  # (N, 3, R, R) uint8
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+
+
+def pil_to_uint8(image: Any, size: int) -> Tensor:
+    """A PIL image -> (3, size, size) uint8, bicubic up / Lanczos down when resized."""
+    img = image.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC if img.width < size else Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _attributes_of(caption: str, given: dict | None) -> dict[str, str]:
+    from imagen.embedded.dataset import ATTRIBUTES
+    from imagen.embedded.evaluator import parse_caption
+
+    found = dict(given or {})
+    if not found:
+        found = parse_caption(caption)
+    return {k: str(v) for k, v in found.items() if k in ATTRIBUTES and v in ATTRIBUTES[k]}
+
+
+def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
+    """``num`` held-out samples: from ``<shards_dir>/holdout-*.tar`` when ingest wrote them,
+    else from the embedded dataset's holdout split; images resized to ``resolution``."""
+    pattern = f"{params.data.shards_dir}/holdout-*.tar"
+    shards = sorted(str(p) for p in Path(params.data.shards_dir).glob("holdout-*.tar"))
+    captions: list[str] = []
+    attrs: list[dict[str, str]] = []
+    images: list[Tensor] = []
+    if shards:
+        import webdataset as wds
+
+        for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+            data = pick_image(sample, resolution)
+            if data is None or "txt" not in sample:
+                continue
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            caption = sample["txt"].decode("utf-8").strip()
+            captions.append(caption)
+            attrs.append(_attributes_of(caption, meta.get("attributes")))
+            images.append(pil_to_uint8(Image.open(io.BytesIO(data)), resolution))
+            if len(captions) == num:
+                break
+        source = f"{len(shards)} holdout shard(s) {pattern}"
+        if len(captions) < num:
+            warnings.warn(
+                f"{pattern}: only {len(captions)} held-out samples (evaluate.num_images={num})",
+                stacklevel=2,
+            )
+    else:
+        from imagen.embedded.dataset import EmbeddedDataset
+
+        data = EmbeddedDataset(num, seed=params.data.seed, size=resolution, split="holdout")
+        for item in data:
+            captions.append(item["caption"])
+            attrs.append(_attributes_of(item["caption"], item["attributes"]))
+            images.append(pil_to_uint8(item["image"], resolution))
+        source = "embedded dataset (holdout split)"
+    if not captions:
+        raise ConfigError(f"evaluate: no held-out samples found ({pattern} holds none)")
+    return HeldOut(captions, attrs, torch.stack(images), source)
+

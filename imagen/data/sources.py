@@ -1,0 +1,167 @@
+"""Where ingest's records come from: the embedded set, an image folder, or webdataset shards.
+
+Each reader yields :class:`RawRecord` s (image bytes or a PIL image, the caption as found, the
+file it came from); checking and normalising them is :mod:`imagen.data.ingest`'s job, so a
+reader never rejects anything except what it cannot read at all (reported as an error).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from imagen.config import ConfigError, DataConfig
+
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
+
+
+@dataclass
+class RawRecord:
+    """One candidate sample as a source gives it (before any checks)."""
+
+    key: str
+    origin: str  # the file or shard member it came from (named in the manifest)
+    image: bytes | Image.Image | None = None
+    caption: bytes | str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None  # set by sources that know it (embedded)
+    embedded_index: int | None = None  # rendered in the worker process
+
+
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def clean_key(key: str) -> str:
+    """A webdataset-safe key: no dots (they separate key and extension), no slashes."""
+    return _KEY_CHARS.sub("_", key).strip("_") or "_"
+
+
+def _embedded_records(cfg: DataConfig) -> Iterator[RawRecord]:
+    for split, num in (("train", cfg.num_train), ("holdout", cfg.num_holdout)):
+        for i in range(num):
+            yield RawRecord(key="", origin=f"embedded:{split}/{i}", split=split, embedded_index=i)
+
+
+def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
+    index: dict[str, bytes | str] = {}
+    csv_path, jsonl_path = folder / "captions.csv", folder / "captions.jsonl"
+    if csv_path.exists():
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                raise ConfigError(f"{csv_path}: needs the columns file,caption")
+            for row in reader:
+                index[row["file"]] = row["caption"] or ""
+    if jsonl_path.exists():
+        for n, line in enumerate(jsonl_path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                index[str(row["file"])] = row.get("caption") or ""
+            except (ValueError, KeyError, TypeError) as e:
+                warnings.warn(f"{jsonl_path}:{n}: skipped a bad line ({e})", stacklevel=2)
+    return index
+
+
+def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
+    folder = Path(cfg.source_path or "")
+    if not cfg.source_path or not folder.is_dir():
+        raise ConfigError(f"data.source_path: {cfg.source_path!r} is not a folder of images")
+    index = _read_caption_index(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        name = path.name
+        if name.startswith(".") or rel in CAPTION_FILES or path.suffix.lower() in (".txt", ".json"):
+            continue
+        caption: bytes | str | None = index.get(rel)
+        if caption is None:
+            txt = path.with_suffix(".txt")
+            caption = txt.read_bytes() if txt.exists() else None
+        stem = rel.rsplit(".", 1)[0] if "." in name else rel
+        yield RawRecord(key=clean_key(stem), origin=rel, image=path.read_bytes(), caption=caption)
+
+
+def expand_source(source: str) -> list[str] | str:
+    """Local folders and globs -> a sorted list of tar paths; anything else is given to
+    webdataset as is (brace patterns, ``pipe:``, ``http(s)://``, ``file://``)."""
+    if "://" in source or source.startswith("pipe:"):
+        return source
+    p = Path(source)
+    if p.is_dir():
+        return sorted(str(x) for x in p.glob("*.tar"))
+    if any(c in source for c in "*?["):
+        return sorted(glob.glob(source))
+    return source
+
+
+def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Iterator[RawRecord]:
+    import webdataset as wds
+
+    if not cfg.source_path:
+        raise ConfigError("data.source_path: the webdataset source needs shards or a URL")
+    urls = expand_source(cfg.source_path)
+    if isinstance(urls, list) and not urls:
+        raise ConfigError(f"data.source_path: no tar shards match {cfg.source_path!r}")
+
+    def handler(exn: Exception) -> bool:
+        errors.append((type(exn).__name__, str(exn)[:300]))
+        return True  # keep going with the next sample / shard
+
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=handler)
+    for s in ds:
+        raw_key = str(s.get("__key__", ""))
+        url = str(s.get("__url__", ""))
+        origin = f"{url}#{raw_key}"
+        image, ext = None, None
+        for e in IMAGE_EXTS:
+            if e in s:
+                image, ext = s[e], e
+                break
+        meta: dict[str, Any] = {}
+        if "json" in s:
+            try:
+                meta = json.loads(s["json"])
+            except ValueError:
+                meta = {}
+        caption = s.get("txt")
+        if caption is None and isinstance(meta, dict):
+            caption = meta.get("caption")
+        extra = {"source_meta": meta} if isinstance(meta, dict) and meta else {}
+        if image is None:
+            extra["missing_image"] = sorted(k for k in s if not k.startswith("__"))
+        yield RawRecord(
+            key=clean_key(raw_key),
+            origin=origin,
+            image=image,
+            caption=caption,
+            extra=extra | ({"source_ext": ext} if ext else {}),
+        )
+
+
+def records(
+    cfg: DataConfig, errors: list[tuple[str, str]]
+) -> tuple[Iterator[RawRecord], int | None]:
+    """The source's records and their count when known beforehand."""
+    if cfg.source == "embedded":
+        return _embedded_records(cfg), cfg.num_train + cfg.num_holdout
+    if cfg.source == "folder":
+        folder = Path(cfg.source_path or "")
+        total = None
+        if folder.is_dir():  # image files only, so the held-out spacing is known up front
+            exts = {f".{e}" for e in IMAGE_EXTS}
+            total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
+        return _folder_records(cfg), total
+    return _webdataset_records(cfg, errors), None
+
+

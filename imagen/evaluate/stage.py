@@ -1,0 +1,195 @@
+"""``imagen evaluate``: the evaluate stage of the pipeline, step by step.
+
+Load the trained cascade and the held-out set, sweep the guidance scales, add the untrained
+reference and the full-cascade grid, write the reports, log everything to the stage's MLflow
+run, and register the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imagen.config import STAGES, Params
+from imagen.data.holdout import load_holdout
+from imagen.evaluate.metrics import Alignment, Fidelity
+from imagen.evaluate.report import write_reports
+from imagen.evaluate.sweep import sweep, untrained_reference
+
+
+def trained_cascade(params: Params, models_dir: Path) -> Any:
+    """Every trained stage, in cascade order (the sweep needs the stages up to its depth; the
+    cascade grid shows all of them). A missing stage up to the depth is a clear error."""
+    from imagen.checkpoint import MODEL_FILE
+    from imagen.sample.cascade import Cascade, stages_to
+
+    trained: list[str] = []
+    for name in STAGES:
+        if not (models_dir / name / MODEL_FILE).exists():
+            break
+        trained.append(name)
+    depth = params.evaluate.depth
+    last = trained[-1] if len(trained) >= len(stages_to(depth)) else depth
+    return Cascade.from_models_dir(models_dir, depth=last)
+
+
+def cascade_grid_report(
+    params: Params, cascade: Any, captions: list[str], out: Path, progress: bool
+) -> dict[str, Any]:
+    """reports/cascade.png: a few held-out prompts through every trained stage, side by side."""
+    from imagen.sample.cascade import cascade_grid
+
+    cfg = params.evaluate
+    t0 = time.perf_counter()
+    prompts = captions[: cfg.cascade_prompts]
+    images = cascade.generate(
+        prompts,
+        depth=cascade.depth,
+        steps=cfg.cascade_steps,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )  # stage -> (P, 3, res, res)
+    cascade_grid(images, prompts, cell=256).save(out / "cascade.png")
+    return {
+        "stages": list(images),
+        "prompts": prompts,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def log_sweep(run: Any, result: Any, best: dict[str, Any], out: Path) -> None:
+    """Every scale as one step of the run's metrics, the best point, and the reports folder."""
+    for i, row in enumerate(result.rows):
+        run.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step=i)
+    run.log_metrics(
+        {
+            f"best_{result.fidelity}": best[result.fidelity],
+            f"best_{result.alignment}": best[result.alignment],
+            "best_guidance_scale": best["guidance_scale"],
+        }
+    )
+    run.set_tags(
+        {"imagen.fidelity_metric": result.fidelity, "imagen.alignment_metric": result.alignment}
+    )
+    run.log_artifact(out, "reports")
+
+
+def register(
+    params: Params, run: Any, cascade: Any, models_dir: Path, result: Any, best: dict[str, Any]
+) -> Any:
+    """Register the stage models and the imagen-cascade pyfunc under the configured alias."""
+    from imagen.mlops.client import tracking_uri
+    from imagen.mlops.registry import register_models
+    from imagen.text import resolve_encoder_path
+
+    encoder = resolve_encoder_path(cascade.stages["base64"].config.model.conditioning)
+    return register_models(
+        run.run_id,
+        models_dir,
+        encoder,
+        tracking_uri=tracking_uri(params),
+        alias=params.mlflow.model_alias,
+        tags={
+            "imagen.best_guidance_scale": best["guidance_scale"],
+            f"imagen.best_{result.fidelity}": f"{best[result.fidelity]:.4f}",
+            f"imagen.best_{result.alignment}": f"{best[result.alignment]:.4f}",
+        },
+    )
+
+
+def evaluate(
+    params: Params,
+    *,
+    models_dir: str | Path | None = None,
+    progress: bool = False,
+    register_models: bool | None = None,
+    parent_run_id: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run the whole evaluate stage; returns the metrics written to metrics.json."""
+    from imagen.mlops.tracking import stage_run
+
+    cfg = params.evaluate
+    models_dir = Path(models_dir or params.models_dir)
+    out = Path(cfg.reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    cascade = trained_cascade(params, models_dir)
+    fidelity = Fidelity(cfg.inception_path)
+    alignment = Alignment(cfg.clip_path)
+    holdout = load_holdout(params, cfg.num_images, cascade.stages[cfg.depth].resolution)
+    say(
+        f"imagen evaluate: {len(cfg.guidance_scales)} guidance scales x {len(holdout)} images "
+        f"at {cfg.depth} from {holdout.source}; {fidelity.name} / {alignment.name}"
+    )
+    if register_models is None:
+        register_models = params.mlflow.register_models
+    with stage_run(params, "evaluate", parent_run_id=parent_run_id) as run:
+        common = dict(steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size)
+        result = sweep(
+            cascade,
+            holdout,
+            cfg.guidance_scales,
+            depth=cfg.depth,
+            fidelity=fidelity,
+            alignment=alignment,
+            keep=cfg.grid_images,
+            progress=progress,
+            log=say,
+            **common,
+        )
+        extra: dict[str, Any] = {"steps": cfg.steps, "seed": cfg.seed}
+        if cfg.depth == "base64":
+            extra["untrained"] = untrained_reference(
+                cascade, holdout, fidelity, alignment, **common
+            )
+            say(f"imagen evaluate: untrained base64 (guidance 1): {extra['untrained']}")
+            run.log_metrics({f"untrained_{k}": v for k, v in extra["untrained"].items()})
+        if cfg.cascade_prompts > 0:
+            extra["cascade"] = cascade_grid_report(params, cascade, holdout.captions, out, progress)
+            say(
+                f"imagen evaluate: cascade grid {extra['cascade']['stages']} in "
+                f"{extra['cascade']['seconds']} s"
+            )
+        metrics = write_reports(result, holdout, out, tolerance=cfg.tradeoff_tolerance, extra=extra)
+        best = metrics["best"]
+        log_sweep(run, result, best, out)
+        if register_models and run.active:
+            versions = register(params, run, cascade, models_dir, result, best)
+            metrics["registered"] = versions
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            say(f"imagen evaluate: registered {versions} (alias {params.mlflow.model_alias!r})")
+    say(
+        f"imagen evaluate: best guidance {best['guidance_scale']:g} "
+        f"({result.fidelity} {best[result.fidelity]:.3f}, "
+        f"{result.alignment} {best[result.alignment]:.3f}); reports in {out}/"
+    )
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=None, help="models folder (default: models_dir)")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow parent run of the pipeline")
+    parser.add_argument("--no-register", action="store_true", help="skip the model registry")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    try:
+        evaluate(
+            params,
+            models_dir=args.models,
+            progress=not args.no_progress,
+            register_models=False if args.no_register else None,
+            parent_run_id=args.parent_run_id,
+        )
+    except FileNotFoundError as e:
+        print(f"imagen evaluate: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,111 @@
+"""Where MLflow is and how every run of the project is tagged: the pieces all MLflow code shares.
+
+:func:`tracking_uri` picks the tracking server: ``mlflow.tracking_uri`` in params.yaml, else
+``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the working directory (MLflow's
+file store is deprecated); with a SQLite store the artifacts go to ``mlartifacts/`` beside the
+database file. The experiment is created on first use and marked as model training, so the
+MLflow UI opens on runs, metrics and artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from imagen.config import Params, params_hash
+
+# The MLflow UI shows a model-training experiment (runs, metrics, artifacts), not its GenAI pages.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Fail fast instead of retrying for minutes when an HTTP tracking server goes away mid-run.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def tracking_uri(params: Params | None = None) -> str:
+    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    if params is not None and params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: ``mlartifacts/`` beside a SQLite database; the
+    server's own default otherwise (None)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the working directory, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def reachable(uri: str) -> str | None:
+    """None when the tracking server answers, else the reason it does not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (a server without /health still answers)
+    except (OSError, urllib.error.URLError) as e:
+        return str(getattr(e, "reason", e))
+
+
+def run_tags(
+    params: Params, run_name: str, extra: Mapping[str, Any] | None = None, **tags: str | None
+) -> dict[str, str]:
+    """The tags every run of this project carries: name, params hash, git commit, plus ``tags``
+    (``None`` values dropped) and ``extra`` (stringified, last so a caller can override)."""
+    all_tags = {"imagen.params_hash": params_hash(params), "mlflow.runName": run_name}
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    all_tags.update({k: v for k, v in tags.items() if v is not None})
+    all_tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return all_tags
+
+
+def client_and_experiment(params: Params, uri: str | None = None) -> tuple[Any, str]:
+    """An MlflowClient for the tracking URI and the id of ``params.mlflow.experiment``, created
+    (tagged as model training) when it does not exist yet."""
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri(params)
+    client = MlflowClient(tracking_uri=uri)
+    name = params.mlflow.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(
+                name,
+                artifact_location=artifact_location(uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+            return client, exp_id
+        except Exception:  # noqa: BLE001 - created by another process a moment ago
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return client, exp.experiment_id
