@@ -32,7 +32,8 @@ from imagen.diffusion import (  # noqa: E402
 )
 from imagen.diffusion.schedules import log_snr_cosine, log_snr_linear  # noqa: E402
 from imagen.nemo.convert import load_nemo_weights, model_config_from_nemo  # noqa: E402
-from imagen.nn import build_unet  # noqa: E402
+from imagen.nn import build_unet, count_parameters, preset_parameter_count  # noqa: E402
+from imagen.presets import PAPER_PRESETS, PRESETS  # noqa: E402
 
 TEXT_DIM = 32
 FP32 = {"atol": 2e-5, "rtol": 1e-4}
@@ -440,3 +441,23 @@ def test_ddpm_ancestral_step_and_schedule(schedule: str) -> None:
         got = x_next * alpha_next  # VE -> VP
     _record(f"DDPM ancestral step ({schedule})", got, ref)
     torch.testing.assert_close(got, ref, atol=5e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_preset_count_equals_nemos_module(name: str) -> None:
+    """Each paper preset counts exactly the parameters of NeMo's module from the same block."""
+    preset = PRESETS[name]
+    unet = dict(preset["unet"], flash_attention=False)  # NeMo asserts flash-attn is installed
+    aug = bool(preset.get("noise_cond_aug"))
+    with torch.device("meta"):
+        if preset["unet_type"] == "sr":
+            nemo = NEMO.EfficientUNetModel(**unet, text_embed_dim=1024, noise_cond_aug=aug)
+        else:
+            nemo = NEMO.UNetModel(
+                **unet,
+                text_embed_dim=1024,
+                low_res_cond=preset["unet_type"] == "sr-unet",
+                noise_cond_aug=aug,
+            )
+    assert preset_parameter_count(name, 1024) == count_parameters(nemo)

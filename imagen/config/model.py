@@ -73,7 +73,8 @@ class ConditioningConfig(_Strict):
 class UNetConfig(_Strict):
     """Union of the Regular UNet and Efficient UNet keys; ``unet_type`` picks which apply.
 
-    Regular (base, sr-unet): num_res_blocks (or num_resblocks, one per level, which wins),
+    Regular (base, sr-unet): num_res_blocks (an int, or NeMo's list with one count per level;
+    num_resblocks, one per level, wins),
     attention_resolutions, resblock_updown, resample_with_conv (learned strided conv down /
     transposed conv up; else average pooling / nearest), dropout.
     Efficient (sr): num_resblocks (per level), atnn_enabled_at
@@ -135,6 +136,12 @@ class UNetConfig(_Strict):
         if isinstance(data, Mapping) and "attn_enabled_at" in data:
             data = dict(data)
             data["atnn_enabled_at"] = data.pop("attn_enabled_at")
+        # NeMo's Regular UNet also takes num_res_blocks as a list, one count per level
+        if isinstance(data, Mapping) and isinstance(data.get("num_res_blocks"), list | tuple):
+            data = dict(data)
+            per_level = [int(n) for n in data["num_res_blocks"]]
+            data.setdefault("num_resblocks", per_level)
+            data["num_res_blocks"] = max(per_level, default=1)
         return data
 
     @field_validator("dropout", mode="before")

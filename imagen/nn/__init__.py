@@ -69,6 +69,7 @@ def preset_model_config(name: str, text_embed_dim: int = 1024) -> ModelConfig:
             "unet_type": p["unet_type"],
             "unet": p["unet"],
             "conditioning": ConditioningConfig(embed_dim=text_embed_dim),
+            "noise_cond_aug": p.get("noise_cond_aug", False),
         }
     )
 
