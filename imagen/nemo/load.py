@@ -207,17 +207,9 @@ def load_nemo_denoiser(
     return den.to(device).eval()
 
 
-# NeMo's inference defaults (conf/inference_pipeline.yaml): steps, guidance per stage
-NEMO_INFERENCE: dict[str, tuple[int, float]] = {
-    "base64": (30, 7.5),
-    "sr256": (20, 8.0),
-    "sr1024": (20, 7.5),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a .nemo archive or a MegatronImagen .ckpt")
-    parser.add_argument("--stage", required=True, choices=list(NEMO_INFERENCE))
+    parser.add_argument("--stage", required=True, choices=["base64", "sr256", "sr1024"])
     parser.add_argument(
         "--out", default="models", help="models folder; writes OUT/STAGE/model.pt (%(default)s)"
     )
@@ -227,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, params: Any = None) -> int:
     from imagen.checkpoint import save_stage
-    from imagen.config import STAGE_RESOLUTIONS, SamplingConfig, StageConfig
+    from imagen.config import STAGE_RESOLUTIONS, StageConfig
 
     try:
         model, net, used_ema = read_nemo_checkpoint(
@@ -243,14 +235,14 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
             file=sys.stderr,
         )
         return 2
-    steps, guidance = NEMO_INFERENCE[args.stage]
-    sampler = "heun" if model.preconditioning_type == "EDM" else "ddpm"
-    stage = StageConfig(
-        name=args.stage,
-        resolution=res if model.is_sr else model.unet.image_size,
-        lowres=lowres,
-        model=model,
-        sampling=SamplingConfig(sampler=sampler, steps=steps, guidance_scale=guidance),
+    # sampling: NeMo's inference defaults for the stage (steps, guidance, sampler)
+    stage = StageConfig.model_validate(
+        {
+            "name": args.stage,
+            "resolution": res if model.is_sr else model.unet.image_size,
+            "lowres": lowres,
+            "model": model,
+        }
     )
     extra = {"source": str(args.file), "nemo_ema": used_ema}
     out = save_stage(Path(args.out) / args.stage, stage, net.state_dict(), extra=extra)
