@@ -4,8 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 \
-       HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+# The offline switches (no telemetry, no hub downloads) are set by the `imagen` command itself
+# (imagen.cli.OFFLINE_ENV) and by tests/conftest.py.
 # dvc.yaml's stage commands (`imagen ...`) and `dvc` itself come from the venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000

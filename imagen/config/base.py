@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from pydantic import BaseModel, ConfigDict
 
-STAGES: tuple[str, ...] = ("base64", "sr256", "sr1024")
+StageName = Literal["base64", "sr256", "sr1024"]
+STAGES: tuple[str, ...] = get_args(StageName)
 """The cascade's stages, in sampling order; each is one ``stages.<name>`` block of params.yaml."""
 
 # (output resolution, low-res input resolution) of each stage unless params.yaml says otherwise

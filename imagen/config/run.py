@@ -7,14 +7,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from imagen.config.base import ConfigError
+from imagen.config.base import ConfigError, StageName
 from imagen.config.base import Strict as _Strict
 from imagen.config.model import ConditioningConfig, ModelConfig
-
 
 # --------------------------------------------------------------------------------------------
 # trainer / optimiser / sampling
 # --------------------------------------------------------------------------------------------
+SamplerName = Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"]
+
+
 class OptimConfig(_Strict):
     """AdamW with linear warm-up (reference: lr 1e-4, betas 0.9/0.999, wd 0.01, 10k warm-up)."""
 
@@ -69,7 +71,7 @@ class SamplingConfig(_Strict):
     defaults (steps 30/20/20, guidance 7.5/8/7.5); ``sampler: auto`` is NeMo's choice: the EDM
     Heun sampler for EDM stages, ancestral DDPM for DDPM stages."""
 
-    sampler: Literal["auto", "heun", "euler", "ddpm", "ddim", "dpmpp_2m"] = "auto"
+    sampler: SamplerName | Literal["auto"] = "auto"
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     sigma_min: float = Field(0.002, gt=0)
@@ -148,7 +150,7 @@ class EvaluateConfig(_Strict):
     )
     num_images: int = Field(64, gt=0)
     batch_size: int = Field(32, gt=0)
-    depth: Literal["base64", "sr256", "sr1024"] = "base64"
+    depth: StageName = "base64"
     inception_path: str | None = None
     clip_path: str | None = None
     reports_dir: str = "reports"
@@ -163,6 +165,12 @@ class EvaluateConfig(_Strict):
     grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
     cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
     cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")
+    sampler: SamplerName | None = Field(
+        None, description="sweep sampler (None: each stage's own sampling.sampler)"
+    )
+    sr_pairs: int = Field(
+        8, ge=0, description="held-out pairs per SR stage scored against bicubic (0: off)"
+    )
 
 
 class MlflowConfig(_Strict):

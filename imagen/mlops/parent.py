@@ -110,16 +110,22 @@ def create_parent_run(
     return run.info.run_id
 
 
+def _runs_tagged(params: Params, tag: str, value: str, order: str, limit: int) -> list[Any]:
+    """Runs of the experiment whose ``tag`` is ``value``, by start time (ASC or DESC)."""
+    client, exp_id = client_and_experiment(params)
+    return list(
+        client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{tag}` = '{value}'",
+            order_by=[f"attributes.start_time {order}"],
+            max_results=limit,
+        )
+    )
+
+
 def stage_runs(params: Params, parent_run_id: str) -> list[Any]:
     """The stage runs nested under ``parent_run_id``, oldest first."""
-    client, exp_id = client_and_experiment(params)
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1000,
-    )
-    return list(runs)
+    return _runs_tagged(params, "mlflow.parentRunId", parent_run_id, "ASC", 1000)
 
 
 def end_parent_run(params: Params, parent_run_id: str, status: str | None = None) -> str:
@@ -137,13 +143,7 @@ def end_parent_run(params: Params, parent_run_id: str, status: str | None = None
 
 def latest_parent_run(params: Params) -> Any | None:
     """The most recently started parent run of the experiment, or None."""
-    client, exp_id = client_and_experiment(params)
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    runs = _runs_tagged(params, KIND_TAG, "pipeline", "DESC", 1)
     return runs[0] if runs else None
 
 
