@@ -116,7 +116,13 @@ def _sync(device: torch.device) -> None:
 
 
 def inputs(
-    unet_type: str, block: dict, batch: int, text_dim: int, tokens: int, aug: bool, device
+    unet_type: str,
+    block: dict,
+    batch: int,
+    text_dim: int,
+    tokens: int,
+    aug: bool,
+    device: torch.device,
 ) -> dict:
     """NeMo-style keyword inputs: x, time, text_embed, text_mask, [x_low_res, time_low_res]."""
     s = block["image_size"]
@@ -133,7 +139,15 @@ def inputs(
     return kw
 
 
-def build(impl: str, unet_type: str, block: dict, aug: bool, v: dict, text_dim: int, device):
+def build(
+    impl: str,
+    unet_type: str,
+    block: dict,
+    aug: bool,
+    v: dict,
+    text_dim: int,
+    device: torch.device,
+) -> tuple[torch.nn.Module, Any]:
     """(module, step_fn(kw) -> loss) for the project's UNet or NeMo's."""
     if impl == "project":
         cfg = model_config_from_nemo(
@@ -206,7 +220,7 @@ def run_case(
     batch: int,
     v: dict,
     peak_tflops: float,
-    device,
+    device: torch.device,
     steps: int,
     text_dim: int,
     tokens: int,
