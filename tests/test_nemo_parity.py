@@ -380,7 +380,7 @@ def test_edm_heun_sampler(unet_type: str) -> None:
     """EDM Heun, no churn, dynamic thresholding, CFG 3: the same images as NeMo's EDMSampler."""
     nemo, ours = _edm_pair(unet_type)
     kw = inputs(unet_type == "sr", False)
-    steps, scale = 6, 3.0
+    steps, scale = 4, 3.0
     noise = torch.randn(3, 3, 16, 16)
     cond = _text(kw)
     lowres = {}
