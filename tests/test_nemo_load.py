@@ -178,7 +178,7 @@ def test_import_nemo_writes_a_stage_model(tmp_path: Path, capsys) -> None:
 
 def test_imported_nemo_stages_sample_through_the_cascade(tmp_path: Path) -> None:
     """Two NeMo models imported as base64 and sr256 stages: `imagen sample`'s cascade runs."""
-    from _tiny_cascade import make_tiny_cascade
+    from tiny import make_tiny_cascade
 
     from imagen.sample.cascade import Cascade
 
@@ -195,7 +195,8 @@ def test_imported_nemo_stages_sample_through_the_cascade(tmp_path: Path) -> None
         )
         args = ["import-nemo", str(path), "--stage", stage, "--out", str(models), *extra]
         assert cli(args) == 0
-    cascade = Cascade.from_models_dir(models, depth="sr256", encoder_path=tmp_path / "encoder")
+    encoder = params.conditioning.encoder_path
+    cascade = Cascade.from_models_dir(models, depth="sr256", encoder_path=encoder)
     out = cascade.generate(["a red circle"], depth="sr256", seed=0, steps={"base64": 2, "sr256": 2})
     assert out["base64"].shape == (1, 3, 16, 16) and out["sr256"].shape == (1, 3, 32, 32)
     assert torch.isfinite(out["sr256"]).all()
