@@ -205,14 +205,21 @@ def test_fine_tune_from_a_registered_model(tmp_path: Path) -> None:
     assert _same(_net(module), source.ema_state_dict())
 
 
-def test_nemo_source_needs_the_converter(tmp_path: Path) -> None:
-    try:
-        import imagen.nemo.convert  # noqa: F401
+def test_fine_tune_from_a_nemo_archive(tmp_path: Path) -> None:
+    from test_nemo_load import megatron_state_dict, nemo_model_block, nemo_precond, write_nemo
+    from test_nemo_parity import REGULAR
 
-        pytest.skip("imagen.nemo is installed: NeMo sources are covered by its own tests")
-    except ImportError:
-        pass
-    path = tmp_path / "megatron.ckpt"
-    torch.save({"state_dict": {"model.model.unet.input_blocks.0.0.weight": torch.ones(1)}}, path)
-    with pytest.raises(ConfigError, match=r"NeMo checkpoint needs imagen\.nemo\.convert"):
+    from imagen.nemo.convert import model_config_from_nemo
+    from imagen.nemo.load import read_nemo_checkpoint
+
+    block = nemo_model_block("base", REGULAR, False)
+    path = write_nemo(tmp_path / "base.nemo", block, megatron_state_dict(nemo_precond(block)))
+    stage = StageConfig(name="base64", resolution=64, model=model_config_from_nemo(block))
+    module = ImagenStage(stage)
+    info = init_weights(module, str(path))
+    assert info["kind"] == "nemo" and info["took"] == "its weights (as weights and EMA)"
+    _, net, _ = read_nemo_checkpoint(path)
+    assert _same(_net(module), net.state_dict())
+    assert _same(module.ema.module.state_dict(), net.state_dict())
+    with pytest.raises(ConfigError, match=r"trainer\.init_from=.*does not fit"):
         init_weights(ImagenStage(tiny_stage()), str(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_data import env, imagen, make_project
+from tiny import env, imagen, make_project
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagen.config.base import ConfigError, StageName
 from imagen.config.base import Strict as _Strict
@@ -85,10 +86,20 @@ class TrainerConfig(_Strict):
         return str(v) if isinstance(v, int) else v
 
 
-class SamplingConfig(_Strict):
-    """How a stage samples (NeMo inference defaults: steps 30/20/20, guidance 7.5/8/7.5)."""
+# NeMo's inference defaults per stage (conf/inference_pipeline.yaml): (steps, guidance scale)
+NEMO_INFERENCE: dict[str, tuple[int, float]] = {
+    "base64": (30, 7.5),
+    "sr256": (20, 8.0),
+    "sr1024": (20, 7.5),
+}
 
-    sampler: SamplerName = "heun"
+
+class SamplingConfig(_Strict):
+    """How a stage samples. A stage's unset steps / guidance_scale take NeMo's inference
+    defaults (steps 30/20/20, guidance 7.5/8/7.5); ``sampler: auto`` is NeMo's choice: the EDM
+    Heun sampler for EDM stages, ancestral DDPM for DDPM stages."""
+
+    sampler: SamplerName | Literal["auto"] = "auto"
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     sigma_min: float = Field(0.002, gt=0)
@@ -117,6 +128,22 @@ class StageConfig(_Strict):
     model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
     sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nemo_inference_defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("sampling", {}), Mapping):
+            steps, scale = NEMO_INFERENCE.get(data.get("name", ""), (30, 7.5))
+            sampling = {"steps": steps, "guidance_scale": scale, **(data.get("sampling") or {})}
+            data = {**data, "sampling": sampling}
+        return data
+
+    @model_validator(mode="after")
+    def _auto_sampler(self) -> StageConfig:
+        if self.sampling.sampler == "auto":
+            kind = "heun" if self.model.preconditioning_type == "EDM" else "ddpm"
+            object.__setattr__(self, "sampling", self.sampling.model_copy(update={"sampler": kind}))
+        return self
 
 
 # --------------------------------------------------------------------------------------------

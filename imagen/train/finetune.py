@@ -11,8 +11,6 @@ naming the first tensor that does not fit.
 
 from __future__ import annotations
 
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,31 +62,27 @@ def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict | None, int | Non
     return net, ema or None, int(count) if count is not None else None
 
 
-def _nemo_state(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a NeMo ``.nemo`` archive or a MegatronImagen ``.ckpt``."""
-    if path.suffix == ".nemo":
-        with tarfile.open(path) as tar, tempfile.TemporaryDirectory() as tmp:
-            names = [m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt")]
-            member = names[0] if names else None
-            if member is None:
-                raise ConfigError(f"trainer.init_from={path}: no model_weights.ckpt in the archive")
-            tar.extract(member, tmp, filter="data")
-            return torch.load(Path(tmp) / member.name, map_location="cpu", weights_only=True)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt.get("state_dict", ckpt)
-
-
-def _load_nemo(module: ImagenStage, path: Path) -> dict[str, Any]:
+def _load_nemo(module: ImagenStage, path: Path, spec: str) -> dict[str, Any]:
+    """Weights of a NeMo ``.nemo`` (or a MegatronImagen ``.ckpt`` with a model_config.yaml
+    beside it; its ``-EMA.ckpt`` sibling when present) through :mod:`imagen.nemo`."""
     try:
-        from imagen.nemo.convert import load_nemo_weights
+        from imagen.nemo.load import NemoLoadError, read_nemo_checkpoint
     except ImportError as e:
         raise ConfigError(
-            f"trainer.init_from={path}: a NeMo checkpoint needs imagen.nemo.convert "
-            f"(the NeMo weight converter), which this installation lacks ({e})"
+            f"trainer.init_from={spec}: a NeMo checkpoint needs imagen.nemo (the NeMo "
+            f"checkpoint loader), which this installation lacks ({e})"
         ) from e
-    load_nemo_weights(module.net, _nemo_state(path), module.stage.model.unet_type)
-    module.ema.module.load_state_dict(module.net.state_dict())
-    return {"kind": "nemo", "step": None, "took": "its UNet weights (EMA: the same)"}
+    config = path.with_name("model_config.yaml")
+    config_arg = config if path.suffix != ".nemo" and config.is_file() else None
+    try:
+        _, net, used_ema = read_nemo_checkpoint(path, config=config_arg, ema=True)
+    except NemoLoadError as e:
+        raise ConfigError(f"trainer.init_from={spec}: {e}") from e
+    state = net.state_dict()
+    _load(module.net, state, "UNet", spec, module.stage)
+    _load(module.ema.module, state, "EMA UNet", spec, module.stage)
+    took = "its EMA weights" if used_ema else "its weights"
+    return {"kind": "nemo", "step": None, "took": f"{took} (as weights and EMA)"}
 
 
 def _read_weights(path: Path) -> tuple[dict, dict | None, int | None, dict[str, Any]] | None:
@@ -127,7 +121,7 @@ def init_weights(module: ImagenStage, spec: str, tracking_uri: str | None = None
     path = resolve_source(spec, stage.name, tracking_uri)
     read = _read_weights(path)
     if read is None:
-        info = _load_nemo(module, path)
+        info = _load_nemo(module, path, spec)
     else:
         net, ema, count, info = read
         info["took"] = (
