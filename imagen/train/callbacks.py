@@ -98,7 +98,8 @@ class Progress(Callback):
         """``train/loss_avg`` for the best-k rule: the same value on every rank (a collective,
         so every rank calls it at the same steps)."""
         local = sum(self.window) / len(self.window) if self.window else float("inf")
-        value = trainer.strategy.reduce(torch.tensor(local), reduce_op="mean")
+        device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
+        value = trainer.strategy.reduce(torch.tensor(local, device=device), reduce_op="mean")
         trainer.callback_metrics["train/loss_avg"] = torch.as_tensor(value).detach().cpu()
 
     def sample(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
