@@ -82,12 +82,18 @@ def test_edm_loss_matches_hand_computation(loss_type: str) -> None:
     # x = x0 + 2 noise = [4, 1.5]; D = [4/17, 1.5/17]; D - x0 = [4/17 - 3, 1.5/17 + 0.5]
     d1, d2 = 4 / 17 - 3, 1.5 / 17 + 0.5
     weight = (4 + 0.25) / (2 * 0.5) ** 2  # (sigma^2 + sd^2) / (sigma sd)^2 = 4.25
+    # NeMo's weighting: loss(sqrt(w) D, sqrt(w) x0); for l2 that is w * (D - x0)^2
+    e1, e2 = math.sqrt(weight) * d1, math.sqrt(weight) * d2  # 5.70, 1.21: both > 1
+
+    def huber(e: float) -> float:
+        return 0.5 * e**2 if abs(e) < 1 else abs(e) - 0.5
+
     elementwise = {
-        "l2": [d1**2, d2**2],
-        "l1": [abs(d1), abs(d2)],
-        "huber": [abs(d1) - 0.5, 0.5 * d2**2],  # |d1| = 2.76 > 1 (linear), |d2| < 1 (quadratic)
+        "l2": [e1**2, e2**2],
+        "l1": [abs(e1), abs(e2)],
+        "huber": [huber(e1), huber(e2)],
     }[loss_type]
-    expected = weight * sum(elementwise) / 2
+    expected = sum(elementwise) / 2
     per, sigma = den.per_sample_loss(x0, {}, sigma=torch.tensor([2.0], dtype=F64), noise=noise)
     assert per.shape == (1,) and float(sigma) == 2.0
     assert float(per) == pytest.approx(expected, rel=1e-12)
@@ -126,8 +132,8 @@ def test_ddpm_loss_matches_hand_computation(objective: str, loss_type: str) -> N
     per, sigma = den.per_sample_loss(x0, {}, t=torch.tensor([t], dtype=F64), noise=eps)
     assert float(per) == pytest.approx(expected, rel=1e-10)
     assert float(sigma) == pytest.approx(s / alpha, rel=1e-10)
-    # noise_cond is the fixed scaling -log_snr / 8 = ln(sigma) / 4
-    assert float(net.calls[0]["noise_cond"]) == pytest.approx(math.log(s / alpha) / 4, rel=1e-10)
+    # noise_cond is the log-SNR, as NeMo conditions its UNet
+    assert float(net.calls[0]["noise_cond"]) == pytest.approx(-2 * math.log(s / alpha), rel=1e-6)
     torch.testing.assert_close(net.calls[0]["x"][0], torch.tensor(x_vp, dtype=F64))
 
 
@@ -152,11 +158,11 @@ def test_ddpm_huber_and_schedule_ranges() -> None:
     x0 = torch.tensor([[2.0, 0.5]], dtype=F64)  # zero prediction: errors 2 (linear), 0.5
     per, _ = den.per_sample_loss(x0, t=torch.tensor([0.5], dtype=F64), noise=torch.zeros_like(x0))
     assert float(per) == pytest.approx(((2 - 0.5) + 0.5 * 0.25) / 2)
-    for schedule in ("cosine", "linear"):
+    # NeMo's log-SNR at t = 0 and t = 1 (float32): cosine 8.77 / -33.9, linear 9.21 / -10.0
+    for schedule, ends in (("cosine", (8.77, -33.9)), ("linear", (9.21, -10.0))):
         d = DDPMDenoiser(ZeroNet(), DDPMConfig(noise_schedule=schedule))
-        assert 0 < d.sigma_min < 0.05 and d.sigma_max > 100
-        nc = torch.log(torch.tensor([d.sigma_min, d.sigma_max])) / 4
-        assert nc.abs().max() <= 2.5  # the network's noise_cond stays of order 1
+        log_snr = -2 * torch.log(torch.tensor([d.sigma_min, d.sigma_max], dtype=F64))
+        torch.testing.assert_close(log_snr, torch.tensor(ends, dtype=F64), atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("objective", ["noise", "x_start", "v"])
@@ -302,10 +308,39 @@ def test_aug_level_sampling_and_condition() -> None:
     lv = sample_aug_level(1000, 0.3, torch.Generator().manual_seed(0))
     assert lv.shape == (1000,) and lv.min() >= 0 and lv.max() < 0.3 and lv.std() > 0.05
     lowres = torch.randn(4, 3, 8, 8)
-    cfg = NoiseAugConfig(max_level=0.5, sample_level=0.2)
+    cfg = NoiseAugConfig(enabled=True, kind="cosine_vp", max_level=0.5, sample_level=0.2)
     noisy, level = lowres_condition(lowres, cfg, training=False)
     assert torch.equal(level, torch.full((4,), 0.2)) and not torch.equal(noisy, lowres)
     _, level = lowres_condition(lowres, cfg, training=True, generator=torch.Generator())
     assert (level < 0.5).all() and level.unique().numel() == 4
     same, level = lowres_condition(lowres, NoiseAugConfig(enabled=False), training=True)
-    assert torch.equal(same, lowres) and torch.equal(level, torch.zeros(4))
+    assert torch.equal(same, lowres) and level is None
+
+
+def test_edm_noise_aug_is_nemos() -> None:
+    """noise_cond_aug: true -> c_in(s) (lowres + s eps), ln(s)/4; s = 0.002 at sampling and
+    ln s ~ N(p_mean, p_std^2) in training (eps drawn first, then s, from one generator)."""
+    m = ModelConfig.model_validate(
+        {
+            "unet_type": "sr",
+            "noise_cond_aug": True,
+            "unet": {"num_resblocks": [1, 1, 1, 1]},
+            "preconditioning": {"p_mean": -0.5, "p_std": 0.8},
+        }
+    )
+    aug = m.noise_cond_aug
+    assert aug.enabled and aug.kind == "edm" and (aug.p_mean, aug.p_std) == (-0.5, 0.8)
+    lowres = torch.randn(4, 3, 8, 8)
+    got, level = lowres_condition(lowres, aug, training=False, generator=torch.Generator())
+    eps = torch.randn(4, 3, 8, 8, generator=torch.Generator())
+    c_in = 1 / math.sqrt(0.002**2 + 0.25)
+    torch.testing.assert_close(got, c_in * (lowres + 0.002 * eps))
+    torch.testing.assert_close(level, torch.full((4,), math.log(0.002) / 4))
+    g = torch.Generator().manual_seed(3)
+    _, level = lowres_condition(torch.randn(20_000, 1, 1, 1), aug, training=True, generator=g)
+    log_s = 4 * level
+    assert abs(float(log_s.mean()) + 0.5) < 0.03 and abs(float(log_s.std()) - 0.8) < 0.03
+    with pytest.raises(ValueError, match="EDM"):
+        ModelConfig.model_validate(
+            {"unet_type": "sr", "noise_cond_aug": True, "preconditioning_type": "DDPM"}
+        )

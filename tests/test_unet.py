@@ -30,7 +30,9 @@ POOLING = ["attention", "mean"]
 KINDS = ["base", "sr-unet", "sr"]
 
 
-def tiny_model(kind: str = "base", channels_last: bool = False, **unet: object) -> ModelConfig:
+def tiny_model(
+    kind: str = "base", channels_last: bool = False, noise_cond_aug: bool = False, **unet: object
+) -> ModelConfig:
     """A real ModelConfig shrunk to a few thousand parameters at 16x16."""
     if kind == "sr":
         u: dict[str, object] = dict(
@@ -55,13 +57,14 @@ def tiny_model(kind: str = "base", channels_last: bool = False, **unet: object) 
             "unet": u,
             "conditioning": ConditioningConfig(embed_dim=TEXT_DIM),
             "channels_last": channels_last,
+            "noise_cond_aug": noise_cond_aug,
         }
     )
 
 
-def build(kind: str = "base", **unet: object) -> torch.nn.Module:
+def build(kind: str = "base", noise_cond_aug: bool = False, **unet: object) -> torch.nn.Module:
     """A tiny UNet whose zero-initialised layers are perturbed, so every path is live."""
-    net = build_unet(tiny_model(kind, **unet))
+    net = build_unet(tiny_model(kind, noise_cond_aug=noise_cond_aug, **unet))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -112,7 +115,7 @@ def test_sr_nets_are_fully_convolutional_and_need_lowres(kind):
 
 
 def test_lowres_and_aug_level_change_the_output():
-    net = build("sr").eval()
+    net = build("sr", noise_cond_aug=True).eval()
     kw = inputs("sr")
     ref = net(**kw)
     assert not torch.allclose(ref, net(**{**kw, "lowres": kw["lowres"] + 1.0}), atol=1e-4)
@@ -123,8 +126,15 @@ def test_lowres_and_aug_level_change_the_output():
 @pytest.mark.parametrize("attention_type", ATTENTION)
 @pytest.mark.parametrize("pooling", POOLING)
 def test_padding_is_masked(kind, attention_type, pooling):
-    """One caption padded to 5 and to 11 tokens (garbage in the padding) -> same output."""
-    net = build(kind, attention_type=attention_type, feature_pooling_type=pooling).eval()
+    """With masked_pooling and context_norm layer (departures from NeMo, whose pooling and
+    GroupNorm see the padding): one caption padded to 5 and to 11 tokens -> same output."""
+    net = build(
+        kind,
+        attention_type=attention_type,
+        feature_pooling_type=pooling,
+        masked_pooling=True,
+        context_norm="layer",
+    ).eval()
     kw = inputs(kind, b=1, length=5)
     kw["text_mask"][:, 4:] = False  # 4 real tokens
     long_embed = torch.randn(1, 11, TEXT_DIM) * 3.0
@@ -135,6 +145,22 @@ def test_padding_is_masked(kind, attention_type, pooling):
         short = net(**kw)
         long = net(**{**kw, "text_embed": long_embed, "text_mask": long_mask})
     torch.testing.assert_close(short, long, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_length_matters_by_default_as_in_nemo():
+    """NeMo pools over, and GroupNorms across, every token position: more padding, other output."""
+    net = build("base", attention_type="fused").eval()
+    kw = inputs("base", b=1, length=5)
+    kw["text_mask"][:, 4:] = False
+    kw["text_embed"][:, 4:] = 0.0
+    longer = torch.zeros(1, 11, TEXT_DIM)
+    longer[:, :5] = kw["text_embed"]
+    mask = torch.zeros(1, 11, dtype=torch.bool)
+    mask[:, :4] = True
+    with torch.no_grad():
+        short = net(**kw)
+        long = net(**{**kw, "text_embed": longer, "text_mask": mask})
+    assert (short - long).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("kind", ["base", "sr"])
@@ -239,11 +265,10 @@ def test_use_null_token(attention_type):
     assert not torch.allclose(out[0], net(**kw)[0], atol=1e-4)
     out.square().mean().backward()
     assert net.cond.null_token.grad.abs().sum() > 0
-    assert net.cond.null_pooled.grad.abs().sum() > 0
 
 
 def test_learned_sinusoidal_time_embedding():
-    net = build("sr", learned_sinu_pos_emb_dim=16)
+    net = build("sr", noise_cond_aug=True, learned_sinu_pos_emb_dim=16)
     out = net(**inputs("sr"))
     assert out.shape == (2, 3, 16, 16)
     out.square().mean().backward()

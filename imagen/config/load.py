@@ -42,7 +42,10 @@ def _apply_preset(model: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}.preset: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
     preset = PRESETS[name]
     # preset first, explicit keys on top (an explicit unet_type or unet key overrides it)
-    return deep_merge({"unet_type": preset["unet_type"], "unet": preset["unet"]}, model)
+    base = {"unet_type": preset["unet_type"], "unet": preset["unet"]}
+    if "noise_cond_aug" in preset:
+        base["noise_cond_aug"] = preset["noise_cond_aug"]
+    return deep_merge(base, model)
 
 
 def _format(err: ValidationError, prefix: str) -> list[str]:

@@ -73,7 +73,8 @@ class ConditioningConfig(_Strict):
 class UNetConfig(_Strict):
     """Union of the Regular UNet and Efficient UNet keys; ``unet_type`` picks which apply.
 
-    Regular (base, sr-unet): num_res_blocks (or num_resblocks, one per level, which wins),
+    Regular (base, sr-unet): num_res_blocks (an int, or NeMo's list with one count per level;
+    num_resblocks, one per level, wins),
     attention_resolutions, resblock_updown, resample_with_conv (learned strided conv down /
     transposed conv up; else average pooling / nearest), dropout.
     Efficient (sr): num_resblocks (per level), atnn_enabled_at
@@ -92,6 +93,22 @@ class UNetConfig(_Strict):
     feature_pooling_type: Literal["attention", "mean"] = "attention"
     learned_sinu_pos_emb_dim: int = Field(0, ge=0)
     use_null_token: bool = False
+    masked_pooling: bool = Field(
+        False,
+        description="pool the text over its valid tokens only (NeMo pools over every position, "
+        "padding included)",
+    )
+    context_norm: Literal["group", "layer"] = Field(
+        "group",
+        description="text-context norm of the attention blocks: group (NeMo's GroupNorm over "
+        "every token position, padding included) or layer (each token on its own)",
+    )
+    noise_cond_scale: float = Field(
+        1.0,
+        gt=0,
+        description="multiplies the noise level before its sinusoidal features (NeMo: 1; 1000 "
+        "spreads an order-1 input over every feature band)",
+    )
     init_conv_kernel_size: int = Field(3, gt=0)
     gradient_checkpointing: bool = False
     scale_shift_norm: bool = True
@@ -119,6 +136,12 @@ class UNetConfig(_Strict):
         if isinstance(data, Mapping) and "attn_enabled_at" in data:
             data = dict(data)
             data["atnn_enabled_at"] = data.pop("attn_enabled_at")
+        # NeMo's Regular UNet also takes num_res_blocks as a list, one count per level
+        if isinstance(data, Mapping) and isinstance(data.get("num_res_blocks"), list | tuple):
+            data = dict(data)
+            per_level = [int(n) for n in data["num_res_blocks"]]
+            data.setdefault("num_resblocks", per_level)
+            data["num_res_blocks"] = max(per_level, default=1)
         return data
 
     @field_validator("dropout", mode="before")
@@ -231,11 +254,30 @@ class DDPMConfig(_Strict):
 
 
 class NoiseAugConfig(_Strict):
-    """Noise conditioning augmentation of the low-res input (SR stages only)."""
+    """Noise conditioning augmentation of the low-res input (SR stages only).
 
-    enabled: bool = True
-    max_level: float = Field(0.5, ge=0.0, le=1.0, description="train: level ~ U(0, max_level)")
-    sample_level: float = Field(0.1, ge=0.0, le=1.0, description="fixed level at sampling")
+    ``model.noise_cond_aug: true`` (NeMo's spelling) switches on NeMo's kind, ``edm``: the
+    low-res image gets noise at a level drawn like the training noise (ln sigma_aug ~
+    N(p_mean, p_std^2), from the stage's EDM preconditioning), is scaled by
+    1 / sqrt(sigma_aug^2 + sigma_data^2) and the net embeds ln(sigma_aug) / 4; sampling uses
+    sigma_aug = ``sample_sigma`` (NeMo: 0.002). EDM stages only, as in NeMo. ``cosine_vp`` (a
+    departure, any preconditioning): x = cos(pi/2 l) lowres + sin(pi/2 l) eps with
+    l ~ U(0, max_level) in training and ``sample_level`` at sampling; the net embeds l.
+    """
+
+    enabled: bool = False
+    kind: Literal["edm", "cosine_vp"] = "edm"
+    sample_sigma: float = Field(0.002, gt=0, description="edm: sigma_aug at sampling")
+    max_level: float = Field(
+        0.5, ge=0.0, le=1.0, description="cosine_vp: train level ~ U(0, max_level)"
+    )
+    sample_level: float = Field(
+        0.1, ge=0.0, le=1.0, description="cosine_vp: fixed level at sampling"
+    )
+    # edm: the training distribution and sigma_data; filled from model.preconditioning
+    p_mean: float | None = None
+    p_std: float | None = Field(None, gt=0)
+    sigma_data: float | None = Field(None, gt=0)
 
 
 class ModelConfig(_Strict):
@@ -280,6 +322,31 @@ class ModelConfig(_Strict):
             elif block is None and kind == "DDPM":
                 data["preconditioning"] = DDPMConfig()
         return data
+
+    @field_validator("noise_cond_aug", mode="before")
+    @classmethod
+    def _bool_noise_cond_aug(cls, v: Any) -> Any:
+        # NeMo's spelling: `noise_cond_aug: True` is its EDM augmentation
+        if isinstance(v, bool):
+            return {"enabled": v, "kind": "edm"}
+        return v
+
+    @model_validator(mode="after")
+    def _edm_noise_aug(self) -> ModelConfig:
+        aug = self.noise_cond_aug
+        if aug.enabled and aug.kind == "edm":
+            if self.preconditioning_type != "EDM" or not isinstance(
+                self.preconditioning, EDMConfig
+            ):
+                raise ValueError(
+                    "noise_cond_aug: NeMo's augmentation (kind edm) needs preconditioning_type "
+                    "EDM; use kind: cosine_vp with DDPM"
+                )
+            pre = self.preconditioning
+            for key in ("p_mean", "p_std", "sigma_data"):
+                if getattr(aug, key) is None:
+                    object.__setattr__(aug, key, getattr(pre, key))
+        return self
 
     @property
     def is_sr(self) -> bool:

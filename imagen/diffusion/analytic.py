@@ -124,7 +124,10 @@ class _ExactNet(torch.nn.Module):
 
     def forward(self, x_in: torch.Tensor, noise_cond: torch.Tensor, **cond) -> torch.Tensor:
         self.calls += 1
-        sigma = torch.exp(4 * noise_cond)[:, None]  # noise_cond = ln(sigma) / 4
+        if self.kind == "edm":
+            sigma = torch.exp(4 * noise_cond)[:, None]  # EDM: noise_cond = ln(sigma) / 4
+        else:
+            sigma = torch.exp(-0.5 * noise_cond)[:, None]  # DDPM: noise_cond = log-SNR
         sd = self.sigma_data
         if self.kind == "edm":
             x = x_in * (sigma**2 + sd**2).sqrt()  # undo c_in

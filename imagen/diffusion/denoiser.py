@@ -7,9 +7,8 @@ Both preconditionings expose the variance-exploding view of Karras et al. 2022 (
     net(x, noise_cond, text_embed=None, text_mask=None, lowres=None, aug_level=None,
         drop_text=None) -> Tensor
 
-where ``noise_cond`` is a (B,) float of order 1. Both preconditionings feed it the same
-quantity, ``noise_cond = ln(sigma) / 4 = -log_snr / 8``, so a network's noise embedding means
-the same thing whichever objective trained it.
+where ``noise_cond`` is what NeMo feeds its UNet: EDM's c_noise = ln(sigma) / 4, the
+continuous DDPM's log-SNR.
 """
 
 from __future__ import annotations
@@ -107,10 +106,6 @@ class Denoiser(nn.Module):
     def __init__(self, net: nn.Module | Any) -> None:
         super().__init__()
         self.net = net
-
-    def noise_cond(self, sigma: torch.Tensor) -> torch.Tensor:
-        """What the network sees as its noise level: ln(sigma) / 4 (EDM's c_noise)."""
-        return torch.log(sigma) / 4
 
     def per_sample_loss(
         self, x0: torch.Tensor, cond: Mapping[str, Any] | None = None, generator=None
@@ -213,10 +208,12 @@ class EDMDenoiser(Denoiser):
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """lambda(sigma) * mean(loss(D(x0 + sigma eps; sigma), x0)) per sample.
+        """mean(loss(sqrt(lambda) D(x0 + sigma eps; sigma), sqrt(lambda) x0)) per sample.
 
         ``sigma`` (B,) and ``noise`` (like x0) may be given explicitly; by default they are
-        drawn from ``generator``. l1 and huber use the same weight lambda(sigma) as l2.
+        drawn from ``generator``. The weight goes inside the loss, as NeMo applies it: for l2
+        this is lambda(sigma) * squared error (Karras et al. 2022, eq. 8), for l1 and huber the
+        error of the scaled prediction.
         """
         if sigma is None:
             sigma = self.sample_sigma(x0.shape[0], x0, generator)
@@ -225,17 +222,16 @@ class EDMDenoiser(Denoiser):
             noise = randn(x0.shape, x0, generator)
         x = x0 + expand_like(sigma, x0) * noise
         D = self(x, sigma, **dict(cond or {}))
-        per = per_sample_mean(elementwise_loss(D, x0, self.config.loss_type))
-        return self.loss_weight(sigma) * per, sigma
+        w = expand_like(self.loss_weight(sigma).sqrt(), x0)  # (B, 1, 1, 1)
+        per = per_sample_mean(elementwise_loss(w * D, w * x0, self.config.loss_type))
+        return per, sigma
 
 
 class DDPMDenoiser(Denoiser):
     """Continuous-time DDPM: t ~ U(0, 1), a log-SNR schedule, a variance-preserving network input.
 
     The network sees ``x_vp = alpha x0 + s eps`` (``alpha^2 = sigmoid(log_snr)``,
-    ``s^2 = sigmoid(-log_snr)``) and ``noise_cond = -log_snr / 8`` (= ln(sigma) / 4, the
-    scaling EDM uses; order 1: [-1.1, 2.5] for the cosine schedule, [-2.5, 1.3] for the
-    linear one) and predicts
+    ``s^2 = sigmoid(-log_snr)``) and ``noise_cond = log_snr`` (NeMo's condition) and predicts
     ``pred_objective``: the noise eps, the clean x0 ("x_start") or v = alpha eps - s x0.
     In VE terms ``sigma = s / alpha`` and ``x = x_vp / alpha``.
     """
@@ -252,7 +248,7 @@ class DDPMDenoiser(Denoiser):
             )
         self.log_snr = LOG_SNR_SCHEDULES[self.config.noise_schedule]
         self.timesteps = self.config.timesteps
-        ends = sigma_from_log_snr(self.log_snr(torch.tensor([0.0, 1.0], dtype=torch.float64)))
+        ends = sigma_from_log_snr(self.log_snr(torch.tensor([0.0, 1.0])).double())
         self.sigma_min, self.sigma_max = float(ends[0]), float(ends[1])
 
     def _uniform_t_sigmas(self, steps: int, **kw: Any) -> torch.Tensor:
@@ -260,7 +256,7 @@ class DDPMDenoiser(Denoiser):
 
     def _predict(self, x_vp: torch.Tensor, log_snr: torch.Tensor, cond: Mapping[str, Any]):
         """Network output on the VP input, plus (alpha, s) broadcast against x_vp."""
-        out = self.net(x_vp, -log_snr / 8, **cond).to(x_vp.dtype)
+        out = self.net(x_vp, log_snr, **cond).to(x_vp.dtype)
         alpha = expand_like(torch.sigmoid(log_snr).sqrt(), x_vp)
         s = expand_like(torch.sigmoid(-log_snr).sqrt(), x_vp)
         return out, alpha, s
@@ -273,7 +269,7 @@ class DDPMDenoiser(Denoiser):
         out, alpha, s = self._predict(x_vp, log_snr, cond)
         objective = self.config.pred_objective
         if objective == "noise":
-            return (x_vp - s * out) / alpha  # x0 = (x_vp - s eps) / alpha
+            return (x_vp - s * out) / alpha.clamp(min=1e-8)  # x0 = (x_vp - s eps) / alpha
         if objective == "x_start":
             return out
         if objective == "v":
@@ -290,7 +286,7 @@ class DDPMDenoiser(Denoiser):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean(loss(net(alpha x0 + s eps, -log_snr/8), target)) per sample, target by objective.
+        """mean(loss(net(alpha x0 + s eps, log_snr), target)) per sample, target by objective.
 
         ``t`` (B,) and ``noise`` may be given explicitly; by default t ~ U(0, 1) and eps ~ N(0, I)
         are drawn from ``generator``. Returns (loss (B,), sigma (B,)).

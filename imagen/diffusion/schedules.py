@@ -13,11 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-# Log-SNR is clamped to this range so that t = 0 and t = 1 give finite noise levels
-# (sigma in [e^-10, e^10]).
-LOG_SNR_MIN = -20.0
-LOG_SNR_MAX = 20.0
-
 LogSNR = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,21 +44,21 @@ def karras_sigmas(
 
 
 def log_snr_cosine(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
-    """Cosine schedule as a log-SNR; t in [0, 1] (t = 1 is pure noise)."""
-    # Nichol & Dhariwal 2021, eq. 17: alpha_bar = cos^2(pi/2 (t+s)/(1+s)) => log-SNR = -2 ln tan(.)
-    angle = (t.double() + s) / (1 + s) * (math.pi / 2)
-    log_snr = -2.0 * torch.log(torch.tan(angle).clamp_min(1e-30))
-    return log_snr.clamp(LOG_SNR_MIN, LOG_SNR_MAX).to(t.dtype)
+    """Cosine schedule as a log-SNR, t in [0, 1] (t = 1 is pure noise), as NeMo computes it:
+    -log(max(cos^-2(pi/2 (t+s)/(1+s)) - 1, 1e-5)), in t's dtype (8.77 at t = 0)."""
+    # Nichol & Dhariwal 2021, eq. 17: alpha_bar = cos^2(pi/2 (t+s)/(1+s));
+    # SNR = alpha_bar / (1 - alpha_bar) = 1 / (cos^-2 - 1)
+    inv = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** -2 - 1
+    return -torch.log(inv.clamp(min=1e-5))
 
 
-def log_snr_linear(t: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
-    """Linear beta schedule (DDPM's 1e-4..0.02 over 1000 steps) in continuous time, as a log-SNR."""
-    # Song et al. 2021 (VP SDE): alpha_bar = exp(-(b_min t + (b_max-b_min) t^2 / 2))
-    #   => log-SNR = log(alpha_bar / (1 - alpha_bar)) = -ln(expm1(b_min t + (b_max-b_min) t^2/2))
-    td = t.double()
-    exponent = beta_min * td + 0.5 * (beta_max - beta_min) * td**2
-    log_snr = -torch.log(torch.expm1(exponent).clamp_min(1e-30))
-    return log_snr.clamp(LOG_SNR_MIN, LOG_SNR_MAX).to(t.dtype)
+def log_snr_linear(t: torch.Tensor) -> torch.Tensor:
+    """NeMo's "linear" schedule: log-SNR = -log(expm1(1e-4 + 10 t^2)), in t's dtype.
+
+    That is alpha_bar = exp(-(1e-4 + 10 t^2)): the continuous form of a linear beta schedule
+    (Kingma et al. 2021, as imagen-pytorch and NeMo write it); 9.21 at t = 0, -10.0 at t = 1.
+    """
+    return -torch.log(torch.expm1(1e-4 + 10 * t**2))
 
 
 LOG_SNR_SCHEDULES: dict[str, LogSNR] = {"cosine": log_snr_cosine, "linear": log_snr_linear}
@@ -91,7 +86,9 @@ def uniform_t_sigmas(
 
     With ``timesteps`` the t values are snapped to the grid k / timesteps (k = 1..timesteps),
     so ``steps == timesteps`` visits every training step and fewer steps re-space that grid
-    (as DDIM does). Returns (steps + 1,) decreasing sigmas ending in 0.
+    (as DDIM does). Returns (steps + 1,) decreasing sigmas ending in 0. NeMo's DDPM sampler
+    visits the same t grid (linspace(1, 0, steps + 1)) but ends at t = 0's log-SNR rather than
+    sigma = 0 (its last image is the posterior mean there, alpha ~ 0.9999 times x0_hat).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -103,6 +100,7 @@ def uniform_t_sigmas(
     else:
         # integer rounding of timesteps * j / steps: exact, strictly decreasing, never 0
         frac = ((timesteps * j + steps // 2) // steps).double() / timesteps
-    sigmas = sigma_from_log_snr(log_snr(frac))
+    # the log-SNR in float32, as NeMo evaluates it (its cosine schedule reaches -33.9 at t = 1)
+    sigmas = sigma_from_log_snr(log_snr(frac.float()).double())
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     return sigmas.to(dtype=dtype, device=device)

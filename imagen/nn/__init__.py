@@ -5,12 +5,12 @@ Every UNet has the same forward signature::
     forward(x, noise_cond, text_embed=None, text_mask=None, lowres=None, aug_level=None,
             drop_text=None) -> Tensor
 
-x (B, C, H, W) is the preconditioned noisy image; noise_cond (B,) an order-1 noise level
-(EDM: ln(sigma)/4; DDPM: scaled log-SNR), multiplied internally by
-:data:`imagen.nn.embeddings.NOISE_COND_SCALE`; text_embed (B, L, D) token features with
-text_mask (B, L) bool (True = real token); lowres (B, C, h, w) the low-res image of the SR
-nets (bilinearly resized to H, W and concatenated); aug_level (B,) in [0, 1] its
-noise-augmentation level; drop_text (B,) bool, True = classifier-free-guidance null text.
+x (B, C, H, W) is the preconditioned noisy image; noise_cond (B,) the noise level as NeMo
+feeds it (EDM: ln(sigma)/4; continuous DDPM: the log-SNR); text_embed (B, L, D) token features
+with text_mask (B, L) bool (True = real token); lowres (B, C, h, w) the low-res image of the SR
+nets (bicubically resized to H, W and concatenated); aug_level (B,) its noise-augmentation
+level as the net embeds it (only with noise_cond_aug; see imagen.diffusion.noise_aug);
+drop_text (B,) bool, True = classifier-free-guidance null text (zero text embedding).
 Modules expose ``is_sr`` and ``image_size``.
 """
 
@@ -38,10 +38,11 @@ __all__ = [
 def build_unet(model: ModelConfig) -> nn.Module:
     """Build the UNet ``model.unet_type`` names; channels_last converts its memory format."""
     text_dim = model.conditioning.embed_dim
+    aug = model.noise_cond_aug.enabled and model.is_sr
     if model.unet_type == "sr":
-        net: nn.Module = EfficientUNet(model.unet, text_dim)
+        net: nn.Module = EfficientUNet(model.unet, text_dim, noise_cond_aug=aug)
     elif model.unet_type in ("base", "sr-unet"):
-        net = UNet(model.unet, text_dim, is_sr=model.unet_type == "sr-unet")
+        net = UNet(model.unet, text_dim, is_sr=model.unet_type == "sr-unet", noise_cond_aug=aug)
     else:
         raise ValueError(
             f"model.unet_type: unknown {model.unet_type!r}; allowed: base, sr-unet, sr"
@@ -68,6 +69,7 @@ def preset_model_config(name: str, text_embed_dim: int = 1024) -> ModelConfig:
             "unet_type": p["unet_type"],
             "unet": p["unet"],
             "conditioning": ConditioningConfig(embed_dim=text_embed_dim),
+            "noise_cond_aug": p.get("noise_cond_aug", False),
         }
     )
 

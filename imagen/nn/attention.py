@@ -6,10 +6,12 @@ Block types (seed, "Attention Blocks"):
     stacked  self-attention, then cross-attention, then a GEGLU feed-forward; zero-init output
     fused    queries from the image; keys/values = [image kv ; normalised text kv], one softmax
              over both (Imagen's base64/SR256 block); text padding is masked
+The text context is normalised as NeMo does: GroupNorm(32) over (channel group, all tokens).
 
 Backends of :func:`attention` (the one place attention is computed):
     * flash-attn kernels when ``flash`` is set AND the package imports AND the tensors are on
-      CUDA in bf16/fp16 AND no key is masked;
+      CUDA in bf16/fp16; padded keys (text padding) are packed out and the varlen kernel runs
+      over the valid tokens only, as NeMo does (:func:`pack_valid`);
     * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
   The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
 ``stable``: q, k and v are cast to float32 for the softmax(QK^T/sqrt(d))V product (SDPA
@@ -37,14 +39,70 @@ _LOGGED: set[str] = set()
 
 try:  # optional GPU extra: pip install imagen-cascade[gpu]
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the install
     _flash_attn_func = None
+    _flash_attn_varlen_func = None
 
 
 def _log_backend(name: str) -> None:
     if name not in _LOGGED:
         _LOGGED.add(name)
         log.info("attention backend: %s", name)
+
+
+def pack_valid(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Pack the valid positions of a padded batch, as flash-attn's varlen kernels take them.
+
+    t (B, heads, M, d), mask (B, M) bool -> (packed (total, heads, d), cu_seqlens (B+1,) int32,
+    max_seqlen): sample b's positions are packed[cu_seqlens[b]:cu_seqlens[b+1]].
+    """
+    packed = t.transpose(1, 2)[mask]  # (total, heads, d)
+    lens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    cu = F.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))  # (B+1,)
+    return packed, cu, int(lens.max()) if lens.numel() else 0
+
+
+def unpack(packed: Tensor, cu: Tensor, length: int) -> Tensor:
+    """Inverse of :func:`pack_valid` for full sequences: (B*length, heads, d) -> (B, heads,
+    length, d)."""
+    b = cu.numel() - 1
+    return packed.view(b, length, *packed.shape[1:]).transpose(1, 2)
+
+
+def varlen_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
+) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v within each packed sequence: what flash-attn's varlen kernel
+    computes, on any device. q (Tq, heads, d), k, v (Tk, heads, d) -> (Tq, heads, d); a sequence
+    with no key gives zeros."""
+    out = torch.zeros_like(q)
+    for b in range(cu_q.numel() - 1):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        if k1 == k0 or q1 == q0:
+            continue
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1)
+    return out
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """flash-attn on (B, heads, N|M, d); padded keys are packed out (varlen, as NeMo does)."""
+    if key_mask is None or bool(key_mask.all()):
+        _log_backend("flash-attn")
+        # flash-attn takes (B, seq, heads, d)
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    _log_backend("flash-attn-varlen")
+    b, _, n, _ = q.shape
+    full = torch.ones(b, n, dtype=torch.bool, device=q.device)
+    q_p, cu_q, _ = pack_valid(q, full)
+    k_p, cu_k, max_k = pack_valid(k, key_mask)
+    v_p, _, _ = pack_valid(v, key_mask)
+    out = _flash_attn_varlen_func(q_p, k_p, v_p, cu_q, cu_k, n, max(max_k, 1))
+    out = unpack(out, cu_q, n)  # (B, heads, N, d)
+    empty = ~key_mask.any(dim=-1)
+    return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 def attention(
@@ -66,12 +124,8 @@ def attention(
         and _flash_attn_func is not None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and (key_mask is None or bool(key_mask.all()))
     ):
-        _log_backend("flash-attn")
-        # flash-attn takes (B, seq, heads, d)
-        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        return _flash(q, k, v, key_mask)
     _log_backend("sdpa-fp32" if stable else "sdpa")
     dtype = q.dtype
     empty = None
@@ -150,45 +204,73 @@ class SelfAttention(AttentionBlock):
         return x + _to_image(self.proj_out(out), x)
 
 
-class CrossAttention(AttentionBlock):
-    """Queries from the image, keys/values from the LayerNorm-ed text tokens."""
+def context_norm_layer(kind: str, cond_dim: int) -> nn.Module:
+    """The text-context norm ``unet.context_norm`` names: "group" (NeMo's GroupNorm(32) over
+    channel groups and every token position, padding included) or "layer" (per token)."""
+    if kind == "group":
+        return group_norm(cond_dim)
+    if kind == "layer":
+        return nn.LayerNorm(cond_dim)
+    raise ValueError(f"unet.context_norm: unknown {kind!r}; allowed: group, layer")
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+
+def _norm_context(norm: nn.Module, context: Tensor) -> Tensor:
+    """Normalise the (B, L, cond_dim) text tokens; GroupNorm sees them as (B, cond_dim, L)."""
+    if isinstance(norm, nn.GroupNorm):
+        return norm(context.transpose(1, 2)).transpose(1, 2)  # (B, L, cond_dim)
+    return norm(context)
+
+
+class CrossAttention(AttentionBlock):
+    """Queries from the image, keys/values from the (GroupNorm-ed) text tokens."""
+
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         self.heads = heads
         self.norm = group_norm(channels)
-        self.norm_context = nn.LayerNorm(cond_dim)
+        self.norm_context = context_norm_layer(context_norm, cond_dim)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(cond_dim, 2 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
         q = _split_heads(self.q(_to_tokens(self.norm(x))), self.heads)  # (B, heads, HW, d)
-        kv = self.kv(self.norm_context(context))  # (B, L, 2C)
+        kv = self.kv(_norm_context(self.norm_context, context))  # (B, L, 2C)
         k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))  # (B, heads, L, d)
         out = _merge_heads(self._attend(q, k, v, context_mask))
         return x + _to_image(self.proj_out(out), x)
 
 
 class FusedAttention(AttentionBlock):
-    """One softmax over [image keys ; text keys] (Imagen's combined self/cross attention)."""
+    """One softmax over [image keys ; text keys] (Imagen's combined self/cross attention).
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+    As NeMo builds it: queries from GroupNorm(x), image keys/values from a second GroupNorm of
+    x (``norm_self``), text keys/values from the GroupNorm-ed context.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         self.heads = heads
         self.norm = group_norm(channels)
-        self.norm_context = nn.LayerNorm(cond_dim)
-        self.qkv = nn.Linear(channels, 3 * channels)
+        self.norm_self = group_norm(channels)
+        self.norm_context = context_norm_layer(context_norm, cond_dim)
+        self.q = nn.Linear(channels, channels)
+        self.kv_self = nn.Linear(channels, 2 * channels)
         self.kv_context = nn.Linear(cond_dim, 2 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def _forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-        h = _to_tokens(self.norm(x))  # (B, HW, C)
-        q, k_img, v_img = self.qkv(h).chunk(3, dim=-1)
-        k_txt, v_txt = self.kv_context(self.norm_context(context)).chunk(2, dim=-1)  # (B, L, C)
+        q = self.q(_to_tokens(self.norm(x)))  # (B, HW, C)
+        k_img, v_img = self.kv_self(_to_tokens(self.norm_self(x))).chunk(2, dim=-1)
+        kv_txt = self.kv_context(_norm_context(self.norm_context, context))  # (B, L, 2C)
+        k_txt, v_txt = kv_txt.chunk(2, dim=-1)  # (B, L, C)
         k = _split_heads(torch.cat([k_img, k_txt], dim=1), self.heads)  # (B, heads, HW+L, d)
         v = _split_heads(torch.cat([v_img, v_txt], dim=1), self.heads)
-        img_mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)  # (B, HW)
+        img_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)  # (B, HW)
         mask = torch.cat([img_mask, context_mask], dim=1)  # (B, HW+L)
         out = _merge_heads(self._attend(_split_heads(q, self.heads), k, v, mask))
         return x + _to_image(self.proj_out(out), x)
@@ -212,13 +294,15 @@ class FeedForward(nn.Module):
 class StackedAttention(AttentionBlock):
     """Self-attention, then cross-attention, then feed-forward; zero-initialised output."""
 
-    def __init__(self, channels: int, heads: int, cond_dim: int, **kw: bool) -> None:
+    def __init__(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
+    ) -> None:
         super().__init__(**kw)
         inner = {"stable": kw["stable"], "flash": kw["flash"], "checkpointing": False}
         self.norm = group_norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.self_attn = SelfAttention(channels, heads, **inner)
-        self.cross_attn = CrossAttention(channels, heads, cond_dim, **inner)
+        self.cross_attn = CrossAttention(channels, heads, cond_dim, context_norm, **inner)
         self.ff = FeedForward(channels)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -239,15 +323,16 @@ def make_attention(
     stable: bool,
     flash: bool,
     checkpointing: bool,
+    context_norm: str = "group",
 ) -> AttentionBlock:
     """Build the attention block named by ``unet.attention_type``."""
     kw = {"stable": stable, "flash": flash, "checkpointing": checkpointing}
     if kind == "self":
         return SelfAttention(channels, heads, **kw)
     if kind == "cross":
-        return CrossAttention(channels, heads, cond_dim, **kw)
+        return CrossAttention(channels, heads, cond_dim, context_norm, **kw)
     if kind == "stacked":
-        return StackedAttention(channels, heads, cond_dim, **kw)
+        return StackedAttention(channels, heads, cond_dim, context_norm, **kw)
     if kind == "fused":
-        return FusedAttention(channels, heads, cond_dim, **kw)
+        return FusedAttention(channels, heads, cond_dim, context_norm, **kw)
     raise ValueError(f"unet.attention_type: unknown {kind!r}; allowed: self, cross, stacked, fused")

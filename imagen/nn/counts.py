@@ -1,6 +1,7 @@
 """``imagen presets``: the UNet presets with their parameter counts (built on the meta device).
 
-imagen presets           a table: name, UNet type, image size, attention, count, published
+imagen presets           a table: name, NeMo config, UNet type, image size, attention, count,
+                         published size
 imagen presets --json    {"500m_res_64": 524863236, ...} for every preset
 """
 
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
     from rich.table import Table
 
     table = Table(title=f"UNet presets (text embed dim {args.text_embed_dim})")
-    for col in ("preset", "unet_type", "image size", "attention"):
+    for col in ("preset", "NeMo config", "unet_type", "image size", "attention"):
         table.add_column(col, no_wrap=True)
     for col in ("parameters", "published", "difference"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -56,6 +57,7 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
                 diff += " *"
         table.add_row(
             name,
+            PRESETS[name].get("nemo_config", "-"),
             PRESETS[name]["unet_type"],
             f"{unet['image_size']}x{unet['image_size']}",
             unet.get("attention_type", "fused"),
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
             pub,
             diff,
         )
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 125))
     console.print(table)
     for name, why in PRESET_SIZE_EXCEPTIONS.items():
         console.print(f"* {name}: {why}")

@@ -13,7 +13,11 @@ Level i (channels c_i = embed_dim * channel_mult[i], c_-1 = c_0):
             -> attention (when atnn_enabled_at[i])                     -> skip_i
     up i:   (+ skip_i) -> ResBlock c_i->c_{i-1}, (n_i - 1) x ResBlock c_{i-1}
             -> attention (when atnn_enabled_at[i]) -> [stride-up c_{i-1}]
-The input is the noisy image concatenated with the bilinearly up-sampled low-res image.
+The input is the noisy image concatenated with the bicubically up-sampled low-res image; the
+output head is a plain 1x1 conv. As in NeMo, the text conditioning width (attention context and
+pooled vector) is the text embedding's own dim: ``cond_dim`` does not apply to this net, and
+its ResBlocks have no dropout. ``atnn_enabled_at`` absent means NeMo's default [0, 0, 0, 0, 1]
+(attention at the fifth level only).
 """
 
 from __future__ import annotations
@@ -23,20 +27,39 @@ import math
 from torch import Tensor, nn
 
 from imagen.config import UNetConfig
-from imagen.nn.layers import ResBlock, StridedDown, StridedUp, group_norm, zero_module
+from imagen.nn.layers import ResBlock, StridedDown, StridedUp
 from imagen.nn.unet import UNetBase, run_block
+
+# NeMo's EfficientUNetModel default when atnn_enabled_at is not given
+DEFAULT_ATTENTION_AT: tuple[int, ...] = (0, 0, 0, 0, 1)
+
+
+def default_attention_at(cfg: UNetConfig, levels: int) -> list[int]:
+    """``atnn_enabled_at``, or NeMo's default [0, 0, 0, 0, 1] cut to ``levels`` when absent."""
+    if cfg.atnn_enabled_at is not None:
+        return list(cfg.atnn_enabled_at)
+    if levels > len(DEFAULT_ATTENTION_AT):
+        raise ValueError(
+            f"unet.atnn_enabled_at: NeMo's default covers {len(DEFAULT_ATTENTION_AT)} levels, "
+            f"channel_mult has {levels}; give one 0/1 per level"
+        )
+    return list(DEFAULT_ATTENTION_AT[:levels])
 
 
 class EfficientUNet(UNetBase):
     """Efficient UNet super-resolution net; see the module docstring."""
 
-    def __init__(self, cfg: UNetConfig, text_embed_dim: int) -> None:
-        super().__init__(cfg, text_embed_dim, is_sr=True)
+    def __init__(
+        self, cfg: UNetConfig, text_embed_dim: int, *, noise_cond_aug: bool = False
+    ) -> None:
+        super().__init__(
+            cfg, text_embed_dim, is_sr=True, cond_dim=text_embed_dim, noise_cond_aug=noise_cond_aug
+        )
         e, mult = cfg.embed_dim, cfg.channel_mult
         levels = len(mult)
         if cfg.num_resblocks is None or len(cfg.num_resblocks) != levels:
             raise ValueError("unet.num_resblocks: the Efficient UNet needs one count per level")
-        attn = cfg.atnn_enabled_at or [0] * levels
+        attn = default_attention_at(cfg, levels)
         k = cfg.init_conv_kernel_size
 
         def res(i: int, o: int) -> ResBlock:
@@ -44,7 +67,7 @@ class EfficientUNet(UNetBase):
                 i,
                 o,
                 self.emb_dim,
-                dropout=cfg.dropout,
+                dropout=0.0,
                 scale_shift_norm=cfg.scale_shift_norm,
                 shortcut_scale=1 / math.sqrt(2) if cfg.skip_connection_scaling else 1.0,
                 always_conv_shortcut=True,
@@ -71,10 +94,7 @@ class EfficientUNet(UNetBase):
             self.up.append(nn.ModuleList(up))
             ch = out
 
-        c0 = e * mult[0]
-        self.out = nn.Sequential(
-            group_norm(c0), nn.SiLU(), zero_module(nn.Conv2d(c0, cfg.channels, k, padding=k // 2))
-        )
+        self.out = nn.Conv2d(e * mult[0], cfg.channels, 1)
 
     def body(self, x: Tensor, emb: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         """x: the noisy image concatenated with the up-sampled low-res image."""

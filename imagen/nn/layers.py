@@ -1,10 +1,11 @@
 """Convolutional building blocks shared by both UNets: norms, ResBlocks, up/down sampling.
 
-ResBlock follows the published Imagen/NeMo block (REFERENCE.md "Building blocks"):
+ResBlock follows NeMo's block (REFERENCE.md "Building blocks"):
 GroupNorm(32) -> SiLU -> conv3x3; the conditioning embedding -> Linear(2C) applied as
 GN(h) * (1 + scale) + shift (scale_shift_norm); SiLU -> dropout -> zero-initialised conv3x3;
 a 1x1 convolution on the shortcut when the channel count changes (always, for the Efficient
-UNet, as in Imagen's Figure A.27), optionally scaled by 1/sqrt(2).
+UNet, as in Imagen's Figure A.27), optionally scaled by 1/sqrt(2). The Efficient UNet's blocks
+have no dropout (NeMo's EfficientResBlock).
 """
 
 from __future__ import annotations
@@ -60,19 +61,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: a learned 4x4 transposed conv, stride 2 (``resample_with_conv``; NeMo's
-    learnable up-sampling, which also works in bf16), or nearest-neighbour without weights."""
+    """Double H and W with a learned 4x4 transposed conv, stride 2 (NeMo's ``UpsampleLearnable``,
+    which its Regular UNet uses whatever ``resample_with_conv`` says; it also works in bf16)."""
 
-    def __init__(self, channels: int, use_conv: bool) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = (
-            nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1) if use_conv else None
-        )
+        self.op = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.op is not None:
-            return self.op(x)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.op(x)
 
 
 class StridedDown(nn.Module):
@@ -105,7 +102,8 @@ class ResBlock(nn.Module):
     """Residual block conditioned on the (time + pooled text + augmentation) embedding.
 
     ``up``/``down`` resample inside the block (Regular UNet with resblock_updown), applied to
-    both the residual branch (after the first norm/activation) and the shortcut.
+    both the residual branch (after the first norm/activation) and the shortcut: down by 2x2
+    average pooling, up by two separate learned transposed convs (NeMo's ``h_upd``/``x_upd``).
     """
 
     def __init__(
@@ -136,20 +134,22 @@ class ResBlock(nn.Module):
             self.shortcut: nn.Module = nn.Conv2d(in_ch, out_ch, 1)
         else:
             self.shortcut = nn.Identity()
+        self.resample_h: nn.Module
+        self.resample_x: nn.Module
         if up:
-            self.resample: nn.Module = Upsample(in_ch, use_conv=False)
+            self.resample_h, self.resample_x = Upsample(in_ch), Upsample(in_ch)
         elif down:
-            self.resample = Downsample(in_ch, use_conv=False)
+            self.resample_h = self.resample_x = Downsample(in_ch, use_conv=False)
         else:
-            self.resample = nn.Identity()
+            self.resample_h = self.resample_x = nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return maybe_checkpoint(self.checkpointing, self._forward, x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = F.silu(self.norm1(x))
-        h = self.conv1(self.resample(h))  # (B, out_ch, H', W')
-        x = self.resample(x)
+        h = self.conv1(self.resample_h(h))  # (B, out_ch, H', W')
+        x = self.resample_x(x)
         e = self.emb(F.silu(emb))[:, :, None, None].to(h.dtype)  # (B, 2*out_ch | out_ch, 1, 1)
         if self.scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)

@@ -5,6 +5,10 @@ Layout (Ho et al. 2020 / Dhariwal & Nichol 2021, as NeMo configures it):
     -> middle: ResBlock, attention, ResBlock
     -> per level (reversed): (num_res_blocks + 1) x [concat skip, ResBlock (+ attention)],
        then an up-sample -> GroupNorm, SiLU, zero-initialised conv.
+Down-sampling: a strided conv3x3 (resample_with_conv) or 2x2 average pooling; up-sampling is
+always NeMo's learned 4x4 transposed conv; with resblock_updown both happen inside a ResBlock.
+Module order mirrors NeMo's UNetModel (``down[i]`` is its ``input_blocks[i + 1]``, ``middle``
+its ``middle_block``, ``up[i]`` its ``output_blocks[i]``): imagen.nemo.convert maps the weights.
 Attention sits at the levels whose pixel resolution (image_size / 2**level) is listed in
 ``attention_resolutions``, and always in the middle block. ``num_resblocks`` (a list per
 level), when given, overrides ``num_res_blocks``. The net is fully convolutional: attention
@@ -32,7 +36,15 @@ from imagen.nn.layers import (
 class UNetBase(nn.Module):
     """What both UNets share: the conditioning and the forward signature's input handling."""
 
-    def __init__(self, cfg: UNetConfig, text_embed_dim: int, is_sr: bool) -> None:
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        text_embed_dim: int,
+        is_sr: bool,
+        *,
+        cond_dim: int | None = None,
+        noise_cond_aug: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.is_sr = is_sr
@@ -41,14 +53,20 @@ class UNetBase(nn.Module):
         self.in_channels = 2 * cfg.channels if is_sr else cfg.channels
         self.emb_dim = 4 * cfg.embed_dim
         self.channels_last = False  # build_unet sets it with model.channels_last
+        self.cond_dim = cfg.cond_dim if cond_dim is None else cond_dim
+        self.noise_cond_aug = noise_cond_aug
+        if noise_cond_aug and not is_sr:
+            raise ValueError("noise_cond_aug needs a super-resolution UNet (low-res input)")
         self.cond = Conditioning(
             embed_dim=cfg.embed_dim,
             text_embed_dim=text_embed_dim,
-            cond_dim=cfg.cond_dim,
+            cond_dim=self.cond_dim,
             pooling=cfg.feature_pooling_type,
             learned_sinu_pos_emb_dim=cfg.learned_sinu_pos_emb_dim,
             use_null_token=cfg.use_null_token,
-            is_sr=is_sr,
+            noise_cond_aug=noise_cond_aug,
+            masked_pooling=cfg.masked_pooling,
+            noise_cond_scale=cfg.noise_cond_scale,
         )
 
     def _attention(self, channels: int) -> AttentionBlock:
@@ -57,10 +75,11 @@ class UNetBase(nn.Module):
             c.attention_type,
             channels,
             heads_for(c, channels),
-            c.cond_dim,
+            self.cond_dim,
             stable=c.stable_attention,
             flash=c.flash_attention,
             checkpointing=c.gradient_checkpointing,
+            context_norm=c.context_norm,
         )
 
     def forward(
@@ -108,8 +127,15 @@ def run_block(module: nn.Module, h: Tensor, emb: Tensor, context: Tensor, mask: 
 class UNet(UNetBase):
     """Regular UNet; see the module docstring for the layout."""
 
-    def __init__(self, cfg: UNetConfig, text_embed_dim: int, is_sr: bool = False) -> None:
-        super().__init__(cfg, text_embed_dim, is_sr)
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        text_embed_dim: int,
+        is_sr: bool = False,
+        *,
+        noise_cond_aug: bool = False,
+    ) -> None:
+        super().__init__(cfg, text_embed_dim, is_sr, noise_cond_aug=noise_cond_aug)
         e, mult = cfg.embed_dim, cfg.channel_mult
         levels = len(mult)
         blocks = cfg.num_resblocks or [cfg.num_res_blocks] * levels
@@ -158,11 +184,7 @@ class UNet(UNetBase):
                 if level in attn_levels:
                     step.append(self._attention(ch))
                 if level > 0 and j == blocks[level]:
-                    step.append(
-                        res(ch, ch, up=True)
-                        if cfg.resblock_updown
-                        else Upsample(ch, cfg.resample_with_conv)
-                    )
+                    step.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch))
                 self.up.append(step)
 
         self.out = nn.Sequential(

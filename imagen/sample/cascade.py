@@ -272,10 +272,10 @@ class Cascade:
         """One stage for one batch: (B, 3, res, res) in [-1, 1].
 
         SR stages take ``lowres`` (the previous stage's output), resize it to the stage's
-        ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's
-        ``model.noise_cond_aug.sample_level``) -- Imagen's noise conditioning augmentation.
+        ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's sampling
+        level, ``model.noise_cond_aug``) -- Imagen's noise conditioning augmentation.
         """
-        from imagen.diffusion import augment_lowres, sample
+        from imagen.diffusion import lowres_condition, sample
 
         stage = self.stages[name]
         cfg = stage.config
@@ -287,13 +287,15 @@ class Cascade:
             size = cfg.lowres or lowres.shape[-1]
             if lowres.shape[-1] != size:
                 lowres = F.interpolate(lowres, size=(size, size), mode="bilinear", antialias=True)
-            aug = cfg.model.noise_cond_aug
-            level = aug.sample_level if noise_aug is None else float(noise_aug)
-            if not aug.enabled:
-                level = 0.0
-            level_t = torch.full((b,), level, device=self.device)
-            cond["lowres"] = augment_lowres(lowres.to(self.device), level_t, generator)
-            cond["aug_level"] = level_t
+            cond["lowres"], level_t = lowres_condition(
+                lowres.to(self.device),
+                cfg.model.noise_cond_aug,
+                training=False,
+                generator=generator,
+                level=noise_aug,
+            )
+            if level_t is not None:
+                cond["aug_level"] = level_t
         shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)
         out = sample(
             stage.denoiser,
