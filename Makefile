@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the test oracle: nemo_toolkit 2.4.0, the last release with Imagen (tests/nemo_oracle)
+	$(BIN)/pip install -q --no-deps nemo_toolkit==2.4.0 einops
 	touch $(STAMP)
 
 lint: install

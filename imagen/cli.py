@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
     "evaluate": ("imagen.evaluate.stage", "FID-CLIP sweep over guidance scales; register models"),
     "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
+    "import-nemo": ("imagen.nemo.load", "turn a NeMo .nemo / .ckpt into a stage model"),
 }
 
 OFFLINE_ENV = {
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(args._module)
     try:
-        if args.command != "presets":
+        needs_params = args.command not in ("presets", "import-nemo")
+        if needs_params:
             args.overrides = [*profile_overrides(args.profile), *args.overrides]
-        params = load_params(args.params, args.overrides) if args.command != "presets" else None
+        params = load_params(args.params, args.overrides) if needs_params else None
     except ConfigError as e:
         print(f"imagen {args.command}: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ returns a namespace with NeMo's classes, or raises ``ImportError`` when nemo is 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -43,7 +44,7 @@ def _randn_like(x, generator=None):
 
 
 def _install_shims() -> None:
-    if importlib.util.find_spec("apex") is None and "apex.contrib.group_norm" not in sys.modules:
+    if "apex.contrib.group_norm" not in sys.modules and importlib.util.find_spec("apex") is None:
         apex = types.ModuleType("apex")
         contrib = types.ModuleType("apex.contrib")
         group_norm = types.ModuleType("apex.contrib.group_norm")
@@ -60,6 +61,7 @@ def _install_shims() -> None:
         sys.modules[name] = utils
 
 
+@functools.cache
 def load() -> types.SimpleNamespace:
     """NeMo's Imagen classes: UNetModel, EfficientUNetModel, EDMPrecond, ContinousDDPMPrecond,
     EDMSampler, DDPMSampler, GaussianDiffusionContinuousTimes, thresholding_x0."""

@@ -1,0 +1,260 @@
+"""Load a NeMo Imagen checkpoint as this project's denoiser, and ``imagen import-nemo``.
+
+Accepted files:
+
+* a ``.nemo`` archive (a tar, optionally gzipped) holding ``model_config.yaml`` (NeMo's
+  ``model:`` block) and ``model_weights.ckpt`` (a state dict, keys ``model.model.unet.*``);
+* a MegatronImagen Lightning ``.ckpt`` (its ``state_dict``), with the model config given as
+  ``config=`` (a model_config.yaml path or a mapping);
+* NeMo's EMA weights: the EMA callback's ``<name>-EMA.ckpt`` beside a ``.ckpt``, or a
+  ``*-EMA.ckpt`` / ``model_weights_ema.ckpt`` inside a ``.nemo``; used when present and
+  ``ema=True``.
+
+Every tensor file is read with ``torch.load(weights_only=True)``: nothing in a checkpoint is
+executed. A file whose pickle needs other classes (NeMo's Lightning checkpoints pickle
+OmegaConf configs) is refused with what to export instead.
+
+``imagen import-nemo FILE --stage NAME --out DIR`` writes ``DIR/NAME/model.pt``, a stage model
+that ``imagen sample --models DIR`` samples from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import sys
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from imagen.config import ModelConfig, NoiseAugConfig
+from imagen.nemo.convert import NemoWeightsError, load_nemo_weights, model_config_from_nemo
+
+CONFIG_MEMBER = "model_config.yaml"
+WEIGHTS_MEMBER = "model_weights.ckpt"
+EMA_MEMBERS = ("model_weights-EMA.ckpt", "model_weights_ema.ckpt")
+
+EXPORT_HINT = (
+    "export the weights alone from NeMo: torch.save(torch.load(ckpt)['state_dict'], "
+    "'weights.ckpt') (or the .nemo archive, whose model_weights.ckpt is a plain state dict), "
+    "and pass the model config as config=model_config.yaml"
+)
+
+
+class NemoLoadError(ValueError):
+    """A NeMo checkpoint that cannot be read; the message says why and what to do."""
+
+
+class NemoDenoiser(nn.Module):
+    """The project's denoiser around NeMo weights: ``den(x, sigma, text_embed=..., text_mask=...,
+    lowres=None) -> D(x; sigma)``, in inference mode.
+
+    x (B, C, H, W), sigma (B,) or a float, text_embed (B, L, D), text_mask (B, L) bool, lowres
+    (B, C, h, w) at its own size (SR stages). With NeMo's noise_cond_aug the low-res image is
+    noised at NeMo's inference level (sigma_aug 0.002) from ``generator``.
+    """
+
+    def __init__(self, denoiser: nn.Module, config: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    @torch.no_grad()
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        text_embed: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        lowres: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from imagen.diffusion import lowres_condition
+
+        cond: dict[str, Any] = {"text_embed": text_embed, "text_mask": text_mask}
+        if self.config.is_sr:
+            if lowres is None:
+                raise ValueError("a super-resolution stage needs lowres (B, C, h, w)")
+            aug: NoiseAugConfig = self.config.noise_cond_aug
+            lr, level = lowres_condition(
+                lowres.to(x.device), aug, training=False, generator=self.generator
+            )
+            cond["lowres"] = lr
+            if level is not None:
+                cond["aug_level"] = level
+        elif lowres is not None:
+            raise ValueError("lowres was given to a base (text-to-64) stage")
+        return self.denoiser(x, sigma, **cond)
+
+
+def _torch_load(data: bytes | Path, what: str) -> Any:
+    src = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise NemoLoadError(
+            f"{what}: its pickle needs classes beyond tensors and plain containers ({e}); "
+            f"nothing from it was run. {EXPORT_HINT}"
+        ) from None
+    except (EOFError, RuntimeError) as e:
+        raise NemoLoadError(f"{what}: truncated or not a torch file ({e})") from None
+
+
+def _read_nemo(path: Path, ema: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """(model config mapping, state dict, whether EMA weights were used) from a .nemo tar."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            if CONFIG_MEMBER not in members or WEIGHTS_MEMBER not in members:
+                raise NemoLoadError(
+                    f"{path}: a .nemo archive holds {CONFIG_MEMBER} and {WEIGHTS_MEMBER}; "
+                    f"found {sorted(members)}"
+                )
+
+            def read(name: str) -> bytes:
+                f = tar.extractfile(members[name])
+                assert f is not None
+                return f.read()
+
+            cfg = yaml.safe_load(read(CONFIG_MEMBER)) or {}
+            ema_name = next((n for n in EMA_MEMBERS if n in members), None) if ema else None
+            weights_name = ema_name or WEIGHTS_MEMBER
+            state = _torch_load(read(weights_name), f"{path}:{weights_name}")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise NemoLoadError(f"{path}: truncated or not a .nemo (tar) archive ({e})") from None
+    if isinstance(cfg, Mapping) and "model" in cfg and "unet" not in cfg:
+        cfg = cfg["model"]
+    return dict(cfg), _state_dict(state, path), ema_name is not None
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise NemoLoadError(f"{path}: expected a state dict of tensors")
+    return dict(obj)
+
+
+def _config_mapping(config: str | Path | Mapping[str, Any] | None, path: Path) -> dict[str, Any]:
+    if config is None:
+        raise NemoLoadError(
+            f"{path}: a Lightning .ckpt does not carry a readable model config; pass "
+            "config=<model_config.yaml> (NeMo's `model:` block), or load the .nemo archive"
+        )
+    if not isinstance(config, Mapping):
+        config = yaml.safe_load(Path(config).read_text()) or {}
+    if "model" in config and "unet" not in config:
+        config = config["model"]
+    return dict(config)
+
+
+def read_nemo_checkpoint(
+    path: str | Path,
+    *,
+    config: str | Path | Mapping[str, Any] | None = None,
+    ema: bool = True,
+) -> tuple[ModelConfig, nn.Module, bool]:
+    """(ModelConfig, the project's UNet with the checkpoint's weights, EMA weights used)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such NeMo checkpoint")
+    used_ema = False
+    if tarfile.is_tarfile(path):
+        cfg, state, used_ema = _read_nemo(path, ema)
+        if config is not None:
+            cfg = _config_mapping(config, path)
+    else:
+        cfg = _config_mapping(config, path)
+        ema_file = path.with_name(f"{path.stem}-EMA{path.suffix}")
+        if ema and ema_file.exists():
+            path, used_ema = ema_file, True
+        state = _state_dict(_torch_load(path, str(path)), path)
+    model = model_config_from_nemo(cfg)
+    from imagen.nn import build_unet
+
+    net = build_unet(model)
+    try:
+        load_nemo_weights(net, state, model.unet_type)
+    except NemoWeightsError as e:
+        raise NemoLoadError(f"{path}: {e}") from None
+    return model, net, used_ema
+
+
+def load_nemo_denoiser(
+    path: str | Path,
+    *,
+    config: str | Path | Mapping[str, Any] | None = None,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+) -> NemoDenoiser:
+    """A NeMo ``.nemo`` / ``.ckpt`` as the project's denoiser module, in inference mode.
+
+    ``den(x, sigma, text_embed=..., text_mask=..., lowres=None)`` returns D(x; sigma) as NeMo's
+    EDMPrecond / ContinousDDPMPrecond would (SR stages: NeMo's inference augmentation level).
+    """
+    from imagen.diffusion import build_denoiser
+
+    model, net, _ = read_nemo_checkpoint(path, config=config, ema=ema)
+    den = NemoDenoiser(build_denoiser(model, net), model)
+    return den.to(device).eval()
+
+
+# NeMo's inference defaults (conf/inference_pipeline.yaml): steps, guidance per stage
+NEMO_INFERENCE: dict[str, tuple[int, float]] = {
+    "base64": (30, 7.5),
+    "sr256": (20, 8.0),
+    "sr1024": (20, 7.5),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a .nemo archive or a MegatronImagen .ckpt")
+    parser.add_argument("--stage", required=True, choices=list(NEMO_INFERENCE))
+    parser.add_argument(
+        "--out", default="models", help="models folder; writes OUT/STAGE/model.pt (%(default)s)"
+    )
+    parser.add_argument("--config", default=None, help="model_config.yaml (for a .ckpt)")
+    parser.add_argument("--no-ema", action="store_true", help="ignore NeMo's EMA weights")
+
+
+def main(args: argparse.Namespace, params: Any = None) -> int:
+    from imagen.checkpoint import save_stage
+    from imagen.config import STAGE_RESOLUTIONS, SamplingConfig, StageConfig
+
+    try:
+        model, net, used_ema = read_nemo_checkpoint(
+            args.file, config=args.config, ema=not args.no_ema
+        )
+    except (NemoLoadError, FileNotFoundError) as e:
+        print(f"imagen import-nemo: {e}", file=sys.stderr)
+        return 2
+    res, lowres = STAGE_RESOLUTIONS[args.stage]
+    if model.is_sr != (lowres is not None):
+        print(
+            f"imagen import-nemo: a {model.unet_type} UNet cannot be the {args.stage} stage",
+            file=sys.stderr,
+        )
+        return 2
+    steps, guidance = NEMO_INFERENCE[args.stage]
+    sampler = "heun" if model.preconditioning_type == "EDM" else "ddpm"
+    stage = StageConfig(
+        name=args.stage,
+        resolution=res if model.is_sr else model.unet.image_size,
+        lowres=lowres,
+        model=model,
+        sampling=SamplingConfig(sampler=sampler, steps=steps, guidance_scale=guidance),
+    )
+    extra = {"source": str(args.file), "nemo_ema": used_ema}
+    out = save_stage(Path(args.out) / args.stage, stage, net.state_dict(), extra=extra)
+    print(f"imported {args.file} ({model.unet_type}, EMA: {used_ema}) -> {out}")
+    return 0
