@@ -10,6 +10,10 @@ Sources (``data.source``):
 - ``webdataset``: tar shards in the img2dataset layout (``key.jpg`` / ``key.txt`` /
   ``key.json``), named by a local path, folder, glob, brace pattern or any URL webdataset opens
   (``pipe:``, ``http://``, ``file://``). The caption is ``key.txt`` or the json's ``caption``.
+  NeMo's shards (``key.jpg``, ``key.txt``, ``key.pickle`` with precached T5 encodings) are read
+  the same way and their ``pickle`` member is carried over unchanged, after a check with the
+  allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import anything but
+  containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never executed.
 
 Every image is normalised to 8-bit RGB (CMYK, greyscale, palette, 16-bit converted; alpha
 composited on white; EXIF rotation applied), center-cropped to a square and downsized to
@@ -50,6 +54,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagen.config import ConfigError, DataConfig, Params
+from imagen.data.nemo_format import BadRecord, safe_loads
 from imagen.data.shards import ShardSetWriter
 from imagen.data.sources import RawRecord, clean_key, records
 
@@ -181,6 +186,12 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
         key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
         extra["attributes"] = item.get("attributes", {})
     res = Result(key, rec.origin, split)
+    for blob in rec.members.values():
+        try:
+            safe_loads(blob)  # only to refuse what is unsafe: precache checks the contents
+        except BadRecord as e:
+            res.reason, res.detail = e.reason, e.detail
+            return res
     text, notes = normalise_caption(caption, cfg.max_caption_chars)
     res.notes += notes
     if text is None:
@@ -263,6 +274,7 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
         "__key__": key,
         ext: data,
         **pyramid,
+        **rec.members,
         "txt": text.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode(),
     }

@@ -23,6 +23,7 @@ from imagen.config import ConfigError, DataConfig
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
+CARRIED_MEMBERS: tuple[str, ...] = ("pickle",)  # NeMo's precached T5 encodings
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RawRecord:
     image: bytes | Image.Image | None = None
     caption: bytes | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict)  # carried verbatim (NeMo's pickle)
     split: str | None = None  # set by sources that know it (embedded)
     embedded_index: int | None = None  # rendered in the worker process
 
@@ -146,6 +148,7 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
             image=image,
             caption=caption,
             extra=extra | ({"source_ext": ext} if ext else {}),
+            members={k: s[k] for k in CARRIED_MEMBERS if k in s},
         )
 
 
@@ -163,5 +166,3 @@ def records(
             total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
         return _folder_records(cfg), total
     return _webdataset_records(cfg, errors), None
-
-
