@@ -138,6 +138,25 @@ class EvaluateConfig(_Strict):
     cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")
 
 
+class SampleConfig(_Strict):
+    """``imagen sample`` defaults, as NeMo's inference_pipeline.yaml sets them; the command's
+    options override them."""
+
+    prompts: list[str] = Field(
+        default_factory=list, description="prompts used when none is given (NeMo: texts)"
+    )
+    num_images: int = Field(
+        1, gt=0, description="images per prompt, each with its own seed (num_images_per_promt)"
+    )
+    output_res: int | None = Field(
+        None,
+        gt=0,
+        description="stop the cascade at the stage of this resolution (NeMo: "
+        "target_resolution); None: the last stage loaded",
+    )
+    out_dir: str = Field("samples", description="output folder (NeMo: output_path)")
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite")
     experiment: str = "imagen"
@@ -164,6 +183,7 @@ class Params(BaseModel):
     data: DataConfig = DataConfig()
     stages: dict[str, StageConfig]
     evaluate: EvaluateConfig = EvaluateConfig()
+    sample: SampleConfig = SampleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     models_dir: str = "models"
 
