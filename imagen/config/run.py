@@ -56,7 +56,9 @@ class TrainerConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    """How a stage samples (NeMo inference defaults: steps 30/20/20, guidance 7.5/8/7.5)."""
+    """How a stage samples. Unset keys of a stage in params.yaml get NeMo's inference defaults
+    (:data:`imagen.config.base.STAGE_SAMPLING`: steps 30/20/20, guidance 7.5/8/7.5, the ddpm
+    sampler for DDPM stages); the class defaults below are the base stage's."""
 
     sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"] = "heun"
     steps: int = Field(30, gt=0)
