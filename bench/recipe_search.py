@@ -69,6 +69,10 @@ class Recipe:
     p_std: float = 1.2
     guidance: float = 3.0
     num_train: int = 4096
+    # departures from NeMo's computation (README "Differences from NeMo"); NeMo's by default
+    noise_cond_scale: float = 1.0
+    masked_pooling: bool = False
+    context_norm: str = "group"
 
 
 # Probe configurations: overrides of Recipe.
@@ -162,6 +166,9 @@ def model_config(r: Recipe) -> ModelConfig:
                 cond_dim=r.cond_dim,
                 attention_type=r.attention_type,
                 attention_resolutions=r.attention_resolutions,
+                noise_cond_scale=r.noise_cond_scale,
+                masked_pooling=r.masked_pooling,
+                context_norm=r.context_norm,
             ),
             "conditioning": conditioning(r, "unused"),
             "preconditioning_type": "EDM",

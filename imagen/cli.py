@@ -64,7 +64,9 @@ def profile_overrides(files: list[str]) -> list[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``imagen`` parser; only ``command``'s module is imported for its own options, so
+    ``imagen --help`` stays fast."""
     parser = argparse.ArgumentParser(
         prog="imagen",
         description=(
@@ -96,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "applied before --set",
         )
         p.set_defaults(_module=module)
-        # Only import the module whose options are being parsed (keeps --help fast).
-        if name in sys.argv[1:2]:
+        if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
 
@@ -106,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     argv = list(sys.argv[1:] if argv is None else argv)
-    saved = sys.argv
-    sys.argv = [saved[0], *argv]
-    try:
-        args = build_parser().parse_args(argv)
-    finally:
-        sys.argv = saved
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     from imagen.config import ConfigError, load_params
 
     module = importlib.import_module(args._module)

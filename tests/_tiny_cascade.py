@@ -36,13 +36,21 @@ def tiny_raw(tmp: Path) -> dict[str, Any]:
             "sr256": {
                 "resolution": 32,
                 "lowres": 16,
-                "model": {"unet_type": "sr", "unet": {**TINY_SR_UNET, "image_size": 32}},
+                "model": {
+                    "unet_type": "sr",
+                    "unet": {**TINY_SR_UNET, "image_size": 32},
+                    "noise_cond_aug": True,  # NeMo's EDM augmentation
+                },
                 "sampling": {"sampler": "euler", "steps": 2, "guidance_scale": 1.0},
             },
             "sr1024": {
                 "resolution": 64,
                 "lowres": 32,
-                "model": {"unet_type": "sr", "unet": {**TINY_SR_UNET, "image_size": 32}},
+                "model": {
+                    "unet_type": "sr",
+                    "unet": {**TINY_SR_UNET, "image_size": 32},
+                    "noise_cond_aug": True,  # NeMo's EDM augmentation
+                },
                 "sampling": {"sampler": "euler", "steps": 2, "guidance_scale": 1.0},
             },
         },

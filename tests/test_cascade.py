@@ -51,8 +51,8 @@ def test_overrides_per_stage_change_the_samples(tiny) -> None:
     # an override for another stage leaves this one alone
     same = cascade.generate(PROMPTS[:1], depth="base64", seed=0, steps={"sr256": 9})
     assert torch.equal(base, same["base64"])
-    # the SR stage sees its low-res input through the noise augmentation level
-    lo = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.0)["sr256"]
+    # the SR stage sees its low-res input through the noise augmentation level (sigma_aug)
+    lo = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.002)["sr256"]
     hi = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.9)["sr256"]
     assert not torch.allclose(lo, hi)
 

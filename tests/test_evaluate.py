@@ -200,6 +200,7 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
             "grid_images": 4,
             "cascade_prompts": 2,
             "cascade_steps": 1,
+            "sr_pairs": 2,
         },
     )
     metrics = evaluate(params, log=None)
@@ -212,6 +213,16 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     assert metrics["cascade"]["stages"] == ["base64", "sr256", "sr1024"]
     # the untrained reference: the same metrics for a freshly initialised base UNet
     assert set(saved["untrained"]) >= {FD_EMBEDDED, AGREEMENT}
+    # each SR stage against bicubic upsampling of the same real low-res inputs, with a picture
+    for name in ("sr256", "sr1024"):
+        sr, stage = saved[name], params.stages[name]
+        assert (sr["input_resolution"], sr["resolution"]) == (stage.lowres, stage.resolution)
+        assert sr["pairs"] == 2
+        for kind in ("sr", "bicubic"):
+            assert set(sr[kind]) == {"psnr", FD_EMBEDDED, "sharpness"}
+            assert sr[kind]["psnr"] > 0 and sr[kind]["sharpness"] > 0
+        assert set(sr["sr_beats_bicubic"]) == {"psnr", FD_EMBEDDED}
+        assert Image.open(reports / f"sr_{name}.png").size[0] > 4 * 256  # 4 views, 256 px
     assert saved["untrained"][FD_EMBEDDED] > 0
     rows = list(csv.reader((reports / "fid_clip.csv").open()))
     assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3

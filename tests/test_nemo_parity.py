@@ -461,3 +461,47 @@ def test_preset_count_equals_nemos_module(name: str) -> None:
                 noise_cond_aug=aug,
             )
     assert preset_parameter_count(name, 1024) == count_parameters(nemo)
+
+
+# ------------------------------------------------------------------ bf16, checkpointing, layout
+@pytest.mark.parametrize(("unet_type", "unet"), [("base", REGULAR), ("sr", EFFICIENT)])
+def test_bf16_autocast_parity(unet_type: str, unet: dict) -> None:
+    """Under bf16 autocast both compute the same within bf16 round-off of the fp32 output."""
+    nemo, ours, _ = build_pair(unet_type, {**unet, "attention_type": "fused"})
+    kw = inputs(unet_type != "base", False)
+    with torch.no_grad():
+        ref32 = nemo(**kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = nemo(**kw).float()
+            got = ours(kw["x"], kw["time"], **ours_kwargs(kw)).float()
+    scale = float(ref32.abs().max())
+    _record(f"bf16 autocast ({unet_type}), relative to max |out|", got / scale, ref / scale)
+    bf16_noise = float((ref - ref32).abs().max())  # NeMo's own bf16 error
+    assert float((got - ref).abs().max()) <= max(3 * bf16_noise, 1e-2 * scale)
+
+
+@pytest.mark.parametrize(("unet_type", "unet"), [("base", REGULAR), ("sr", EFFICIENT)])
+@pytest.mark.parametrize("attention_type", ["fused", "stacked"])
+def test_gradient_checkpointing_and_channels_last_parity(
+    unet_type: str, unet: dict, attention_type: str
+) -> None:
+    nemo, _, cfg = build_pair(unet_type, {**unet, "attention_type": attention_type})
+    cfg = cfg.model_copy(
+        update={
+            "channels_last": True,
+            "unet": cfg.unet.model_copy(update={"gradient_checkpointing": True}),
+        }
+    )
+    ours = build_unet(cfg)
+    load_nemo_weights(ours, nemo.state_dict(), unet_type)
+    assert ours.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    kw = inputs(unet_type != "base", False)
+    x = kw["x"].clone().requires_grad_(True)
+    ref = nemo(**{**kw, "x": x})
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    x2 = kw["x"].clone().requires_grad_(True)
+    got = ours(x2, kw["time"], **ours_kwargs(kw))  # checkpointed: grad is enabled
+    (g_got,) = torch.autograd.grad(got.square().sum(), x2)
+    _record(f"gradient_checkpointing + channels_last ({unet_type}, {attention_type})", got, ref)
+    torch.testing.assert_close(got, ref, **FP32)
+    torch.testing.assert_close(g_got, g_ref, atol=1e-4, rtol=1e-3)

@@ -14,7 +14,7 @@ This package does no model maths and reads no file but the params file it is giv
 tables live in :mod:`imagen.presets`.
 """
 
-from imagen.config.base import STAGE_RESOLUTIONS, STAGE_SAMPLING, STAGES, ConfigError
+from imagen.config.base import STAGE_RESOLUTIONS, STAGES, ConfigError, StageName
 from imagen.config.load import deep_merge, flatten, load_params, params_hash, resolve_params
 from imagen.config.model import (
     DEFAULT_ENCODER_PATH,
@@ -63,6 +63,7 @@ __all__ = [
     "SampleConfig",
     "SamplingConfig",
     "StageConfig",
+    "StageName",
     "StageOverride",
     "TrainerConfig",
     "UNetConfig",

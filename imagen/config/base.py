@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-STAGES: tuple[str, ...] = ("base64", "sr256", "sr1024")
+StageName = Literal["base64", "sr256", "sr1024"]
+STAGES: tuple[str, ...] = get_args(StageName)
 """The cascade's stages, in sampling order; each is one ``stages.<name>`` block of params.yaml."""
 
 # (output resolution, low-res input resolution) of each stage unless params.yaml says otherwise
@@ -14,15 +15,6 @@ STAGE_RESOLUTIONS: dict[str, tuple[int, int | None]] = {
     "base64": (64, None),
     "sr256": (256, 64),
     "sr1024": (1024, 256),
-}
-
-# Each stage's sampling unless params.yaml says otherwise: NeMo's inference defaults
-# (conf/inference_pipeline.yaml). A stage trained with DDPM preconditioning samples with the
-# DDPM ancestral sampler, as NeMo's DDPMSampler does; EDM stages with Heun (NeMo's EDMSampler).
-STAGE_SAMPLING: dict[str, dict[str, Any]] = {
-    "base64": {"steps": 30, "guidance_scale": 7.5},
-    "sr256": {"steps": 20, "guidance_scale": 8.0},
-    "sr1024": {"steps": 20, "guidance_scale": 7.5},
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from imagen.config.base import STAGE_RESOLUTIONS, STAGE_SAMPLING, ConfigError
+from imagen.config.base import STAGE_RESOLUTIONS, ConfigError
 from imagen.config.model import DEFAULT_ENCODER_PATH, validate_unet
 from imagen.config.run import Params, StageConfig, StageOverride
 from imagen.presets import PRESETS
@@ -82,16 +82,13 @@ def _resolve_stage(
         errors.append(str(e))
         return None
     res, lowres = STAGE_RESOLUTIONS[name]
-    sampling = dict(STAGE_SAMPLING[name])  # NeMo's per-stage defaults, under any given value
-    if model.get("preconditioning_type", "EDM") == "DDPM":
-        sampling["sampler"] = "ddpm"
     stage = {
         "name": name,
         "resolution": over.resolution or res,
         "lowres": over.lowres if over.lowres is not None else lowres,
         "model": model,
         "trainer": deep_merge(shared["trainer"], over.trainer),
-        "sampling": deep_merge(deep_merge(sampling, shared["sampling"]), over.sampling),
+        "sampling": deep_merge(shared["sampling"], over.sampling),
     }
     try:
         sc = StageConfig.model_validate(stage)

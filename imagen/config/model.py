@@ -75,8 +75,8 @@ class UNetConfig(_Strict):
 
     Regular (base, sr-unet): num_res_blocks (an int, or NeMo's list with one count per level;
     num_resblocks, one per level, wins),
-    attention_resolutions, resblock_updown, resample_with_conv (learned strided conv down /
-    transposed conv up; else average pooling / nearest), dropout.
+    attention_resolutions, resblock_updown, resample_with_conv (a learned strided conv down,
+    else average pooling; up-sampling is always NeMo's learned transposed conv), dropout.
     Efficient (sr): num_resblocks (per level), atnn_enabled_at
     (per level, the seed's spelling; attn_enabled_at is accepted too), stride,
     skip_connection_scaling.

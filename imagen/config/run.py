@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from imagen.config.base import ConfigError
+from imagen.config.base import ConfigError, StageName
 from imagen.config.base import Strict as _Strict
 from imagen.config.model import ConditioningConfig, ModelConfig
-
 
 # --------------------------------------------------------------------------------------------
 # trainer / optimiser / sampling
 # --------------------------------------------------------------------------------------------
+SamplerName = Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"]
+
+
 class OptimConfig(_Strict):
     """AdamW with linear warm-up (reference: lr 1e-4, betas 0.9/0.999, wd 0.01, 10k warm-up)."""
 
@@ -55,12 +58,20 @@ class TrainerConfig(_Strict):
         return str(v) if isinstance(v, int) else v
 
 
-class SamplingConfig(_Strict):
-    """How a stage samples. Unset keys of a stage in params.yaml get NeMo's inference defaults
-    (:data:`imagen.config.base.STAGE_SAMPLING`: steps 30/20/20, guidance 7.5/8/7.5, the ddpm
-    sampler for DDPM stages); the class defaults below are the base stage's."""
+# NeMo's inference defaults per stage (conf/inference_pipeline.yaml): (steps, guidance scale)
+NEMO_INFERENCE: dict[str, tuple[int, float]] = {
+    "base64": (30, 7.5),
+    "sr256": (20, 8.0),
+    "sr1024": (20, 7.5),
+}
 
-    sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"] = "heun"
+
+class SamplingConfig(_Strict):
+    """How a stage samples. A stage's unset steps / guidance_scale take NeMo's inference
+    defaults (steps 30/20/20, guidance 7.5/8/7.5); ``sampler: auto`` is NeMo's choice: the EDM
+    Heun sampler for EDM stages, ancestral DDPM for DDPM stages."""
+
+    sampler: SamplerName | Literal["auto"] = "auto"
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     sigma_min: float = Field(0.002, gt=0)
@@ -89,6 +100,22 @@ class StageConfig(_Strict):
     model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
     sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nemo_inference_defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("sampling", {}), Mapping):
+            steps, scale = NEMO_INFERENCE.get(data.get("name", ""), (30, 7.5))
+            sampling = {"steps": steps, "guidance_scale": scale, **(data.get("sampling") or {})}
+            data = {**data, "sampling": sampling}
+        return data
+
+    @model_validator(mode="after")
+    def _auto_sampler(self) -> StageConfig:
+        if self.sampling.sampler == "auto":
+            kind = "heun" if self.model.preconditioning_type == "EDM" else "ddpm"
+            object.__setattr__(self, "sampling", self.sampling.model_copy(update={"sampler": kind}))
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +150,7 @@ class EvaluateConfig(_Strict):
     )
     num_images: int = Field(64, gt=0)
     batch_size: int = Field(32, gt=0)
-    depth: Literal["base64", "sr256", "sr1024"] = "base64"
+    depth: StageName = "base64"
     inception_path: str | None = None
     clip_path: str | None = None
     reports_dir: str = "reports"
@@ -138,6 +165,12 @@ class EvaluateConfig(_Strict):
     grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
     cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
     cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")
+    sampler: SamplerName | None = Field(
+        None, description="sweep sampler (None: each stage's own sampling.sampler)"
+    )
+    sr_pairs: int = Field(
+        8, ge=0, description="held-out pairs per SR stage scored against bicubic (0: off)"
+    )
 
 
 class SampleConfig(_Strict):

@@ -176,91 +176,101 @@ def _pyramid(img: Image.Image, sizes: list[int], ext: str) -> dict[str, bytes]:
     return out
 
 
+def decode_image(data: bytes) -> tuple[Image.Image | None, str | None, str, str]:
+    """Image bytes -> (image, source format, rejection reason or "", detail)."""
+    if len(data) == 0:
+        return None, None, "empty_file", ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            img.load()
+    except UnidentifiedImageError:
+        return None, None, "not_an_image", ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, None, "image_too_large", str(e)[:200]
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        return None, None, "truncated_or_corrupt_image", str(e)[:200]
+    return img, fmt, "", ""
+
+
+def normalise_image(img: Image.Image, cfg: DataConfig) -> tuple[Image.Image, list[str]]:
+    """EXIF rotation, 8-bit RGB, center-crop to a square, downsize to data.image_size; returns
+    the image and what was changed (the caller checks min_resolution before cropping)."""
+    notes: list[str] = []
+    try:
+        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation says "rotate me"
+            img = ImageOps.exif_transpose(img)
+            notes.append("exif_rotated")
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        pass
+    img, mode_notes = to_rgb8(img)
+    notes += mode_notes
+    w, h = img.size
+    if min(w, h) < cfg.min_resolution:
+        return img, notes
+    if w != h:  # center crop to a square
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        notes.append("center_cropped")
+    if img.size[0] > cfg.image_size:
+        img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
+        notes.append("resized")
+    return img, notes
+
+
+def encode_image(img: Image.Image, src_format: str | None, raw: Any, changed: bool) -> tuple:
+    """(extension, bytes): a JPEG source keeps its bytes when unchanged, else is re-encoded as
+    JPEG once; everything else is stored as PNG (no JPEG artefacts on synthetic images)."""
+    if src_format == "JPEG" and not changed:
+        return "jpg", bytes(raw)
+    buf = io.BytesIO()
+    if src_format == "JPEG":
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return "jpg", buf.getvalue()
+    img.save(buf, format="PNG", compress_level=3)
+    return "png", buf.getvalue()
+
+
 def process(rec: RawRecord, cfg: DataConfig) -> Result:
     """Check and normalise one record into a webdataset sample, or say why it is rejected."""
     extra = dict(rec.extra)
-    key, split, image, caption = rec.key, rec.split, rec.image, rec.caption
+    key, image, caption = rec.key, rec.image, rec.caption
     if rec.embedded_index is not None:
         # generated data cannot be bad input: a failure here is a bug and stops the run
         item = _embedded_item(cfg, rec.split or "train", rec.embedded_index)
         key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
         extra["attributes"] = item.get("attributes", {})
-    res = Result(key, rec.origin, split)
+    res = Result(key, rec.origin, rec.split)
     for blob in rec.members.values():
         try:
             safe_loads(blob)  # only to refuse what is unsafe: precache checks the contents
         except BadRecord as e:
             res.reason, res.detail = e.reason, e.detail
             return res
-    text, notes = normalise_caption(caption, cfg.max_caption_chars)
-    res.notes += notes
+    text, res.notes = normalise_caption(caption, cfg.max_caption_chars)
     if text is None:
         res.reason = "missing_caption" if caption is None else "empty_caption"
         return res
-    # ---- image
-    src_format = None
     if image is None:
         res.reason, res.detail = "missing_image", ",".join(extra.pop("missing_image", []))
         return res
+    img, src_format = image, None
     if isinstance(image, bytes | bytearray):
-        if len(image) == 0:
-            res.reason = "empty_file"
+        img, src_format, res.reason, res.detail = decode_image(image)
+        if img is None:
             return res
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(image))
-                src_format = img.format
-                img.load()
-        except UnidentifiedImageError:
-            res.reason = "not_an_image"
-            return res
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            res.reason, res.detail = "image_too_large", str(e)[:200]
-            return res
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            res.reason, res.detail = "truncated_or_corrupt_image", str(e)[:200]
-            return res
-    else:
-        img = image
+        res.reason = None
     orig_size, orig_mode = img.size, img.mode
-    changed = False
-    try:
-        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation says "rotate me"
-            img = ImageOps.exif_transpose(img)
-            res.notes.append("exif_rotated")
-            changed = True
-    except Exception:  # a broken EXIF block: keep the pixels as stored
-        pass
-    img, mode_notes = to_rgb8(img)
-    res.notes += mode_notes
-    changed |= bool(mode_notes)
-    w, h = img.size
-    if min(w, h) < cfg.min_resolution:
+    img, notes = normalise_image(img, cfg)
+    res.notes += notes
+    if min(img.size) < cfg.min_resolution:
+        w, h = img.size
         res.reason, res.detail = "below_min_resolution", f"{w}x{h} < {cfg.min_resolution}"
         return res
-    if w != h:  # center crop to a square
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-        res.notes.append("center_cropped")
-        changed = True
-    if img.size[0] > cfg.image_size:
-        img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
-        res.notes.append("resized")
-        changed = True
-    # ---- encode
-    if src_format == "JPEG" and not changed:
-        ext, data = "jpg", bytes(image)  # type: ignore[arg-type]
-    elif src_format == "JPEG":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        ext, data = "jpg", buf.getvalue()
-    else:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=3)
-        ext, data = "png", buf.getvalue()
-    pyramid = _pyramid(img, cfg.pyramid, ext)
+    ext, data = encode_image(img, src_format, image, changed=bool(notes))
     meta = {
         "source": rec.origin,
         "original_size": list(orig_size),
@@ -273,7 +283,7 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
     res.sample = {
         "__key__": key,
         ext: data,
-        **pyramid,
+        **_pyramid(img, cfg.pyramid, ext),
         **rec.members,
         "txt": text.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode(),

@@ -93,6 +93,8 @@ def edm_augment(
         else:
             sigma = config.sample_sigma
     s = _batch_level(sigma, lowres)  # (B,)
+    if bool((s <= 0).any()):
+        raise ValueError("noise_cond_aug (kind edm): sigma_aug must be > 0 (NeMo samples at 0.002)")
     noisy = lowres + expand_like(s, lowres) * eps
     c_in = 1 / (sigma_data**2 + s**2).sqrt()  # Karras et al. 2022, Table 1: c_in
     return expand_like(c_in, lowres) * noisy, s.log() / 4

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imagen.config import SamplingConfig
-from imagen.diffusion.denoiser import Denoiser, randn
+from imagen.diffusion.denoiser import DDPMDenoiser, Denoiser, randn
 from imagen.diffusion.guidance import GuidedDenoiser
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -287,6 +287,9 @@ def sample(
     none is given, a CPU generator seeded with ``seed``: the same seed gives the same samples.
     """
     sampling = sampling or SamplingConfig()
+    if sampling.sampler == "auto":  # NeMo's: Heun for EDM, ancestral DDPM for DDPM
+        kind = "ddpm" if isinstance(denoiser, DDPMDenoiser) else "heun"
+        sampling = sampling.model_copy(update={"sampler": kind})
     if sampling.sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampling.sampler!r}; allowed: {sorted(SAMPLERS)}")
     mod_device, mod_dtype = _module_device_dtype(denoiser)

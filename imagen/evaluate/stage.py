@@ -63,6 +63,35 @@ def cascade_grid_report(
     }
 
 
+def sr_reports(
+    params: Params, cascade: Any, out: Path, run: Any, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Each trained SR stage against bicubic on held-out pairs (imagen.evaluate.sr)."""
+    from imagen.evaluate.sr import evaluate_sr_stage
+
+    cfg = params.evaluate
+    found: dict[str, Any] = {}
+    for name in [n for n in cascade.stages if n != "base64"] if cfg.sr_pairs else []:
+        res = cascade.stages[name].resolution
+        pairs = load_holdout(params, cfg.sr_pairs, res)
+        found[name] = r = evaluate_sr_stage(
+            cascade,
+            name,
+            pairs,
+            out,
+            pairs=cfg.sr_pairs,
+            seed=cfg.seed,
+            batch_size=min(cfg.batch_size, 4),
+            inception_path=cfg.inception_path,
+        )
+        for kind in ("sr", "bicubic"):
+            run.log_metrics({f"{name}/{kind}_{k}": v for k, v in r[kind].items()})
+        run.log_artifact(out / f"sr_{name}.png", "reports")
+        say(f"imagen evaluate: {name}, {r['pairs']} held-out pairs: SR {r['sr']}")
+        say(f"imagen evaluate: {name}, bicubic upsampling of the same inputs: {r['bicubic']}")
+    return found
+
+
 def log_sweep(run: Any, result: Any, best: dict[str, Any], out: Path) -> None:
     """Every scale as one step of the run's metrics, the best point, and the reports folder."""
     for i, row in enumerate(result.rows):
@@ -131,7 +160,9 @@ def evaluate(
     if register_models is None:
         register_models = params.mlflow.register_models
     with stage_run(params, "evaluate", parent_run_id=parent_run_id) as run:
-        common = dict(steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size)
+        common = dict(
+            steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed, batch_size=cfg.batch_size
+        )
         result = sweep(
             cascade,
             holdout,
@@ -157,6 +188,7 @@ def evaluate(
                 f"imagen evaluate: cascade grid {extra['cascade']['stages']} in "
                 f"{extra['cascade']['seconds']} s"
             )
+        extra.update(sr_reports(params, cascade, out, run, say))
         metrics = write_reports(result, holdout, out, tolerance=cfg.tradeoff_tolerance, extra=extra)
         best = metrics["best"]
         log_sweep(run, result, best, out)

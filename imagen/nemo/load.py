@@ -6,9 +6,10 @@ Accepted files:
   ``model:`` block) and ``model_weights.ckpt`` (a state dict, keys ``model.model.unet.*``);
 * a MegatronImagen Lightning ``.ckpt`` (its ``state_dict``), with the model config given as
   ``config=`` (a model_config.yaml path or a mapping);
-* NeMo's EMA weights: the EMA callback's ``<name>-EMA.ckpt`` beside a ``.ckpt``, or a
-  ``*-EMA.ckpt`` / ``model_weights_ema.ckpt`` inside a ``.nemo``; used when present and
-  ``ema=True``.
+* NeMo's EMA weights: NeMo's checkpoint callback writes them, with the EMA callback on, as
+  ``<name>-EMA.ckpt`` beside each ``<name>.ckpt`` (its ``state_dict`` holds the EMA weights);
+  used when present and ``ema=True``. A ``.nemo`` holds the weights the model had when NeMo
+  saved it (NeMo writes no EMA copy into it).
 
 Every tensor file is read with ``torch.load(weights_only=True)``: nothing in a checkpoint is
 executed. A file whose pickle needs other classes (NeMo's Lightning checkpoints pickle
@@ -38,7 +39,6 @@ from imagen.nemo.convert import NemoWeightsError, load_nemo_weights, model_confi
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
-EMA_MEMBERS = ("model_weights-EMA.ckpt", "model_weights_ema.ckpt")
 
 EXPORT_HINT = (
     "export the weights alone from NeMo: torch.save(torch.load(ckpt)['state_dict'], "
@@ -110,8 +110,8 @@ def _torch_load(data: bytes | Path, what: str) -> Any:
         raise NemoLoadError(f"{what}: truncated or not a torch file ({e})") from None
 
 
-def _read_nemo(path: Path, ema: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
-    """(model config mapping, state dict, whether EMA weights were used) from a .nemo tar."""
+def _read_nemo(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model config mapping, state dict) from a .nemo tar."""
     try:
         with tarfile.open(path, "r:*") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -127,14 +127,12 @@ def _read_nemo(path: Path, ema: bool) -> tuple[dict[str, Any], dict[str, torch.T
                 return f.read()
 
             cfg = yaml.safe_load(read(CONFIG_MEMBER)) or {}
-            ema_name = next((n for n in EMA_MEMBERS if n in members), None) if ema else None
-            weights_name = ema_name or WEIGHTS_MEMBER
-            state = _torch_load(read(weights_name), f"{path}:{weights_name}")
+            state = _torch_load(read(WEIGHTS_MEMBER), f"{path}:{WEIGHTS_MEMBER}")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise NemoLoadError(f"{path}: truncated or not a .nemo (tar) archive ({e})") from None
     if isinstance(cfg, Mapping) and "model" in cfg and "unet" not in cfg:
         cfg = cfg["model"]
-    return dict(cfg), _state_dict(state, path), ema_name is not None
+    return dict(cfg), _state_dict(state, path)
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +168,7 @@ def read_nemo_checkpoint(
         raise FileNotFoundError(f"{path}: no such NeMo checkpoint")
     used_ema = False
     if tarfile.is_tarfile(path):
-        cfg, state, used_ema = _read_nemo(path, ema)
+        cfg, state = _read_nemo(path)
         if config is not None:
             cfg = _config_mapping(config, path)
     else:
@@ -209,14 +207,6 @@ def load_nemo_denoiser(
     return den.to(device).eval()
 
 
-# NeMo's inference defaults (conf/inference_pipeline.yaml): steps, guidance per stage
-NEMO_INFERENCE: dict[str, tuple[int, float]] = {
-    "base64": (30, 7.5),
-    "sr256": (20, 8.0),
-    "sr1024": (20, 7.5),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file",
@@ -224,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .nemo archive or a MegatronImagen .ckpt (omit with --config "
         "alone to import a NeMo config as a params profile)",
     )
-    parser.add_argument("--stage", choices=list(NEMO_INFERENCE), default=None)
+    parser.add_argument("--stage", choices=["base64", "sr256", "sr1024"], default=None)
     parser.add_argument(
         "--out",
         default="models",
@@ -252,7 +242,7 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
         print("imagen import-nemo: --stage is needed for a checkpoint", file=sys.stderr)
         return 2
     from imagen.checkpoint import save_stage
-    from imagen.config import STAGE_RESOLUTIONS, SamplingConfig, StageConfig
+    from imagen.config import STAGE_RESOLUTIONS, StageConfig
 
     try:
         model, net, used_ema = read_nemo_checkpoint(
@@ -268,14 +258,14 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
             file=sys.stderr,
         )
         return 2
-    steps, guidance = NEMO_INFERENCE[args.stage]
-    sampler = "heun" if model.preconditioning_type == "EDM" else "ddpm"
-    stage = StageConfig(
-        name=args.stage,
-        resolution=res if model.is_sr else model.unet.image_size,
-        lowres=lowres,
-        model=model,
-        sampling=SamplingConfig(sampler=sampler, steps=steps, guidance_scale=guidance),
+    # sampling: NeMo's inference defaults for the stage (steps, guidance, sampler)
+    stage = StageConfig.model_validate(
+        {
+            "name": args.stage,
+            "resolution": res if model.is_sr else model.unet.image_size,
+            "lowres": lowres,
+            "model": model,
+        }
     )
     extra = {"source": str(args.file), "nemo_ema": used_ema}
     out = save_stage(Path(args.out) / args.stage, stage, net.state_dict(), extra=extra)

@@ -296,24 +296,26 @@ class Cascade:
 
         stage = self.stages[name]
         cfg = stage.config
-        b = text_embed.shape[0]
+        b = text_embed.shape[0]  # text_embed (B, L, D), text_mask (B, L)
         cond: dict[str, Any] = {"text_embed": text_embed, "text_mask": text_mask}
         if stage.net.is_sr:
             if lowres is None:
                 raise ValueError(f"{name} is a super-resolution stage: it needs a lowres image")
             size = cfg.lowres or lowres.shape[-1]
             if lowres.shape[-1] != size:
-                lowres = F.interpolate(lowres, size=(size, size), mode="bilinear", antialias=True)
+                lowres = F.interpolate(
+                    lowres, size=(size, size), mode="bilinear", antialias=True
+                )  # (B, C, lowres, lowres)
             cond["lowres"], level_t = lowres_condition(
                 lowres.to(self.device),
                 cfg.model.noise_cond_aug,
                 training=False,
                 generator=generator,
                 level=noise_aug,
-            )
+            )  # (B, C, lowres, lowres), (B,) or None
             if level_t is not None:
                 cond["aug_level"] = level_t
-        shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)
+        shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)  # (B, C, R, R)
         out = sample(
             stage.denoiser,
             shape,

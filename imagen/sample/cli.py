@@ -111,8 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--noise-aug",
-        help="noise augmentation level of the SR stages' low-res input (default: each stage's "
-        "model.noise_cond_aug.sample_level), one or per stage",
+        help="noise augmentation level of the SR stages' low-res input: sigma_aug for NeMo's "
+        "kind edm, the level in [0, 1] for cosine_vp (default: each stage's sampling level), "
+        "one or per stage",
     )
     parser.add_argument(
         "--models",

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from imagen.checkpoint import save_stage
-from imagen.config import ConfigError, Params
+from imagen.config import STAGES, ConfigError, Params
 from imagen.mlops.tracking import stage_run
 from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, Progress
 from imagen.train.checkpoints import LAST_CKPT, resume_path
@@ -25,9 +25,7 @@ from imagen.train.trainer import build_trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stage", required=True, choices=["base64", "sr256", "sr1024"], help="stage to train"
-    )
+    parser.add_argument("--stage", required=True, choices=list(STAGES), help="stage to train")
     parser.add_argument(
         "--parent-run-id",
         default=None,
