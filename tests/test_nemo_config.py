@@ -125,6 +125,11 @@ def test_the_command_writes_a_profile_the_other_commands_take(tmp_path: Path) ->
     assert sr.trainer.precision == "bf16" and sr.trainer.optim.warmup_steps == 10000
     assert sr.lowres == 64 and params.data.pyramid == [64, 256]
     assert params.data.min_resolution == 256 and params.data.source == "webdataset"
+    assert params.data.source_path == [
+        "datasets/laion_aesthetic/wdinfo-selene.pkl",
+        "datasets/coyo-700m/wdinfo-selene.pkl",
+    ]
+    assert params.data.source_root == "/datasets"  # NeMo's local_root_path
     assert params.conditioning.embed_dim == 1024 and params.conditioning.token_length == 128
     # the base stage of params.yaml is untouched
     assert params.stage("base64").model.preset == "small_res_64"

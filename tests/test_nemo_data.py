@@ -22,7 +22,7 @@ import yaml
 from _train_data import TINY_TEXT
 from PIL import Image
 
-from imagen.config import Params, deep_merge, resolve_params
+from imagen.config import ConfigError, Params, deep_merge, resolve_params
 from imagen.data.ingest import ingest
 from imagen.data.loader import (
     BadRecordWarning,
@@ -176,6 +176,30 @@ def _train_batches(params: Params) -> list[dict[str, Any]]:
     stage = params.stage("base64")
     ds = make_dataset(params, stage, "train", epochs=1, train=False)
     return [ImagenDataModule(params, stage).on_after_batch_transfer(collate(list(ds)), 0)]
+
+
+def test_nemo_wdinfo_index_names_the_shards(
+    nemo_shards: tuple[Path, list[dict[str, Any]], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """data.source_path: NeMo's wdinfo .pkl (tar_files under local_root_path = source_root)."""
+    src, _, marker = nemo_shards
+    monkeypatch.chdir(tmp_path)
+    wdinfo = tmp_path / "wdinfo-selene.pkl"
+    info = {"tar_files": ["00000.tar", "00001.tar"], "total_key_count": 9, "chunk_size": 5}
+    wdinfo.write_bytes(pickle.dumps(info))
+    params = params_for(tmp_path / "p", num_train=6, num_holdout=1)
+    data = params.data.model_copy(
+        update={"source": "webdataset", "source_path": [str(wdinfo)], "source_root": str(src)}
+    )
+    manifest = ingest(data, workers=1, progress=False, log=lambda m: None)
+    assert manifest["counts"]["written"] == 7 and manifest["counts"]["seen"] == 9
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"tar_files": RunsACommand(marker)}))
+    with pytest.raises(ConfigError, match="refused"):
+        ingest(data.model_copy(update={"source_path": str(evil)}), workers=1, progress=False)
+    assert not marker.exists()
 
 
 def test_the_loader_skips_and_reports_bad_pickles_in_shards_it_is_pointed_at(

@@ -125,7 +125,16 @@ class DataConfig(_Strict):
     """Where ingest reads from and how it writes shards."""
 
     source: Literal["embedded", "folder", "webdataset"] = "embedded"
-    source_path: str | None = None
+    source_path: str | list[str] | None = Field(
+        None,
+        description="folder: a folder of images; webdataset: tar shards as a folder, glob, "
+        "brace pattern or URL, NeMo wdinfo .pkl files (their tar_files), or a list of these",
+    )
+    source_root: str | None = Field(
+        None,
+        description="NeMo's local_root_path: the folder a wdinfo .pkl's tar_files are relative "
+        "to (default: the .pkl's own folder)",
+    )
     num_train: int = Field(2048, gt=0, description="embedded: training samples")
     num_holdout: int = Field(256, ge=0, description="embedded: held-out captions/images")
     image_size: int = Field(256, gt=0, le=4096, description="stored image size")

@@ -11,7 +11,8 @@ Sources (``data.source``):
   ``key.json``), named by a local path, folder, glob, brace pattern or any URL webdataset opens
   (``pipe:``, ``http://``, ``file://``). The caption is ``key.txt`` or the json's ``caption``.
   NeMo's shards (``key.jpg``, ``key.txt``, ``key.pickle`` with precached T5 encodings) are read
-  the same way and their ``pickle`` member is carried over unchanged, after a check with the
+  the same way, also through NeMo's wdinfo ``.pkl`` indexes (``data.source_path``, relative to
+  ``data.source_root``), and their ``pickle`` member is carried over unchanged, after a check with the
   allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import anything but
   containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never executed.
 
@@ -417,7 +418,7 @@ def ingest(
     shards = writers["train"].shards + writers["holdout"].shards
     _remove_stale_shards(out, shards)
     for kind, msg in reader_errors:
-        tally.reject("unreadable_source", "", cfg.source_path or "", f"{kind}: {msg}")
+        tally.reject("unreadable_source", "", str(cfg.source_path or ""), f"{kind}: {msg}")
     manifest = _manifest(cfg, tally, shards)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     rate = tally.seen / elapsed if elapsed > 0 else float("inf")

@@ -30,7 +30,9 @@ lacks the key is skipped with a :class:`BadRecordWarning` naming the shard, key 
 Batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) in [-1, 1], ``text_embed``
 (B,token_length,D) float32 zero-padded, ``text_mask`` (B,token_length) bool, ``caption`` and
 ``key`` lists; the same two text tensors also under NeMo's names ``<out_key>_embeddings`` and
-``<out_key>_mask`` (``model.conditioning.out_key``, e.g. ``t5_text_embeddings``).
+``<out_key>_mask`` (``model.conditioning.out_key``, e.g. ``t5_text_embeddings``; added by the
+data module after the device transfer, so the device holds one copy, and by
+:func:`holdout_batches`).
 """
 
 from __future__ import annotations

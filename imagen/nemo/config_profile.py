@@ -39,7 +39,7 @@ def yaml_value(value: Any) -> str:
 def _commands(imp: Imported, out: Path) -> list[str]:
     if imp.kind == "training":
         return [
-            f"imagen ingest   --profile {out} -S data.source_path=/path/to/nemo/shards",
+            f"imagen ingest   --profile {out}   # -S data.source_path=... for other shards",
             f"imagen precache --profile {out}   # NeMo's precached pickles are kept, not encoded",
             f"imagen train    --profile {out} --stage {imp.stage}",
         ]

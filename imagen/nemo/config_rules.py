@@ -163,10 +163,7 @@ TRAINING: dict[str, Rule] = {
     "model.data.synthetic_data_length": Unmapped(
         "only used with synthetic_data; the embedded set's size is data.num_train"
     ),
-    "model.data.train.dataset_path": Unmapped(
-        "NeMo's wdinfo .pkl shard index: give the tar shards themselves as data.source_path "
-        "(a folder, glob or brace pattern; data.source is set to webdataset)"
-    ),
+    "model.data.train.dataset_path": SPECIAL,
     "model.data.train.augmentations.resize_smallest_side": SPECIAL,
     "model.data.train.augmentations.center_crop_h_w": SPECIAL,
     "model.data.train.augmentations.horizontal_flip": Same(
@@ -192,8 +189,8 @@ TRAINING: dict[str, Rule] = {
     "model.data.webdataset.infinite_sampler": Unmapped(
         "training streams repeat the shards forever; held-out streams are one epoch"
     ),
-    "model.data.webdataset.local_root_path": Unmapped(
-        "the root of NeMo's wdinfo paths; data.source_path names the shards"
+    "model.data.webdataset.local_root_path": Map(
+        "data.source_root", str, "the folder the wdinfo files' tar_files are relative to"
     ),
     "model.data.webdataset.verbose": Unmapped("webdataset logging is not a params key"),
     "model.data.pbss_checkpoint_saving.*": Unmapped(_PBSS),

@@ -219,10 +219,18 @@ def map_data(imp: Imported, cfg: dict[str, Any]) -> None:
         else:
             note = "NeMo keeps images whose both sides are >= value: the short side's minimum"
             imp.put("data.min_resolution", value, f"{base}.value", note)
+    path = "model.data.train.dataset_path"
+    if _has(cfg, path):
+        value = _get(cfg, path)
+        if type_ok(value, str) or (type_ok(value, "strs") and value):
+            note = "NeMo's wdinfo .pkl files (or shards), relative to where NeMo ran"
+            imp.put("data.source_path", value, path, note)
+        else:
+            imp.error(path, "data.source_path", f"needs paths, got {value!r}")
     path = "model.data.webdataset.use_webdataset"
     if _has(cfg, path):
         if _get(cfg, path) is True:
-            imp.put("data.source", "webdataset", path, "set data.source_path to the tar shards")
+            imp.put("data.source", "webdataset", path)
         else:
             imp.skip(path, "only webdataset shards or an image folder (data.source) are read")
     path = "model.conditioning.encoder_path"
