@@ -273,6 +273,17 @@ def _nemo_record(cond: ConditioningConfig) -> dict[str, Any]:
     }
 
 
+def _nemo_message(
+    cond: ConditioningConfig, nemo: int, shards: int, manifest: dict[str, Any], out: Path
+) -> str:
+    return (
+        f"precache: {nemo} of {shards} shards carry NeMo's precached embeddings "
+        f"({PICKLE_MEMBER} member, key {cond.precached_key!r}): not encoded, kept as they "
+        f"are ({manifest['nemo_precached']} records); {manifest['bad_records']} bad records "
+        f"left out {manifest['bad_records_by_reason'] or ''} (see {out / 'manifest.json'})"
+    )
+
+
 def _online(params: Params, out: Path, log: Callable[[str], Any]) -> dict[str, Any]:
     cond = params.conditioning
     encoder = load_text_encoder(cond)  # builds the embedded default on first use
@@ -334,12 +345,7 @@ def precache(
     rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
     skipped = sum(r["skipped"] for r in results)
     if nemo:
-        log(
-            f"precache: {len(nemo)} of {len(shards)} shards carry NeMo's precached embeddings "
-            f"({PICKLE_MEMBER} member, key {cond.precached_key!r}): not encoded, kept as they "
-            f"are ({manifest['nemo_precached']} records); {manifest['bad_records']} bad records "
-            f"left out {manifest['bad_records_by_reason'] or ''} (see {out / 'manifest.json'})"
-        )
+        log(_nemo_message(cond, len(nemo), len(shards), manifest, out))
     log(
         f"precache: {manifest['samples']} samples in {len(results)} shards "
         f"({skipped} already finished, skipped) -> {out}; embeddings "

@@ -374,11 +374,9 @@ class Cascade:
             if given is not None and len(given) != len(prompts):
                 raise ValueError(f"{len(given)} {what} for {len(prompts)} prompts")
         names = self._stage_names(depth, lowres is not None)
+        per_stage = (steps, guidance, sampler)
         samplings = {
-            n: self.stages[n].sampling(
-                _for_stage(steps, n), _for_stage(guidance, n), _for_stage(sampler, n)
-            )
-            for n in names
+            n: self.stages[n].sampling(*(_for_stage(v, n) for v in per_stage)) for n in names
         }
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         starts = range(0, len(prompts), batch_size)
@@ -396,14 +394,9 @@ class Cascade:
                     else _image_generators(seeds[i : i + batch_size], k)
                 )
                 images = self.sample_stage(
-                    name,
-                    text_embed,
-                    text_mask,
-                    images,
-                    sampling=samplings[name],
-                    noise_aug=_for_stage(noise_aug, name),
-                    generator=gen,
-                )
+                    name, text_embed, text_mask, images, sampling=samplings[name],
+                    noise_aug=_for_stage(noise_aug, name), generator=gen,
+                )  # fmt: skip
                 out[name].append(images.cpu())
                 if bar is not None:
                     bar.update(1)
