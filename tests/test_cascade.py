@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_cascade import make_tiny_cascade, tiny_raw, write_params_yaml
 from PIL import Image
+from tiny import make_tiny_cascade, shrink, write_params
 
 from imagen.cli import main as cli_main
 from imagen.config import ConfigError
@@ -51,7 +51,7 @@ def test_overrides_per_stage_change_the_samples(tiny) -> None:
     # an override for another stage leaves this one alone
     same = cascade.generate(PROMPTS[:1], depth="base64", seed=0, steps={"sr256": 9})
     assert torch.equal(base, same["base64"])
-    # the SR stage sees its low-res input through the noise augmentation level (sigma_aug)
+    # the SR stage sees its low-res input through the noise augmentation level
     lo = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.002)["sr256"]
     hi = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.9)["sr256"]
     assert not torch.allclose(lo, hi)
@@ -88,7 +88,7 @@ def test_partial_cascade_and_missing_stage_message(tmp_path: Path) -> None:
 
 def test_sample_command_writes_pngs_and_grid(tiny, tmp_path: Path, capsys) -> None:
     root, params, _ = tiny
-    yaml_path = write_params_yaml(tiny_raw(root), tmp_path / "params.yaml")
+    yaml_path = write_params(shrink(root), tmp_path / "params.yaml")
     out = tmp_path / "samples"
     rc = cli_main(
         [
@@ -109,8 +109,8 @@ def test_sample_command_writes_pngs_and_grid(tiny, tmp_path: Path, capsys) -> No
 
 
 def test_sample_command_names_the_missing_stage(tmp_path: Path, capsys) -> None:
-    raw = tiny_raw(tmp_path)
-    yaml_path = write_params_yaml(raw, tmp_path / "params.yaml")
+    raw = shrink(tmp_path)
+    yaml_path = write_params(raw, tmp_path / "params.yaml")
     rc = cli_main(["sample", "a red circle", "--params", str(yaml_path), "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _train_data import imagen, make_project
+from tiny import imagen, make_project
 
 
 @pytest.mark.slow

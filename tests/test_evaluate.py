@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_cascade import make_tiny_cascade
 from PIL import Image
+from tiny import make_tiny_cascade
 from torch import nn
 
 from imagen.config import ConfigError, resolve_params

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _project import BIN, copy_project, project_env, run
+from tiny import BIN, copy_project, run
+from tiny import env as project_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 

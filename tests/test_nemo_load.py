@@ -174,3 +174,29 @@ def test_import_nemo_writes_a_stage_model(tmp_path: Path, capsys) -> None:
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert cli(["import-nemo", str(path), "--stage", "base64", "--out", str(tmp_path)]) == 2
     assert "cannot be the base64 stage" in capsys.readouterr().err
+
+
+def test_imported_nemo_stages_sample_through_the_cascade(tmp_path: Path) -> None:
+    """Two NeMo models imported as base64 and sr256 stages: `imagen sample`'s cascade runs."""
+    from tiny import make_tiny_cascade
+
+    from imagen.sample.cascade import Cascade
+
+    params = make_tiny_cascade(tmp_path, stages=("base64",))  # the tiny text encoder (32 dims)
+    models = Path(params.models_dir)
+    for stage, unet_type, unet, aug, extra in (
+        ("base64", "base", REGULAR, False, []),
+        ("sr256", "sr", EFFICIENT, True, ["--resolution", "32", "--lowres", "16"]),
+    ):
+        block = nemo_model_block(unet_type, unet, aug)
+        block["conditioning"]["token_length"] = 16
+        path = write_nemo(
+            tmp_path / f"{stage}.nemo", block, megatron_state_dict(nemo_precond(block))
+        )
+        args = ["import-nemo", str(path), "--stage", stage, "--out", str(models), *extra]
+        assert cli(args) == 0
+    encoder = params.conditioning.encoder_path
+    cascade = Cascade.from_models_dir(models, depth="sr256", encoder_path=encoder)
+    out = cascade.generate(["a red circle"], depth="sr256", seed=0, steps={"base64": 2, "sr256": 2})
+    assert out["base64"].shape == (1, 3, 16, 16) and out["sr256"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["sr256"]).all()

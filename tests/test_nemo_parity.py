@@ -380,7 +380,7 @@ def test_edm_heun_sampler(unet_type: str) -> None:
     """EDM Heun, no churn, dynamic thresholding, CFG 3: the same images as NeMo's EDMSampler."""
     nemo, ours = _edm_pair(unet_type)
     kw = inputs(unet_type == "sr", False)
-    steps, scale = 6, 3.0
+    steps, scale = 4, 3.0
     noise = torch.randn(3, 3, 16, 16)
     cond = _text(kw)
     lowres = {}
@@ -505,3 +505,13 @@ def test_gradient_checkpointing_and_channels_last_parity(
     _record(f"gradient_checkpointing + channels_last ({unet_type}, {attention_type})", got, ref)
     torch.testing.assert_close(got, ref, **FP32)
     torch.testing.assert_close(g_got, g_ref, atol=1e-4, rtol=1e-3)
+
+
+def test_nemo_dropout_true_is_refused_not_copied() -> None:
+    """NeMo passes `dropout: True` to nn.Dropout as p = 1; importing such a config says so."""
+    from imagen.nemo.convert import NemoWeightsError
+
+    with pytest.raises(NemoWeightsError, match="p = 1"):
+        model_config_from_nemo({"unet_type": "base", "unet": {**REGULAR, "dropout": True}})
+    cfg = model_config_from_nemo({"unet_type": "base", "unet": {**REGULAR, "dropout": False}})
+    assert cfg.unet.dropout == 0.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _project import copy_project, run
+from tiny import copy_project, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-from _train_data import TINY_TEXT
+from tiny import TINY_TEXT
 
 from imagen.config import ConfigError, Params, deep_merge, resolve_params
 from imagen.data.ingest import ingest

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from _tiny_cascade import make_tiny_cascade
+from tiny import make_tiny_cascade
 
 from imagen.checkpoint import read_stage
 from imagen.images import to_pil
@@ -35,7 +35,11 @@ def registered(tmp_path_factory: pytest.TempPathFactory):
     exp = client.create_experiment("test", artifact_location=(tmp / "artifacts").as_uri())
     run = client.create_run(exp)
     versions = register_models(
-        run.info.run_id, params.models_dir, tmp / "encoder", tracking_uri=uri, alias="champion"
+        run.info.run_id,
+        params.models_dir,
+        params.conditioning.encoder_path,
+        tracking_uri=uri,
+        alias="champion",
     )
     client.set_terminated(run.info.run_id)
     return tmp, params, uri, run.info.run_id, versions

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from _train_data import imagen, make_project, tiny_raw
+from tiny import imagen, make_project, shrink
 
 from imagen.checkpoint import load_stage, read_stage
 from imagen.config import StageConfig, deep_merge, resolve_params
@@ -18,7 +18,7 @@ from imagen.train import ImagenStage, build_trainer, lightning_precision
 
 def tiny_stage(name: str = "base64", **over: Any) -> StageConfig:
     """A toy stage built from the repository's params.yaml (dotted overrides on the stage)."""
-    raw = tiny_raw(Path("/nonexistent"))
+    raw = shrink(Path("/nonexistent"))
     block: dict[str, Any] = {}
     for key, value in over.items():
         node = block

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_data import env, imagen, make_project
 from test_train import batches, tiny_stage
+from tiny import env, imagen, make_project
 
 from imagen.train import AtomicCheckpointIO, ImagenStage, NonFiniteLossError, build_trainer
 

@@ -312,3 +312,17 @@ def test_tiny_unet_overfits_one_batch():
 def test_count_parameters_counts_every_parameter():
     net = build("base")
     assert count_parameters(net) == sum(p.numel() for p in net.parameters()) > 1000
+
+
+def test_noise_cond_scale_multiplies_the_noise_level_before_its_features():
+    """unet.noise_cond_scale (a departure, off = 1 as in NeMo): the net with scale 1000 is the
+    default net fed 1000 x the noise level."""
+    scaled = build("base", noise_cond_scale=1000.0).eval()
+    plain = build_unet(tiny_model("base")).eval()
+    plain.load_state_dict(scaled.state_dict())
+    kw = inputs("base")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            scaled(**kw), plain(**{**kw, "noise_cond": kw["noise_cond"] * 1000.0})
+        )
+        assert not torch.allclose(scaled(**kw), plain(**kw), atol=1e-4)

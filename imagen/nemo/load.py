@@ -228,6 +228,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(base64-500m.yaml, inference_pipeline.yaml, ...) to turn into a params profile",
     )
     parser.add_argument("--no-ema", action="store_true", help="ignore NeMo's EMA weights")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="output size (default: the stage's)"
+    )
+    parser.add_argument(
+        "--lowres", type=int, default=None, help="SR: low-res input size (default: the stage's)"
+    )
 
 
 def main(args: argparse.Namespace, params: Any = None) -> int:
@@ -252,6 +258,8 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
         print(f"imagen import-nemo: {e}", file=sys.stderr)
         return 2
     res, lowres = STAGE_RESOLUTIONS[args.stage]
+    if lowres is not None and args.lowres is not None:
+        lowres = args.lowres
     if model.is_sr != (lowres is not None):
         print(
             f"imagen import-nemo: a {model.unet_type} UNet cannot be the {args.stage} stage",
@@ -262,7 +270,7 @@ def main(args: argparse.Namespace, params: Any = None) -> int:
     stage = StageConfig.model_validate(
         {
             "name": args.stage,
-            "resolution": res if model.is_sr else model.unet.image_size,
+            "resolution": args.resolution or (res if model.is_sr else model.unet.image_size),
             "lowres": lowres,
             "model": model,
         }
