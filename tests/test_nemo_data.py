@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_data import TINY_TEXT
 from PIL import Image
+from tiny import TINY_TEXT
 
 from imagen.config import ConfigError, Params, deep_merge, resolve_params
 from imagen.data.ingest import ingest

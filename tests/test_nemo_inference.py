@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny_cascade import make_tiny_cascade, tiny_raw, write_params_yaml
 from PIL import Image
+from tiny import make_tiny_cascade, shrink, write_params
 
 from imagen.cli import main as cli_main
 from imagen.config import load_params, resolve_params
@@ -26,7 +26,7 @@ PROMPT = "a large red circle on the left, dark background"
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("nemo_infer")
     make_tiny_cascade(tmp)
-    return tmp, write_params_yaml(tiny_raw(tmp), tmp / "params.yaml")
+    return tmp, write_params(shrink(tmp), tmp / "params.yaml")
 
 
 def sample(params: Path, out: Path, *args: str) -> int:
