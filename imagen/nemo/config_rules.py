@@ -6,7 +6,9 @@ Three tables, by config kind: ``TRAINING`` (base64-*.yaml, sr256-*.yaml, sr1024-
 ``FID`` (the rest of imagen_fid_images.yaml). Keys are NeMo's dotted paths (``*`` ends a
 subtree, ``#`` stands for a list index); ``{s}`` in a target is the stage being imported.
 Keys whose meaning depends on other keys (the UNet, batch sizes, crops, the pyramid) are
-``SPECIAL``: :mod:`imagen.nemo.config_import` maps them in code.
+``SPECIAL``: :mod:`imagen.nemo.config_model`, ``config_train`` and ``config_infer`` map them in
+code. :class:`Imported` collects what one import maps, notes and rejects; :func:`apply_rule`
+applies one table rule to one NeMo key.
 """
 
 from __future__ import annotations
