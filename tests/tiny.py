@@ -203,9 +203,11 @@ def make_project(
     stages: tuple[str, ...] = ("base64", "sr256"),
 ) -> Params:
     """params.yaml under ``root`` plus real shards from ``imagen ingest`` and ``imagen
-    precache``; returns the resolved Params."""
+    precache``; returns the resolved Params (its paths relative to ``root``)."""
     root.mkdir(parents=True, exist_ok=True)
-    raw = shrink(root, overrides, stages)
+    # paths relative to the project folder, as a user's params.yaml has them
+    mlflow = {"mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    raw = shrink(None, deep_merge(mlflow, overrides or {}), stages)
     write_params(raw, root / "params.yaml")
     for cmd in (["ingest", "--no-progress"], ["precache", "--no-progress"]):
         res = imagen(root, *cmd)
