@@ -151,7 +151,12 @@ TRAINING: dict[str, Rule] = {
     "model.noise_cond_aug": SPECIAL,
     "model.preconditioning_type": SPECIAL,
     "model.preconditioning.*": SPECIAL,
-    "model.conditioning.embed_dim": Map("model.conditioning.embed_dim", int),
+    "model.conditioning.embed_dim": Map(
+        "model.conditioning.embed_dim",
+        int,
+        "NeMo's precached shards carry features of this width; sampling and online encoding "
+        "need a T5 of that width at model.conditioning.encoder_path",
+    ),
     "model.conditioning.token_length": Map("model.conditioning.token_length", int),
     "model.conditioning.drop_rate": Map("model.conditioning.drop_rate", float),
     "model.conditioning.precached_key": Map("model.conditioning.precached_key", str),
