@@ -109,7 +109,6 @@ TOY: dict[str, Any] = {
         "cascade_steps": 1,
         "sr_pairs": 2,
     },
-    "mlflow": {"experiment": "test"},
 }
 # What the whole-pipeline tests train: two steps a stage, a checkpoint after each.
 FAST_STAGES = {
@@ -127,9 +126,9 @@ def shrink(
 ) -> dict[str, Any]:
     """The repository's params.yaml with :data:`TOY` and ``overrides`` merged over it.
 
-    With ``root`` every output path (shards, encoder, models, reports, the MLflow database) is
-    absolute under it, for tests that run stages in-process; without, paths stay relative, as
-    a project folder's commands expect.
+    With ``root`` every output path (shards, encoder, models, reports, the MLflow database and
+    experiment "test") is absolute under it, for tests that run stages in-process; without,
+    paths stay relative, as a project folder's commands expect.
     """
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TOY)
     if root is not None:
@@ -142,7 +141,7 @@ def shrink(
                 },
                 "model": {"conditioning": {"encoder_path": str(root / "data/encoder")}},
                 "evaluate": {"reports_dir": str(root / "reports")},
-                "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+                "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
                 "models_dir": str(root / "models"),
             },
         )
@@ -206,7 +205,7 @@ def make_project(
     precache``; returns the resolved Params (its paths relative to ``root``)."""
     root.mkdir(parents=True, exist_ok=True)
     # paths relative to the project folder, as a user's params.yaml has them
-    mlflow = {"mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    mlflow = {"mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"}}
     raw = shrink(None, deep_merge(mlflow, overrides or {}), stages)
     write_params(raw, root / "params.yaml")
     for cmd in (["ingest", "--no-progress"], ["precache", "--no-progress"]):

@@ -153,7 +153,16 @@ class DataConfig(_Strict):
     """Where ingest reads from and how it writes shards."""
 
     source: Literal["embedded", "folder", "webdataset"] = "embedded"
-    source_path: str | None = None
+    source_path: str | list[str] | None = Field(
+        None,
+        description="folder: a folder of images; webdataset: tar shards as a folder, glob, "
+        "brace pattern or URL, NeMo wdinfo .pkl files (their tar_files), or a list of these",
+    )
+    source_root: str | None = Field(
+        None,
+        description="NeMo's local_root_path: the folder a wdinfo .pkl's tar_files are relative "
+        "to (default: the .pkl's own folder)",
+    )
     num_train: int = Field(2048, gt=0, description="embedded: training samples")
     num_holdout: int = Field(256, ge=0, description="embedded: held-out captions/images")
     image_size: int = Field(256, gt=0, le=4096, description="stored image size")
@@ -201,6 +210,25 @@ class EvaluateConfig(_Strict):
     )
 
 
+class SampleConfig(_Strict):
+    """``imagen sample`` defaults, as NeMo's inference_pipeline.yaml sets them; the command's
+    options override them."""
+
+    prompts: list[str] = Field(
+        default_factory=list, description="prompts used when none is given (NeMo: texts)"
+    )
+    num_images: int = Field(
+        1, gt=0, description="images per prompt, each with its own seed (num_images_per_promt)"
+    )
+    output_res: int | None = Field(
+        None,
+        gt=0,
+        description="stop the cascade at the stage of this resolution (NeMo: "
+        "target_resolution); None: the last stage loaded",
+    )
+    out_dir: str = Field("samples", description="output folder (NeMo: output_path)")
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite")
     experiment: str = "imagen"
@@ -227,6 +255,7 @@ class Params(BaseModel):
     data: DataConfig = DataConfig()
     stages: dict[str, StageConfig]
     evaluate: EvaluateConfig = EvaluateConfig()
+    sample: SampleConfig = SampleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     models_dir: str = "models"
 

@@ -10,6 +10,11 @@ Sources (``data.source``):
 - ``webdataset``: tar shards in the img2dataset layout (``key.jpg`` / ``key.txt`` /
   ``key.json``), named by a local path, folder, glob, brace pattern or any URL webdataset opens
   (``pipe:``, ``http://``, ``file://``). The caption is ``key.txt`` or the json's ``caption``.
+  NeMo's shards (``key.jpg``, ``key.txt``, ``key.pickle`` with precached T5 encodings) are read
+  the same way, also through NeMo's wdinfo ``.pkl`` indexes (``data.source_path``, relative to
+  ``data.source_root``), and their ``pickle`` member is carried over unchanged, after a check with the
+  allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import anything but
+  containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never executed.
 
 Every image is normalised to 8-bit RGB (CMYK, greyscale, palette, 16-bit converted; alpha
 composited on white; EXIF rotation applied), center-cropped to a square and downsized to
@@ -50,6 +55,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagen.config import ConfigError, DataConfig, Params
+from imagen.data.nemo_format import BadRecord, safe_loads
 from imagen.data.shards import ShardSetWriter
 from imagen.data.sources import RawRecord, clean_key, records
 
@@ -239,6 +245,12 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
         key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
         extra["attributes"] = item.get("attributes", {})
     res = Result(key, rec.origin, rec.split)
+    for blob in rec.members.values():
+        try:
+            safe_loads(blob)  # only to refuse what is unsafe: precache checks the contents
+        except BadRecord as e:
+            res.reason, res.detail = e.reason, e.detail
+            return res
     text, res.notes = normalise_caption(caption, cfg.max_caption_chars)
     if text is None:
         res.reason = "missing_caption" if caption is None else "empty_caption"
@@ -273,6 +285,7 @@ def process(rec: RawRecord, cfg: DataConfig) -> Result:
         "__key__": key,
         ext: data,
         **_pyramid(img, cfg.pyramid, ext),
+        **rec.members,
         "txt": text.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode(),
     }
@@ -405,7 +418,7 @@ def ingest(
     shards = writers["train"].shards + writers["holdout"].shards
     _remove_stale_shards(out, shards)
     for kind, msg in reader_errors:
-        tally.reject("unreadable_source", "", cfg.source_path or "", f"{kind}: {msg}")
+        tally.reject("unreadable_source", "", str(cfg.source_path or ""), f"{kind}: {msg}")
     manifest = _manifest(cfg, tally, shards)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     rate = tally.seen / elapsed if elapsed > 0 else float("inf")

@@ -22,9 +22,17 @@ The stage pyramid (square images, as ingest stores them):
   sr256 with C=128: a 128 crop of the 256 image + the matching 32 crop of the 64 image;
   sr1024 with C=256: a 256 crop of the 1024 image + the matching 64 crop of the 256 image.
 
+Text features come from ``<precached_key>.npy`` (what ``imagen precache`` writes) or from
+NeMo's ``pickle`` member (``{precached_key: {"encodings": (n, D)}}``, read by the allowlist
+unpickler of :mod:`imagen.data.nemo_format`); a record whose pickle is unsafe, unreadable or
+lacks the key is skipped with a :class:`BadRecordWarning` naming the shard, key and reason.
+
 Batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) in [-1, 1], ``text_embed``
 (B,token_length,D) float32 zero-padded, ``text_mask`` (B,token_length) bool, ``caption`` and
-``key`` lists.
+``key`` lists; the same two text tensors also under NeMo's names ``<out_key>_embeddings`` and
+``<out_key>_mask`` (``model.conditioning.out_key``, e.g. ``t5_text_embeddings``; added by the
+data module after the device transfer, so the device holds one copy, and by
+:func:`holdout_batches`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import itertools
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from imagen.config import ConfigError, Params, StageConfig
+from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, read_encodings
 from imagen.text import TextEncoder, from_storage, load_text_encoder, pad_or_trim
 
 Split = str  # "train" | "holdout"
@@ -212,6 +222,10 @@ def pick_image(sample: dict[str, Any], min_size: int) -> bytes | None:
     return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
 
 
+class BadRecordWarning(UserWarning):
+    """A training sample skipped because its text features cannot be used safely."""
+
+
 class StageExamples(IterableDataset):
     """Decoded training examples for one stage: pyramid + padded text features."""
 
@@ -222,7 +236,26 @@ class StageExamples(IterableDataset):
         self.cond = params.conditioning
         self.npy_key = f"{self.cond.precached_key}.npy"
 
+    def _text_features(self, s: dict[str, Any], where: str) -> np.ndarray:
+        """The unpadded (n, D) features: the project's .npy, else NeMo's pickle member."""
+        if self.npy_key in s:
+            emb = from_storage(np.load(io.BytesIO(s[self.npy_key]), allow_pickle=False))
+        elif PICKLE_MEMBER in s:
+            emb = read_encodings(s[PICKLE_MEMBER], self.cond.precached_key)
+        else:
+            raise ConfigError(
+                f"{where} has no {self.npy_key} and no NeMo {PICKLE_MEMBER} member "
+                "(model.conditioning.precached_key); run `imagen precache` with the same params"
+            )
+        if emb.ndim != 2 or emb.shape[1] != self.cond.embed_dim:
+            raise ConfigError(
+                f"{where}: embedding shape {emb.shape} does not match "
+                f"model.conditioning.embed_dim {self.cond.embed_dim}; re-run `imagen precache`"
+            )
+        return emb
+
     def example(self, s: dict[str, Any]) -> dict[str, Any]:
+        """One training example; raises :class:`BadRecord` for an unusable NeMo pickle."""
         key = s.get("__key__", "?")
         where = f"{s.get('__url__', '?')}: sample {key!r}"
         data = pick_image(s, self.pyramid.res)
@@ -233,31 +266,45 @@ class StageExamples(IterableDataset):
         out["caption"] = s["txt"].decode("utf-8") if "txt" in s else ""
         out["key"] = key
         if not self.cond.online_encoding:
-            if self.npy_key not in s:
-                raise ConfigError(
-                    f"{where} has no {self.npy_key} (model.conditioning.precached_key); "
-                    "run `imagen precache` with the same params"
-                )
-            emb = from_storage(np.load(io.BytesIO(s[self.npy_key])))
-            if emb.ndim != 2 or emb.shape[1] != self.cond.embed_dim:
-                raise ConfigError(
-                    f"{where}: embedding shape {emb.shape} does not match "
-                    f"model.conditioning.embed_dim {self.cond.embed_dim}; re-run `imagen precache`"
-                )
+            emb = self._text_features(s, where)
             out["text_embed"], out["text_mask"] = pad_or_trim(emb, self.cond.token_length)
         return out
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def decoded(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(raw sample, example) pairs; bad records are skipped with a BadRecordWarning."""
         for s in self.stream:
-            yield self.example(s)
+            try:
+                yield s, self.example(s)
+            except BadRecord as e:
+                where = f"{s.get('__url__', '?')}: sample {s.get('__key__', '?')!r}"
+                warnings.warn(
+                    f"{where}: skipped, bad record ({e.reason}): {e.detail}",
+                    BadRecordWarning,
+                    stacklevel=2,
+                )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _, ex in self.decoded():
+            yield ex
 
 
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, keep strings as lists."""
+def collate(examples: list[dict[str, Any]], out_key: str | None = None) -> dict[str, Any]:
+    """Stack tensors, keep strings as lists; with ``out_key`` the text features are also
+    under NeMo's names ``<out_key>_embeddings`` / ``<out_key>_mask`` (the same tensors)."""
     batch: dict[str, Any] = {}
     for k in examples[0]:
         vals = [e[k] for e in examples]
         batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else list(vals)
+    if out_key:
+        add_nemo_keys(batch, out_key)
+    return batch
+
+
+def add_nemo_keys(batch: dict[str, Any], out_key: str) -> dict[str, Any]:
+    """``<out_key>_embeddings`` / ``<out_key>_mask`` beside ``text_embed`` / ``text_mask``."""
+    if "text_embed" in batch:
+        batch[f"{out_key}_embeddings"] = batch["text_embed"]
+        batch[f"{out_key}_mask"] = batch["text_mask"]
     return batch
 
 
@@ -334,7 +381,8 @@ class ImagenDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
         if self.online is not None:
             batch = self.online(batch, device=batch["image"].device)
-        return batch
+        # NeMo's names, added after the transfer so the device holds one copy
+        return add_nemo_keys(batch, self.params.conditioning.out_key)
 
 
 def holdout_batches(
@@ -350,10 +398,12 @@ def holdout_batches(
     online = OnlineEncoding(params) if params.conditioning.online_encoding else None
     size = batch_size or n
     examples = []
-    for s in itertools.islice(ds.stream, n):
-        ex = ds.example(s)
+    for s, ex in itertools.islice(ds.decoded(), n):
         meta = json.loads(s["json"]) if "json" in s else {}
         ex["attributes"] = meta.get("attributes", {})
         examples.append(ex)
-    batches = [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
-    return [online(b) for b in batches] if online else batches
+    out_key = params.conditioning.out_key
+    batches = [collate(examples[i : i + size], out_key) for i in range(0, len(examples), size)]
+    if online:
+        batches = [add_nemo_keys(online(b), out_key) for b in batches]
+    return batches

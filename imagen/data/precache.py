@@ -14,6 +14,16 @@ hash: a re-run skips a shard whose output exists and whose record matches), and
 ``manifest.json``. Shards are written to a temporary file and renamed, so an interrupted run
 leaves only whole shards.
 
+``--format nemo`` stores the embeddings as NeMo does instead: a ``<key>.pickle`` member holding
+``{precached_key: {"encodings": (n, D) array}}`` (float16 or float32; bfloat16 is written as
+float32, which numpy can hold), so NeMo's data pipeline reads the shards unchanged.
+
+Shards that already carry NeMo's ``pickle`` member (NeMo's precached data, ingested from a
+webdataset source) are not encoded: each pickle is read with the allowlist unpickler of
+:mod:`imagen.data.nemo_format` and kept as it is; a record whose pickle is unsafe, unreadable,
+lacks ``precached_key`` or has the wrong width is left out and listed in the manifest with its
+reason. When every shard is such a shard the T5 encoder is not even loaded.
+
 With ``online_encoding: true`` nothing is encoded: the loader encodes the raw captions on the
 fly; precache still builds/checks the encoder and records it, so training finds it ready.
 """
@@ -26,6 +36,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
+from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, encodings_pickle, read_encodings
 from imagen.data.shards import sha256_file, write_tar
 from imagen.text import TextEncoder, encoder_fingerprint, load_text_encoder, to_storage
 
@@ -61,37 +73,98 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+FORMATS: tuple[str, ...] = ("project", "nemo")  # <key>.npy, or NeMo's <key>.pickle
+
+
+def _read_samples(src: Path) -> list[dict[str, Any]]:
+    import webdataset as wds
+
+    out = []
+    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
+        out.append({k: v for k, v in s.items() if not k.startswith("_") or k == "__key__"})
+    return out
+
+
+def is_nemo_shard(src: Path) -> bool:
+    """Whether a shard's first sample carries NeMo's precached ``pickle`` member."""
+    import webdataset as wds
+
+    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
+        return PICKLE_MEMBER in s
+    return False
+
+
+def _store(emb: np.ndarray, cond: ConditioningConfig, fmt: str) -> tuple[str, bytes]:
+    """(member name, bytes) of one caption's unpadded embeddings in ``fmt``."""
+    if fmt == "nemo":
+        dtype = "float32" if cond.storage_dtype == "bfloat16" else cond.storage_dtype
+        return PICKLE_MEMBER, encodings_pickle(emb.astype(dtype), cond.precached_key)
+    return f"{cond.precached_key}.npy", _npy_bytes(to_storage(emb, cond.storage_dtype))
+
+
+def _check_nemo(
+    samples: list[dict[str, Any]], cond: ConditioningConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Split samples into (kept, to encode) and count NeMo's precached ones; bad ones are
+    dropped into ``stats["bad"]`` entries with their reason."""
+    kept, todo, bad = [], [], []
+    stats = {"tokens": 0, "embedding_bytes": 0, "nemo_precached": 0}
+    for s in samples:
+        if PICKLE_MEMBER not in s:
+            todo.append(s)
+            kept.append(s)
+            continue
+        try:
+            emb = read_encodings(s[PICKLE_MEMBER], cond.precached_key, cond.embed_dim)
+        except BadRecord as e:
+            bad.append({"key": s["__key__"], "reason": e.reason, "detail": e.detail})
+            continue
+        stats["tokens"] += emb.shape[0]
+        stats["embedding_bytes"] += len(s[PICKLE_MEMBER])
+        stats["nemo_precached"] += 1
+        kept.append(s)
+    return kept, todo, {**stats, "bad": bad}  # type: ignore[dict-item]
+
+
 def encode_shard(
     src: Path,
     dst: Path,
-    encoder: TextEncoder,
+    encoder: TextEncoder | Callable[[], TextEncoder],
     cond: ConditioningConfig,
     batch_size: int,
     on_batch: Callable[[int], Any] = lambda n: None,
+    fmt: str = "project",
 ) -> dict[str, Any]:
-    """Copy one shard's samples to ``dst`` adding ``<precached_key>.npy``; returns its stats."""
-    import webdataset as wds
+    """Copy one shard's samples to ``dst`` adding their embeddings in ``fmt``; returns stats.
 
-    samples = []
-    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
-        samples.append({k: v for k, v in s.items() if not k.startswith("_") or k == "__key__"})
-    name = f"{cond.precached_key}.npy"
-    tokens, emb_bytes = 0, 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
+    Samples that carry NeMo's precached pickle are checked and kept as they are (bad ones are
+    left out and listed under ``bad_records``); ``encoder`` may be a callable that loads it, so
+    a shard of NeMo samples only never loads T5.
+    """
+    kept, todo, stats = _check_nemo(_read_samples(src), cond)
+    on_batch(len(kept) - len(todo) + len(stats["bad"]))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
         captions = []
         for s in chunk:
             if "txt" not in s:
                 raise ConfigError(f"{src}: sample {s['__key__']!r} has no caption (.txt)")
             captions.append(s["txt"].decode("utf-8"))
+        if callable(encoder) and not isinstance(encoder, TextEncoder):
+            encoder = encoder()
         for s, emb in zip(chunk, encoder.encode_unpadded(captions), strict=True):
-            blob = _npy_bytes(to_storage(emb, cond.storage_dtype))
+            name, blob = _store(emb, cond, fmt)
             s[name] = blob
-            tokens += emb.shape[0]
-            emb_bytes += len(blob)
+            stats["tokens"] += emb.shape[0]
+            stats["embedding_bytes"] += len(blob)
         on_batch(len(chunk))
-    info = write_tar(dst, samples)
-    info.update(tokens=tokens, embedding_bytes=emb_bytes)
+    info = write_tar(dst, kept)
+    info.update(
+        tokens=stats["tokens"],
+        embedding_bytes=stats["embedding_bytes"],
+        nemo_precached=stats["nemo_precached"],
+        bad_records=stats["bad"],
+    )
     return info
 
 
@@ -119,7 +192,7 @@ def _finished(side: Path, in_hash: str, expect: dict[str, Any]) -> dict[str, Any
 def _encode_shards(
     shards: list[Path],
     out: Path,
-    encoder: TextEncoder,
+    encoder: TextEncoder | None,
     cond: ConditioningConfig,
     expect: dict[str, Any],
     batch_size: int,
@@ -135,12 +208,17 @@ def _encode_shards(
             bar.update(prev["samples"])
             results.append({**prev, "skipped": True})
             continue
-        info = encode_shard(src, dst, encoder, cond, batch_size, on_batch=bar.update)
-        encoded += info["samples"]
+        fmt = expect["format"]
+        info = encode_shard(src, dst, encoder or _no_encoder, cond, batch_size, bar.update, fmt)
+        encoded += info["samples"] - info["nemo_precached"]
         entry = {**info, "input_sha256": in_hash, "split": src.name.split("-")[0], **expect}
         _atomic_json(side, entry)
         results.append({**entry, "skipped": False})
     return results, encoded
+
+
+def _no_encoder() -> TextEncoder:
+    raise ConfigError("precache: a sample without NeMo's pickle needs the T5 encoder")
 
 
 def _remove_stale(out: Path, shards: list[Path]) -> None:
@@ -158,6 +236,7 @@ def _manifest(
     emb_bytes = sum(r["embedding_bytes"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     itemsize = 4 if cond.storage_dtype == "float32" else 2
+    bad = [b for r in results for b in r.get("bad_records", [])]
     return {
         "online_encoding": False,
         "encoder": record,
@@ -166,6 +245,9 @@ def _manifest(
         "mean_tokens": tokens / max(1, n),
         "padded_float32_bytes_per_sample": cond.token_length * cond.embed_dim * 4,
         "payload_bytes_per_sample": tokens / max(1, n) * cond.embed_dim * itemsize,
+        "nemo_precached": sum(r.get("nemo_precached", 0) for r in results),
+        "bad_records": len(bad),
+        "bad_records_by_reason": dict(sorted(Counter(b["reason"] for b in bad).items())),
         "shards": [{k: r[k] for k in sorted(r)} for r in results],
     }
 
@@ -178,32 +260,75 @@ def _shard_sizes(data: DataConfig) -> dict[str, int]:
     return {s["name"]: s["samples"] for s in json.loads(path.read_text())["shards"]}
 
 
-def precache(
-    params: Params, batch_size: int = 64, progress: bool = True, log: Callable[[str], Any] = print
-) -> dict[str, Any]:
-    """Encode every ingested caption (skipping finished shards); returns the manifest."""
-    from tqdm import tqdm
+def _nemo_record(cond: ConditioningConfig) -> dict[str, Any]:
+    """encoder.json when every shard carries NeMo's embeddings: no T5 was used here."""
+    return {
+        "path": None,
+        "sha256": "nemo-precached",
+        "source": f"NeMo precached embeddings (pickle member, key {cond.precached_key!r})",
+        "embed_dim": cond.embed_dim,
+        "token_length": cond.token_length,
+        "precached_key": cond.precached_key,
+        "online_encoding": False,
+    }
 
-    cond, data = params.conditioning, params.data
-    out = Path(data.encoded_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _nemo_message(
+    cond: ConditioningConfig, nemo: int, shards: int, manifest: dict[str, Any], out: Path
+) -> str:
+    return (
+        f"precache: {nemo} of {shards} shards carry NeMo's precached embeddings "
+        f"({PICKLE_MEMBER} member, key {cond.precached_key!r}): not encoded, kept as they "
+        f"are ({manifest['nemo_precached']} records); {manifest['bad_records']} bad records "
+        f"left out {manifest['bad_records_by_reason'] or ''} (see {out / 'manifest.json'})"
+    )
+
+
+def _online(params: Params, out: Path, log: Callable[[str], Any]) -> dict[str, Any]:
+    cond = params.conditioning
     encoder = load_text_encoder(cond)  # builds the embedded default on first use
     record = _encoder_record(cond, encoder)
     _atomic_json(out / "encoder.json", record)
+    manifest = {"online_encoding": True, "encoder": record, "shards": []}
+    _atomic_json(out / "manifest.json", manifest)
+    log(
+        "precache: skipped (model.conditioning.online_encoding is true: the loader encodes "
+        f"captions on the fly from {params.data.shards_dir} with the encoder at {encoder.path})"
+    )
+    return manifest
+
+
+def precache(
+    params: Params,
+    batch_size: int = 64,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    fmt: str = "project",
+) -> dict[str, Any]:
+    """Encode every ingested caption (skipping finished shards); returns the manifest.
+
+    ``fmt`` is ``project`` (``<precached_key>.npy``) or ``nemo`` (NeMo's ``pickle`` member).
+    """
+    from tqdm import tqdm
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"precache --format: {fmt!r}; allowed: {list(FORMATS)}")
+    cond, data = params.conditioning, params.data
+    out = Path(data.encoded_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if cond.online_encoding:
-        manifest = {"online_encoding": True, "encoder": record, "shards": []}
-        _atomic_json(out / "manifest.json", manifest)
-        log(
-            "precache: skipped (model.conditioning.online_encoding is true: the loader encodes "
-            f"captions on the fly from {data.shards_dir} with the encoder at {encoder.path})"
-        )
-        return manifest
+        return _online(params, out, log)
     shards = input_shards(data)
+    nemo = [s for s in shards if is_nemo_shard(s)]
+    encoder = None if len(nemo) == len(shards) else load_text_encoder(cond)
+    record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
+    _atomic_json(out / "encoder.json", record)
     expect = {
         "encoder_sha256": record["sha256"],
         "token_length": cond.token_length,
         "storage_dtype": cond.storage_dtype,
         "precached_key": cond.precached_key,
+        "format": fmt,
     }
     sizes = _shard_sizes(data)
     total = sum(sizes.get(s.name, 0) for s in shards) or None
@@ -219,6 +344,8 @@ def precache(
     _atomic_json(out / "manifest.json", manifest)
     rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
     skipped = sum(r["skipped"] for r in results)
+    if nemo:
+        log(_nemo_message(cond, len(nemo), len(shards), manifest, out))
     log(
         f"precache: {manifest['samples']} samples in {len(results)} shards "
         f"({skipped} already finished, skipped) -> {out}; embeddings "
@@ -234,6 +361,13 @@ def precache(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="captions per T5 forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="project",
+        help="project: <precached_key>.npy members; nemo: NeMo's <key>.pickle members "
+        "({precached_key: {'encodings': array}}), readable by NeMo's data pipeline",
+    )
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
@@ -241,7 +375,9 @@ def main(args: argparse.Namespace, params: Params) -> int:
 
     # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
     with stage_run(params, "precache") as run:
-        manifest = precache(params, batch_size=args.batch_size, progress=not args.no_progress)
+        manifest = precache(
+            params, batch_size=args.batch_size, progress=not args.no_progress, fmt=args.format
+        )
         run.log_metrics(
             {
                 k: v

@@ -23,6 +23,7 @@ from imagen.config import ConfigError, DataConfig
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
+CARRIED_MEMBERS: tuple[str, ...] = ("pickle",)  # NeMo's precached T5 encodings
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RawRecord:
     image: bytes | Image.Image | None = None
     caption: bytes | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict)  # carried verbatim (NeMo's pickle)
     split: str | None = None  # set by sources that know it (embedded)
     embedded_index: int | None = None  # rendered in the worker process
 
@@ -75,6 +77,8 @@ def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
 
 
 def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
+    if isinstance(cfg.source_path, list):
+        raise ConfigError("data.source_path: the folder source takes one folder, not a list")
     folder = Path(cfg.source_path or "")
     if not cfg.source_path or not folder.is_dir():
         raise ConfigError(f"data.source_path: {cfg.source_path!r} is not a folder of images")
@@ -92,12 +96,43 @@ def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
         yield RawRecord(key=clean_key(stem), origin=rel, image=path.read_bytes(), caption=caption)
 
 
-def expand_source(source: str) -> list[str] | str:
-    """Local folders and globs -> a sorted list of tar paths; anything else is given to
-    webdataset as is (brace patterns, ``pipe:``, ``http(s)://``, ``file://``)."""
+def read_wdinfo(path: str | Path, root: str | None = None) -> list[str]:
+    """The shards a NeMo wdinfo ``.pkl`` lists (``{"tar_files": [...], "chunk_size",
+    "total_key_count"}``), joined to ``root`` (NeMo's local_root_path; default: the .pkl's
+    folder). Read with the allowlist unpickler: a pickle that would run code is refused."""
+    from imagen.data.nemo_format import BadRecord, safe_loads
+
+    path = Path(path)
+    try:
+        info = safe_loads(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"data.source_path: {path}: {e.strerror}") from None
+    except BadRecord as e:
+        raise ConfigError(f"data.source_path: {path}: refused ({e.reason}: {e.detail})") from None
+    tars = info.get("tar_files") if isinstance(info, dict) else None
+    if not isinstance(tars, list) or not all(isinstance(t, str) for t in tars):
+        raise ConfigError(f"data.source_path: {path} is not a NeMo wdinfo (no tar_files list)")
+    base = Path(root) if root else path.parent
+    return [t if "://" in t or Path(t).is_absolute() else str(base / t) for t in tars]
+
+
+def expand_source(source: str | list[str], root: str | None = None) -> list[str] | str:
+    """Local folders and globs -> a sorted list of tar paths; a NeMo wdinfo ``.pkl`` -> its
+    shards; a list -> all of its entries' shards (brace patterns expanded); anything else is
+    given to webdataset as is (brace patterns, ``pipe:``, ``http(s)://``, ``file://``)."""
+    if isinstance(source, list):
+        import webdataset as wds
+
+        out: list[str] = []
+        for entry in source:
+            got = expand_source(entry, root)
+            out += wds.shardlists.expand_urls(got) if isinstance(got, str) else got
+        return out
     if "://" in source or source.startswith("pipe:"):
         return source
     p = Path(source)
+    if p.suffix == ".pkl":
+        return read_wdinfo(p, root)
     if p.is_dir():
         return sorted(str(x) for x in p.glob("*.tar"))
     if any(c in source for c in "*?["):
@@ -110,7 +145,7 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
 
     if not cfg.source_path:
         raise ConfigError("data.source_path: the webdataset source needs shards or a URL")
-    urls = expand_source(cfg.source_path)
+    urls = expand_source(cfg.source_path, cfg.source_root)
     if isinstance(urls, list) and not urls:
         raise ConfigError(f"data.source_path: no tar shards match {cfg.source_path!r}")
 
@@ -146,6 +181,7 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
             image=image,
             caption=caption,
             extra=extra | ({"source_ext": ext} if ext else {}),
+            members={k: s[k] for k in CARRIED_MEMBERS if k in s},
         )
 
 
@@ -156,12 +192,10 @@ def records(
     if cfg.source == "embedded":
         return _embedded_records(cfg), cfg.num_train + cfg.num_holdout
     if cfg.source == "folder":
-        folder = Path(cfg.source_path or "")
+        folder = Path(cfg.source_path if isinstance(cfg.source_path, str) else "")
         total = None
-        if folder.is_dir():  # image files only, so the held-out spacing is known up front
+        if cfg.source_path and folder.is_dir():  # image files only, so the held-out spacing is known up front
             exts = {f".{e}" for e in IMAGE_EXTS}
             total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
         return _folder_records(cfg), total
     return _webdataset_records(cfg, errors), None
-
-

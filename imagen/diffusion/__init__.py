@@ -9,6 +9,7 @@ from imagen.diffusion.denoiser import (
     DDPMDenoiser,
     Denoiser,
     EDMDenoiser,
+    SampleGenerators,
     build_denoiser,
     elementwise_loss,
 )
@@ -37,6 +38,7 @@ from imagen.diffusion.schedules import (
 )
 
 __all__ = [
+    "SampleGenerators",
     "SAMPLERS",
     "DDPMDenoiser",
     "Denoiser",

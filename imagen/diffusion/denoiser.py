@@ -64,32 +64,50 @@ def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+class SampleGenerators(tuple):
+    """One ``torch.Generator`` per batch item, given where a generator is taken: item i's noise
+    comes from generator i alone, so an image depends on its own seed, not on its batch."""
+
+    @property
+    def device(self) -> torch.device:
+        return self[0].device
+
+
+def _draw(fn: Any, shape: Any, like: torch.Tensor, generator: Any) -> torch.Tensor:
+    if generator is None:
+        return fn(shape, dtype=like.dtype, device=like.device)
+    if isinstance(generator, SampleGenerators):
+        if len(shape) == 0 or shape[0] != len(generator):
+            raise ValueError(f"{len(generator)} generators for a batch of shape {tuple(shape)}")
+        rows = [
+            fn(tuple(shape[1:]), generator=g, dtype=like.dtype, device=g.device) for g in generator
+        ]
+        return torch.stack(rows).to(like.device)
+    z = fn(shape, generator=generator, dtype=like.dtype, device=generator.device)
+    return z.to(like.device)
+
+
 def randn(
     shape: tuple[int, ...] | torch.Size,
     like: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | SampleGenerators | None = None,
 ) -> torch.Tensor:
     """Standard normal noise with ``like``'s dtype and device, drawn from ``generator``.
 
     The noise is drawn on the generator's device and moved, so one seeded CPU generator gives
-    the same numbers whichever device the model runs on.
+    the same numbers whichever device the model runs on. With :class:`SampleGenerators` row i
+    of the batch (dim 0) comes from generator i.
     """
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    z = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)
-    return z.to(like.device)
+    return _draw(torch.randn, shape, like, generator)
 
 
 def rand(
     shape: tuple[int, ...] | torch.Size,
     like: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | SampleGenerators | None = None,
 ) -> torch.Tensor:
     """Uniform [0, 1) noise, like :func:`randn`."""
-    if generator is None:
-        return torch.rand(shape, dtype=like.dtype, device=like.device)
-    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=generator.device)
-    return u.to(like.device)
+    return _draw(torch.rand, shape, like, generator)
 
 
 class Denoiser(nn.Module):

@@ -208,12 +208,25 @@ def load_nemo_denoiser(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a .nemo archive or a MegatronImagen .ckpt")
-    parser.add_argument("--stage", required=True, choices=["base64", "sr256", "sr1024"])
     parser.add_argument(
-        "--out", default="models", help="models folder; writes OUT/STAGE/model.pt (%(default)s)"
+        "file",
+        nargs="?",
+        help="a .nemo archive or a MegatronImagen .ckpt (omit with --config "
+        "alone to import a NeMo config as a params profile)",
     )
-    parser.add_argument("--config", default=None, help="model_config.yaml (for a .ckpt)")
+    parser.add_argument("--stage", choices=["base64", "sr256", "sr1024"], default=None)
+    parser.add_argument(
+        "--out",
+        default="models",
+        help="models folder; writes OUT/STAGE/model.pt (%(default)s). With --config alone: the "
+        "profile file (default profiles/nemo-<config name>.yaml)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="model_config.yaml (for a .ckpt); alone (no FILE): a NeMo Imagen config "
+        "(base64-500m.yaml, inference_pipeline.yaml, ...) to turn into a params profile",
+    )
     parser.add_argument("--no-ema", action="store_true", help="ignore NeMo's EMA weights")
     parser.add_argument(
         "--resolution", type=int, default=None, help="output size (default: the stage's)"
@@ -224,6 +237,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, params: Any = None) -> int:
+    if args.file is None:
+        if args.config is None:
+            print("imagen import-nemo: give a checkpoint FILE or --config", file=sys.stderr)
+            return 2
+        from imagen.nemo.config_import import main as import_config_main
+
+        return import_config_main(args)
+    if args.stage is None:
+        print("imagen import-nemo: --stage is needed for a checkpoint", file=sys.stderr)
+        return 2
     from imagen.checkpoint import save_stage
     from imagen.config import STAGE_RESOLUTIONS, StageConfig
 

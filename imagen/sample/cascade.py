@@ -11,9 +11,13 @@ classifier-free guidance scale (``stages.<name>.sampling`` in params.yaml, or ov
 model URI) and the T5 text encoder. ``imagen sample`` (:mod:`imagen.sample.cli`) is its command
 line.
 
+The cascade may also start at an SR stage from images the caller has (NeMo's low_res_input):
+``generate(prompts, lowres=images)`` super-resolves them through sr256 (and sr1024).
+
 Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
 same on the same machine (every random draw comes from a generator seeded by
-``(seed, stage, batch)``).
+``(seed, stage, batch)``). With ``seeds`` (one per image) each image's noise comes from its own
+generator, seeded by ``(seed, stage)``: an image depends on its seed, not on its batch.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def cascade_grid(
     Each stage is resized with nearest-neighbour so a 64 px image shows its real pixels beside
     the 256 px and 1024 px ones.
     """
-    stages = [s for s in STAGES if s in images]
+    stages = [s for s in ("input", *STAGES) if s in images]  # input: a given low-res image
     font = ImageFont.load_default()
     label_w, head_h, pad = 180, 18, 6
     width = label_w + len(stages) * (cell + pad) + pad
@@ -161,6 +165,16 @@ class CascadeStage:
             raise ConfigError(f"sampling override for {self.name}: {e}") from e
 
 
+def _image_generators(seeds: Sequence[int], stage_index: int) -> Any:
+    """One generator per image, seeded by (its seed, the stage)."""
+    from imagen.diffusion import SampleGenerators
+
+    return SampleGenerators(
+        torch.Generator().manual_seed((int(s) * 1_000_003 + stage_index * 10_007) % (2**63))
+        for s in seeds
+    )
+
+
 def _batch_generator(seed: int, stage_index: int, batch_index: int) -> torch.Generator:
     # One CPU generator per (seed, stage, batch): noise is drawn on the CPU and moved, so the
     # same seed gives the same images on any device.
@@ -172,7 +186,8 @@ def _batch_generator(seed: int, stage_index: int, batch_index: int) -> torch.Gen
 class Cascade:
     """The loaded cascade: stage networks (in order base64, sr256, sr1024) + the text encoder.
 
-    Any prefix of the cascade works: base only, base + sr256, or all three.
+    Any prefix of the cascade works: base only, base + sr256, or all three; so do the SR stages
+    alone (sr256, sr256 + sr1024), which super-resolve images given to :meth:`generate`.
     """
 
     def __init__(
@@ -184,10 +199,11 @@ class Cascade:
         from imagen.diffusion import build_denoiser
 
         names = [s for s in STAGES if s in stages]
-        if not names or names[0] != "base64":
-            raise ConfigError("a cascade needs the base64 stage (it generates from text)")
-        if names != list(STAGES[: len(names)]):
-            raise ConfigError(f"stages {names}: a cascade is a prefix of {list(STAGES)}")
+        if not names:
+            raise ConfigError("a cascade needs at least one stage")
+        first = STAGES.index(names[0])
+        if names != list(STAGES[first : first + len(names)]):
+            raise ConfigError(f"stages {names}: a cascade is a run of {list(STAGES)}")
         self.device = torch.device(device)
         self.encoder = encoder
         self.stages: dict[str, CascadeStage] = {}
@@ -222,9 +238,9 @@ class Cascade:
             if cfg.name != name:
                 raise ConfigError(f"{file}: holds stage {cfg.name!r}, expected {name!r}")
             loaded[name] = (net, cfg)
-        if "base64" not in loaded:
-            raise ConfigError("a cascade needs the base64 stage model")
-        cond = loaded["base64"][1].model.conditioning
+        if not loaded:
+            raise ConfigError("a cascade needs at least one stage model")
+        cond = loaded[next(s for s in STAGES if s in loaded)][1].model.conditioning
         encoder = load_encoder(cond, encoder_path, device)
         return cls(loaded, encoder, device)
 
@@ -236,9 +252,10 @@ class Cascade:
         depth: str = "sr1024",
         encoder_path: str | Path | None = None,
         device: str | torch.device = "cpu",
+        start: str = "base64",
     ) -> Cascade:
-        """Load ``models_dir/<stage>/model.pt`` for every stage up to ``depth``."""
-        names = stages_to(depth)
+        """Load ``models_dir/<stage>/model.pt`` for every stage from ``start`` to ``depth``."""
+        names = [n for n in stages_to(depth) if STAGES.index(n) >= STAGES.index(start)]
         files = {name: Path(models_dir) / name / MODEL_FILE for name in names}
         for name, file in files.items():  # report the first missing stage before loading any
             if not file.exists():
@@ -309,6 +326,21 @@ class Cascade:
         )
         return out.clamp(-1, 1)
 
+    def _stage_names(self, depth: str | None, from_lowres: bool) -> list[str]:
+        """The stages a generate call runs: from base64 (or the first SR stage) to depth."""
+        depth = depth or self.depth
+        names = [n for n in stages_to(depth) if not (from_lowres and n == "base64")]
+        if not names:
+            raise ConfigError(f"depth {depth!r}: given low-res images, an SR stage must follow")
+        missing = [n for n in names if n not in self.stages]
+        if missing:
+            raise ConfigError(
+                f"depth {depth!r} needs stages {missing}, which this cascade did not load"
+            )
+        if names[0] == "base64" or from_lowres:
+            return names
+        raise ConfigError(f"this cascade starts at {names[0]}: give the low-res images (lowres)")
+
     @torch.no_grad()
     def generate(
         self,
@@ -320,6 +352,8 @@ class Cascade:
         sampler: PerStage[str] = None,
         noise_aug: PerStage[float] = None,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
+        lowres: torch.Tensor | None = None,
         batch_size: int = 4,
         progress: bool = False,
     ) -> dict[str, torch.Tensor]:
@@ -328,45 +362,42 @@ class Cascade:
         Returns stage -> images (N, 3, res, res) in [-1, 1] on the CPU. ``steps``,
         ``guidance``, ``sampler`` and ``noise_aug`` are one value for every stage or a mapping
         stage -> value; what is not given comes from each stage's ``sampling`` config.
+        ``seeds`` (one per prompt) gives each image its own noise; ``lowres`` (N, 3, h, w) in
+        [-1, 1] starts the cascade at its first SR stage from those images.
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise ValueError("no prompts to generate")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        depth = depth or self.depth
-        names = stages_to(depth)
-        missing = [n for n in names if n not in self.stages]
-        if missing:
-            raise ConfigError(
-                f"depth {depth!r} needs stages {missing}, which this cascade did not load"
-            )
+        for what, given in (("seeds", seeds), ("lowres", lowres)):
+            if given is not None and len(given) != len(prompts):
+                raise ValueError(f"{len(given)} {what} for {len(prompts)} prompts")
+        names = self._stage_names(depth, lowres is not None)
+        per_stage = (steps, guidance, sampler)
         samplings = {
-            n: self.stages[n].sampling(
-                _for_stage(steps, n), _for_stage(guidance, n), _for_stage(sampler, n)
-            )
-            for n in names
+            n: self.stages[n].sampling(*(_for_stage(v, n) for v in per_stage)) for n in names
         }
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-        bar = _progress_bar(len(batches) * len(names), progress)
-        for bi, batch in enumerate(batches):
-            text_embed, text_mask = self.encode(batch)
-            lowres = None
-            for k, name in enumerate(names):
+        starts = range(0, len(prompts), batch_size)
+        bar = _progress_bar(len(starts) * len(names), progress)
+        for bi, i in enumerate(starts):
+            text_embed, text_mask = self.encode(prompts[i : i + batch_size])
+            images = None if lowres is None else lowres[i : i + batch_size].float()
+            for name in names:
                 if bar is not None:
-                    bar.set_description(f"{name} batch {bi + 1}/{len(batches)}")
-                images = self.sample_stage(
-                    name,
-                    text_embed,
-                    text_mask,
-                    lowres,
-                    sampling=samplings[name],
-                    noise_aug=_for_stage(noise_aug, name),
-                    generator=_batch_generator(seed, k, bi),
+                    bar.set_description(f"{name} batch {bi + 1}/{len(starts)}")
+                k = STAGES.index(name)
+                gen = (
+                    _batch_generator(seed, k, bi)
+                    if seeds is None
+                    else _image_generators(seeds[i : i + batch_size], k)
                 )
+                images = self.sample_stage(
+                    name, text_embed, text_mask, images, sampling=samplings[name],
+                    noise_aug=_for_stage(noise_aug, name), generator=gen,
+                )  # fmt: skip
                 out[name].append(images.cpu())
-                lowres = images
                 if bar is not None:
                     bar.update(1)
         if bar is not None:

@@ -2,23 +2,33 @@
 
 The cascade comes from a models folder (``models/<stage>/model.pt``) or a registered model URI
 (``models:/imagen-cascade@champion``); per-stage sampling settings come from params.yaml unless
-given here.
+given here, and the ``sample`` block of params.yaml (what ``imagen import-nemo --config
+inference_pipeline.yaml`` writes) gives the prompts, images per prompt, output resolution and
+folder unless given here. As in NeMo's inference pipeline:
+
+- ``--num-images N`` makes N images of every prompt, image k with seed ``--seed + k``, its own
+  noise (``images.json`` lists each file with its prompt and seed);
+- ``--lowres IMAGE`` (NeMo's low_res_input) starts at sr256 from the user's picture, resized
+  (bicubic, centre square) to that stage's low-res size, and super-resolves it;
+- ``--output-res R`` stops the cascade at the stage that makes R px images.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from imagen.config import STAGES, ConfigError, Params
+from imagen.config import STAGE_RESOLUTIONS, STAGES, ConfigError, Params
 from imagen.images import to_pil
-from imagen.sample.cascade import cascade_grid, parse_stage_values
+from imagen.sample.cascade import Cascade, cascade_grid, parse_stage_values
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -28,18 +38,29 @@ def slug(text: str, limit: int = 48) -> str:
 
 
 def save_images(
-    images: Mapping[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path
+    images: Mapping[str, torch.Tensor],
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    seeds: Sequence[int] | None = None,
 ) -> list[Path]:
-    """Write ``out_dir/<stage>/<index>_<slug>.png`` for every prompt and stage + ``grid.png``."""
+    """Write ``out_dir/<stage>/<index>_<slug>.png`` for every image and stage, ``grid.png`` and
+    (with ``seeds``) ``images.json``: each image's prompt, seed and files."""
     out_dir = Path(out_dir)
     written: list[Path] = []
+    records: list[dict[str, Any]] = [
+        {"index": i, "prompt": p, "seed": None if seeds is None else int(seeds[i]), "files": {}}
+        for i, p in enumerate(prompts)
+    ]
     for stage, batch in images.items():
         folder = out_dir / stage
         folder.mkdir(parents=True, exist_ok=True)
         for i, prompt in enumerate(prompts):
             path = folder / f"{i:03d}_{slug(prompt)}.png"
             to_pil(batch[i]).save(path)
+            records[i]["files"][stage] = str(path)
             written.append(path)
+    if seeds is not None:
+        (out_dir / "images.json").write_text(json.dumps(records, indent=2) + "\n")
     grid = out_dir / "grid.png"
     cascade_grid(images, prompts, cell=256).save(grid)
     written.append(grid)
@@ -47,14 +68,35 @@ def save_images(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="*", help="text prompts (one image per prompt)")
+    parser.add_argument("prompts", nargs="*", help="text prompts (default: params sample.prompts)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: sample.out_dir)")
     parser.add_argument(
         "--depth",
         default="sr1024",
         choices=list(STAGES),
         help="last stage to run: base64 (64 px), sr256 or sr1024 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-res",
+        type=int,
+        default=None,
+        help="stop at the stage making images of this size (NeMo's target_resolution; "
+        "default: sample.output_res, else --depth)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help="images per prompt, image k seeded --seed + k (default: sample.num_images)",
+    )
+    parser.add_argument(
+        "--lowres",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="super-resolve this picture through sr256 (and sr1024) instead of generating "
+        "from text (NeMo's low_res_input); repeat for several, paired with the prompts",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -89,50 +131,118 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(args: argparse.Namespace, params: Params) -> int:
+def read_prompts(args: argparse.Namespace, params: Params) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file: {path} not found")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        print("imagen sample: give at least one prompt (or --prompts-file)", file=sys.stderr)
-        return 2
-    steps = parse_stage_values(args.steps, int, "--steps")
-    guidance = parse_stage_values(args.guidance, float, "--guidance")
-    sampler = parse_stage_values(args.sampler, str, "--sampler")
-    noise_aug = parse_stage_values(args.noise_aug, float, "--noise-aug")
-    source = args.models or params.models_dir
+    if not prompts and not args.lowres:
+        prompts = list(params.sample.prompts)
+    return prompts or ([""] if args.lowres else [])
+
+
+def read_lowres(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Pictures -> (N, 3, size, size) in [-1, 1]: centre square, bicubic to ``size``."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                img = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ConfigError(f"--lowres {p}: not a readable image ({e})") from None
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        out.append(arr.float().div(127.5).sub(1.0))
+    return torch.stack(out)
+
+
+def pair_up(prompts: list[str], images: list[str]) -> tuple[list[str], list[str]]:
+    """One image for every prompt, one prompt for every image, or as many of each."""
+    if not images or len(images) == len(prompts):
+        return prompts, images
+    if len(images) == 1:
+        return prompts, images * len(prompts)
+    if len(prompts) == 1:
+        return prompts * len(images), images
+    raise ConfigError(
+        f"{len(images)} --lowres images for {len(prompts)} prompts: give one or as many"
+    )
+
+
+def load(args: argparse.Namespace, params: Params, depth: str) -> Cascade:
+    """The cascade up to ``depth`` (from sr256 with --lowres, when a models folder)."""
     from imagen.mlops.client import tracking_uri
     from imagen.mlops.registry import load_cascade
 
+    source = args.models or params.models_dir
+    device = resolve_device(args.device)
+    if args.lowres and not str(source).startswith(("models:/", "runs:/")):
+        return Cascade.from_models_dir(source, depth=depth, start="sr256", device=device)
+    return load_cascade(source, depth=depth, tracking_uri=tracking_uri(params), device=device)
+
+
+def stage_for_resolution(cascade: Cascade, res: int) -> str:
+    """The loaded stage whose images are ``res`` px (``--output-res``)."""
+    found = [n for n, st in cascade.stages.items() if st.resolution == res]
+    if not found:
+        sizes = {n: st.resolution for n, st in cascade.stages.items()}
+        raise ConfigError(f"--output-res {res}: no loaded stage makes {res} px images: {sizes}")
+    return found[0]
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    prompts = read_prompts(args, params)
+    if not prompts:
+        print("imagen sample: give at least one prompt (or --prompts-file)", file=sys.stderr)
+        return 2
+    prompts, pictures = pair_up(prompts, args.lowres)
+    per_stage = {
+        "steps": parse_stage_values(args.steps, int, "--steps"),
+        "guidance": parse_stage_values(args.guidance, float, "--guidance"),
+        "sampler": parse_stage_values(args.sampler, str, "--sampler"),
+        "noise_aug": parse_stage_values(args.noise_aug, float, "--noise-aug"),
+    }
+    res = args.output_res or params.sample.output_res
+    nemo_stage = {r: n for n, (r, _) in STAGE_RESOLUTIONS.items()}
+    depth = nemo_stage.get(res, args.depth) if res else args.depth
     try:
-        cascade = load_cascade(
-            source,
-            depth=args.depth,
-            tracking_uri=tracking_uri(params),
-            device=resolve_device(args.device),
-        )
+        cascade = load(args, params, depth)
     except FileNotFoundError as e:
         print(f"imagen sample: {e}", file=sys.stderr)
         return 2
+    depth = stage_for_resolution(cascade, res) if res else depth
+    n = args.num_images or params.sample.num_images
+    prompts = [p for p in prompts for _ in range(n)]
+    seeds = [args.seed + k for k in range(len(prompts))]
+    images: dict[str, torch.Tensor] = {}
+    lowres = None
+    if pictures:
+        first = next(st for st in cascade.stages.values() if st.net.is_sr)
+        lowres = read_lowres([p for p in pictures for _ in range(n)], first.config.lowres or 64)
+        images["input"] = lowres
     start = time.perf_counter()
-    images = cascade.generate(
+    images |= cascade.generate(
         prompts,
-        depth=args.depth,
-        steps=steps,
-        guidance=guidance,
-        sampler=sampler,
-        noise_aug=noise_aug,
-        seed=args.seed,
+        depth=depth,
+        seeds=seeds,
+        lowres=lowres,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        **per_stage,
     )
     elapsed = time.perf_counter() - start
-    written = save_images(images, prompts, args.out)
+    out = args.out or params.sample.out_dir
+    written = save_images(images, prompts, out, seeds)
     print(
-        f"imagen sample: {len(prompts)} prompt(s) to {args.depth} in {elapsed:.1f} s; "
-        f"{len(written)} files in {args.out}/ (grid: {written[-1]})"
+        f"imagen sample: {len(prompts)} image(s) ({len(prompts) // n} prompt(s) x {n}, seeds "
+        f"{seeds[0]}..{seeds[-1]}) to {depth} in {elapsed:.1f} s; {len(written)} files in "
+        f"{out}/ (grid: {written[-1]})"
     )
     return 0
