@@ -210,3 +210,24 @@ def test_unreachable_tracking_server_still_trains(tmp_path: Path) -> None:
     out = tmp_path / "models" / "base64"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert (out / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_nemos_fixed_decay_unless_warmed_up(warmup: bool) -> None:
+    """NeMo: w_ema <- d w_ema + (1 - d) w with a fixed d; trainer.ema_warmup uses
+    min(d, (1+n)/(10+n)), so the first update moves the EMA most of the way to the weights."""
+    module = ImagenStage(tiny_stage(**{"trainer.ema_decay": 0.99, "trainer.ema_warmup": warmup}))
+    net = module.denoiser.net
+    before = [p.detach().clone() for p in module.ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    module.ema.update_parameters(net)  # the first update copies the weights (n = 0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    module.ema.update_parameters(net)  # n = 1: decay 0.99 fixed, or min(0.99, 2/11)
+    d = min(0.99, 2 / 11) if warmup else 0.99
+    for b, e in zip(before, module.ema.module.parameters(), strict=True):
+        expected = d * (b + 1.0) + (1 - d) * (b + 2.0)
+        torch.testing.assert_close(e, expected, rtol=1e-5, atol=1e-5)

@@ -60,6 +60,11 @@ class TrainerConfig(_Strict):
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(
+        False,
+        description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates instead of NeMo's "
+        "fixed decay, so a short run's EMA is not its random initialisation",
+    )
     checkpoint_every_n_steps: int = Field(200, gt=0)
     sample_every_n_steps: int = Field(500, gt=0)
     log_every_n_steps: int = Field(10, gt=0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imagen.config import StageConfig
 
@@ -52,11 +52,13 @@ class ImagenStage(pl.LightningModule):
         self.stage = stage
         net = build_unet(stage.model)
         self.denoiser = build_denoiser(stage.model, net)
-        # EMA of the UNet weights (and buffers): w_ema <- d_n * w_ema + (1 - d_n) * w, with the
-        # decay warmed up so a short run's EMA is not dominated by its random initialisation.
-        self.ema = AveragedModel(
-            net, multi_avg_fn=ema_with_warmup(stage.trainer.ema_decay), use_buffers=True
+        # EMA of the UNet weights (and buffers): w_ema <- d * w_ema + (1 - d) * w; NeMo's fixed
+        # decay, or warmed up (trainer.ema_warmup) so a short run's EMA follows the weights early.
+        decay = stage.trainer.ema_decay
+        average = (
+            ema_with_warmup(decay) if stage.trainer.ema_warmup else get_ema_multi_avg_fn(decay)
         )
+        self.ema = AveragedModel(net, multi_avg_fn=average, use_buffers=True)
         self.ema.requires_grad_(False)
         if stage.model.inductor:
             net.compile()  # in place: the state dict keeps its keys
