@@ -92,6 +92,24 @@ def sr_reports(
     return found
 
 
+def beyond_the_sweep(
+    params: Params,
+    cascade: Any,
+    captions: list[str],
+    out: Path,
+    run: Any,
+    progress: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The full-cascade grid and each SR stage against bicubic (metrics.json entries)."""
+    extra: dict[str, Any] = {}
+    if params.evaluate.cascade_prompts > 0:
+        extra["cascade"] = grid = cascade_grid_report(params, cascade, captions, out, progress)
+        say(f"imagen evaluate: cascade grid {grid['stages']} in {grid['seconds']} s")
+    extra.update(sr_reports(params, cascade, out, run, say))
+    return extra
+
+
 def log_sweep(run: Any, result: Any, best: dict[str, Any], out: Path) -> None:
     """Every scale as one step of the run's metrics, the best point, and the reports folder."""
     for i, row in enumerate(result.rows):
@@ -175,20 +193,14 @@ def evaluate(
             log=say,
             **common,
         )
-        extra: dict[str, Any] = {"steps": cfg.steps, "seed": cfg.seed}
+        extra = {"steps": cfg.steps, "seed": cfg.seed}
         if cfg.depth == "base64":
             extra["untrained"] = untrained_reference(
                 cascade, holdout, fidelity, alignment, **common
             )
             say(f"imagen evaluate: untrained base64 (guidance 1): {extra['untrained']}")
             run.log_metrics({f"untrained_{k}": v for k, v in extra["untrained"].items()})
-        if cfg.cascade_prompts > 0:
-            extra["cascade"] = cascade_grid_report(params, cascade, holdout.captions, out, progress)
-            say(
-                f"imagen evaluate: cascade grid {extra['cascade']['stages']} in "
-                f"{extra['cascade']['seconds']} s"
-            )
-        extra.update(sr_reports(params, cascade, out, run, say))
+        extra.update(beyond_the_sweep(params, cascade, holdout.captions, out, run, progress, say))
         metrics = write_reports(result, holdout, out, tolerance=cfg.tradeoff_tolerance, extra=extra)
         best = metrics["best"]
         log_sweep(run, result, best, out)
