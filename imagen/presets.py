@@ -34,6 +34,23 @@ _NEMO_COMMON: dict[str, Any] = dict(
 )
 _NEMO_AUG: dict[str, Any] = {"enabled": True, "kind": "edm"}  # NeMo's `noise_cond_aug: True`
 
+# NeMo's sr1024-600m.yaml UNet block (a 5-level Efficient UNet with cross attention).
+_SR1024_600M: dict[str, Any] = dict(
+    _NEMO_COMMON,
+    embed_dim=128,
+    image_size=1024,
+    channel_mult=[1, 2, 4, 8, 8],
+    num_attn_heads=8,
+    per_head_channels=64,
+    attention_type="cross",
+    atnn_enabled_at=[0, 0, 0, 1, 1],
+    stride=2,
+    num_resblocks=[2, 4, 8, 8, 8],
+    stable_attention=True,
+    flash_attention=False,
+    skip_connection_scaling=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # --- paper presets: NeMo's example configs ---
     "500m_res_64": {  # base64-500m.yaml
@@ -124,21 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "nemo_config": "sr1024-600m",
         "unet_type": "sr",
         "noise_cond_aug": _NEMO_AUG,
-        "unet": dict(
-            _NEMO_COMMON,
-            embed_dim=128,
-            image_size=1024,
-            channel_mult=[1, 2, 4, 8, 8],
-            num_attn_heads=8,
-            per_head_channels=64,
-            attention_type="cross",
-            atnn_enabled_at=[0, 0, 0, 1, 1],
-            stride=2,
-            num_resblocks=[2, 4, 8, 8, 8],
-            stable_attention=True,
-            flash_attention=False,
-            skip_connection_scaling=True,
-        ),
+        "unet": _SR1024_600M,
     },
     # The published 427M 1024 net's configuration is not public (NeMo's sr1024-600m config
     # counts 639.2M). This project's choice: that layout with 3 ResBlocks (not 8) at the
@@ -147,21 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "400m_res_1024": {
         "unet_type": "sr",
         "noise_cond_aug": _NEMO_AUG,
-        "unet": dict(
-            _NEMO_COMMON,
-            embed_dim=128,
-            image_size=256,
-            channel_mult=[1, 2, 4, 8, 8],
-            num_attn_heads=8,
-            per_head_channels=64,
-            attention_type="cross",
-            atnn_enabled_at=[0, 0, 0, 1, 1],
-            stride=2,
-            num_resblocks=[2, 4, 8, 8, 3],
-            stable_attention=True,
-            flash_attention=False,
-            skip_connection_scaling=True,
-        ),
+        "unet": dict(_SR1024_600M, image_size=256, num_resblocks=[2, 4, 8, 8, 3]),
     },
     # --- small presets: train on a 2-core CPU in minutes (the embedded default) ---
     # Sized so a training step (forward + backward + AdamW) at batch 8 stays under 0.3 s on 2
