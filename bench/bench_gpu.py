@@ -86,6 +86,12 @@ class Row:
     note: str = ""
 
 
+def row_of(impl: str, model: str, batch: int, v: dict[str, bool], *measured: float | str) -> Row:
+    """A table row: the variant's four switches, then images/s, TFLOP, MFU, peak GiB, note."""
+    switches = (v["bf16"], v["flash"], v["channels_last"], v["compile"])
+    return Row(impl, model, batch, *switches, *measured)
+
+
 def variants(tiny: bool) -> list[dict[str, bool]]:
     """All on, all off, then each switch off in turn (the most telling rows first)."""
     on = dict(bf16=True, flash=True, channels_last=True, compile=not tiny)
@@ -259,20 +265,8 @@ def run_case(
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     note = f"{count_parameters(net) / 1e6:.1f}M params"
-    return Row(
-        impl,
-        name,
-        batch,
-        v["bf16"],
-        v["flash"],
-        v["channels_last"],
-        v["compile"],
-        batch / dt,
-        flops / 1e12,
-        flops / dt / 1e12 / peak_tflops,
-        peak,
-        note,
-    )
+    mfu = flops / dt / 1e12 / peak_tflops
+    return row_of(impl, name, batch, v, batch / dt, flops / 1e12, mfu, peak, note)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -345,20 +339,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         tokens,
                     )
                 except Exception as e:  # a variant a stack cannot run: say so, go on
-                    row = Row(
-                        impl,
-                        name,
-                        batch,
-                        v["bf16"],
-                        v["flash"],
-                        v["channels_last"],
-                        v["compile"],
-                        0.0,
-                        0.0,
-                        0.0,
-                        0.0,
-                        f"failed: {type(e).__name__}",
-                    )
+                    failed = f"failed: {type(e).__name__}"
+                    row = row_of(impl, name, batch, v, 0.0, 0.0, 0.0, 0.0, failed)
                 rows.append(row)
                 print(
                     f"{row.impl:8s} {row.model:14s} b={row.batch:<4d} "

@@ -34,6 +34,24 @@ _NEMO_COMMON: dict[str, Any] = dict(
 )
 _NEMO_AUG: dict[str, Any] = {"enabled": True, "kind": "edm"}  # NeMo's `noise_cond_aug: True`
 
+# NeMo's base64-500m.yaml UNet block (Regular UNet, fused attention at 32/16/8 px).
+_BASE64_500M: dict[str, Any] = dict(
+    _NEMO_COMMON,
+    embed_dim=256,
+    image_size=64,
+    num_res_blocks=3,
+    channel_mult=[1, 2, 3, 4],
+    num_attn_heads=4,
+    per_head_channels=64,
+    cond_dim=512,
+    attention_type="fused",
+    attention_resolutions=[8, 16, 32],
+    dropout=False,
+    stable_attention=False,
+    flash_attention=True,
+    resblock_updown=False,
+    resample_with_conv=True,
+)
 # NeMo's sr1024-600m.yaml UNet block (a 5-level Efficient UNet with cross attention).
 _SR1024_600M: dict[str, Any] = dict(
     _NEMO_COMMON,
@@ -56,44 +74,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "500m_res_64": {  # base64-500m.yaml
         "nemo_config": "base64-500m",
         "unet_type": "base",
-        "unet": dict(
-            _NEMO_COMMON,
-            embed_dim=256,
-            image_size=64,
-            num_res_blocks=3,
-            channel_mult=[1, 2, 3, 4],
-            num_attn_heads=4,
-            per_head_channels=64,
-            cond_dim=512,
-            attention_type="fused",
-            attention_resolutions=[8, 16, 32],
-            dropout=False,
-            stable_attention=False,
-            flash_attention=True,
-            resblock_updown=False,
-            resample_with_conv=True,
-        ),
+        "unet": _BASE64_500M,
     },
-    "2b_res_64": {  # base64-2b.yaml
+    "2b_res_64": {  # base64-2b.yaml: the 500m block at twice the width, text projected to 2048
         "nemo_config": "base64-2b",
         "unet_type": "base",
-        "unet": dict(
-            _NEMO_COMMON,
-            embed_dim=512,
-            image_size=64,
-            num_res_blocks=3,
-            channel_mult=[1, 2, 3, 4],
-            num_attn_heads=4,
-            per_head_channels=64,
-            cond_dim=2048,
-            attention_type="fused",
-            attention_resolutions=[8, 16, 32],
-            dropout=False,
-            stable_attention=False,
-            flash_attention=True,
-            resblock_updown=False,
-            resample_with_conv=True,
-        ),
+        "unet": dict(_BASE64_500M, embed_dim=512, cond_dim=2048),
     },
     "400m_res_256": {  # sr256-400m.yaml
         "nemo_config": "sr256-400m",
