@@ -174,45 +174,39 @@ def load_nemo_weights(net: nn.Module, state: Mapping[str, torch.Tensor], unet_ty
     net.load_state_dict(fitted, strict=True)
 
 
-# NeMo's constructor defaults (nets.py), which apply to keys a NeMo config leaves out
-_NEMO_UNET_DEFAULTS: dict[str, Any] = {
+# NeMo's constructor defaults (nets.py), which apply to keys a NeMo config leaves out: the
+# keys both UNets share, then each UNet's own.
+_NEMO_SHARED_DEFAULTS: dict[str, Any] = {
     "channels": 3,
-    "num_res_blocks": 3,
-    "channel_mult": [1, 2, 3, 4],
-    "num_attn_heads": 4,
     "per_head_channels": 64,
-    "cond_dim": 512,
     "attention_type": "fused",
     "feature_pooling_type": "attention",
     "learned_sinu_pos_emb_dim": 16,
-    "attention_resolutions": [8, 16, 32],
-    "dropout": 0.0,
     "use_null_token": False,
     "init_conv_kernel_size": 3,
     "gradient_checkpointing": False,
     "scale_shift_norm": True,
     "stable_attention": True,
     "flash_attention": False,
+}
+_NEMO_UNET_DEFAULTS: dict[str, Any] = {
+    **_NEMO_SHARED_DEFAULTS,
+    "num_res_blocks": 3,
+    "channel_mult": [1, 2, 3, 4],
+    "num_attn_heads": 4,
+    "cond_dim": 512,
+    "attention_resolutions": [8, 16, 32],
+    "dropout": 0.0,
     "resblock_updown": False,
     "resample_with_conv": True,
 }
 _NEMO_EFFICIENT_DEFAULTS: dict[str, Any] = {
-    "channels": 3,
+    **_NEMO_SHARED_DEFAULTS,
     "channel_mult": [1, 1, 2, 4, 8],
     "num_attn_heads": 8,
-    "per_head_channels": 64,
-    "attention_type": "fused",
     "atnn_enabled_at": [0, 0, 0, 0, 1],
-    "feature_pooling_type": "attention",
     "stride": 2,
     "num_resblocks": [1, 2, 4, 8, 8],
-    "learned_sinu_pos_emb_dim": 16,
-    "use_null_token": False,
-    "init_conv_kernel_size": 3,
-    "gradient_checkpointing": False,
-    "scale_shift_norm": True,
-    "stable_attention": True,
-    "flash_attention": False,
     "skip_connection_scaling": False,
 }
 _EFFICIENT_KEYS = set(_NEMO_EFFICIENT_DEFAULTS) | {"embed_dim", "image_size"}
