@@ -109,3 +109,25 @@ def client_and_experiment(params: Params, uri: str | None = None) -> tuple[Any, 
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, exp.experiment_id
+
+
+def download(uri: str, tracking_uri: str | None) -> str:
+    """Download ``models:/name@alias``, ``models:/name/version`` or ``runs:/...`` from the
+    server at ``tracking_uri`` (its model registry too); returns the local path.
+
+    A registered model's version is resolved with a client bound to that server, so no
+    process-wide MLflow setting is read or changed.
+    """
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    uri = str(uri)
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        name, sep, alias = uri[len("models:/") :].partition("@")
+        if sep:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = name.partition("/")
+        uri = client.get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)

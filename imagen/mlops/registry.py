@@ -241,7 +241,8 @@ def _stage_file(path: str | Path) -> Path:
 def _client(tracking_uri: str | None) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry of the same server, whatever the process-wide registry URI says
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _new_version(
@@ -401,17 +402,13 @@ def load_registered_cascade(
 ) -> Any:
     """Download a registered ``imagen-cascade`` pyfunc model (``models:/name@alias`` or
     ``models:/name/version``) and build a :class:`~imagen.sample.Cascade` from its artifacts."""
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    from imagen.mlops.client import download
     from imagen.sample.cascade import Cascade, stages_to
 
-    if tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = Path(download(uri, tracking_uri))
     except MlflowException as e:
         raise FileNotFoundError(
             f"{uri}: cannot be downloaded from the MLflow registry at {tracking_uri} ({e}); "

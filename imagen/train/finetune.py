@@ -36,15 +36,12 @@ def resolve_source(spec: str, stage_name: str, tracking_uri: str | None = None) 
 
 
 def _download(uri: str, stage_name: str, tracking_uri: str | None) -> Path:
-    import mlflow
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri:  # models:/ URIs resolve through the registry URI, runs:/ through tracking
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    from imagen.mlops.client import download
+
+    try:  # from the configured server; no process-wide MLflow setting changes
+        local = Path(download(uri, tracking_uri))
     except (MlflowException, OSError) as e:
         raise ConfigError(f"trainer.init_from={uri}: cannot be downloaded ({e})") from e
     # a stage model (model.pt at the top) or the cascade pyfunc (artifacts/<stage>/model.pt)
