@@ -180,6 +180,16 @@ class AttentionBlock(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return attention(q, k, v, mask, stable=self.stable, flash=self.flash)
 
+    def _image_queries_text_norm(
+        self, channels: int, heads: int, cond_dim: int, context_norm: str
+    ) -> None:
+        """What every text-attending block has: heads, the image's norm and query projection,
+        the text context's norm."""
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.norm_context = context_norm_layer(context_norm, cond_dim)
+        self.q = nn.Linear(channels, channels)
+
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
         return maybe_checkpoint(self.checkpointing, self._forward, x, context, context_mask)
 
@@ -228,10 +238,7 @@ class CrossAttention(AttentionBlock):
         self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
     ) -> None:
         super().__init__(**kw)
-        self.heads = heads
-        self.norm = group_norm(channels)
-        self.norm_context = context_norm_layer(context_norm, cond_dim)
-        self.q = nn.Linear(channels, channels)
+        self._image_queries_text_norm(channels, heads, cond_dim, context_norm)
         self.kv = nn.Linear(cond_dim, 2 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
@@ -254,11 +261,8 @@ class FusedAttention(AttentionBlock):
         self, channels: int, heads: int, cond_dim: int, context_norm: str = "group", **kw: bool
     ) -> None:
         super().__init__(**kw)
-        self.heads = heads
-        self.norm = group_norm(channels)
+        self._image_queries_text_norm(channels, heads, cond_dim, context_norm)
         self.norm_self = group_norm(channels)
-        self.norm_context = context_norm_layer(context_norm, cond_dim)
-        self.q = nn.Linear(channels, channels)
         self.kv_self = nn.Linear(channels, 2 * channels)
         self.kv_context = nn.Linear(cond_dim, 2 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
