@@ -174,3 +174,16 @@ class Alignment:
                 "agreement cannot be measured; set evaluate.clip_path to a local CLIP folder"
             )
         return out
+
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def mean_abs_laplacian(images: Tensor) -> float:
+    """Mean |Laplacian| of (N, 3, H, W) images (any range): high-frequency energy per pixel.
+
+    Against real images of the same size it says whether samples are clean (about 1x), blurred
+    (below) or carry residual sampling noise (well above).
+    """
+    x = images.float().mean(1, keepdim=True)  # (N, 1, H, W) grey
+    return torch.nn.functional.conv2d(x, _LAPLACIAN.view(1, 1, 3, 3)).abs().mean().item()

@@ -23,16 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imagen.data.holdout import HeldOut
-from imagen.evaluate.metrics import Fidelity
+from imagen.evaluate.metrics import Fidelity, mean_abs_laplacian
 from imagen.images import image_grid, side_by_side, to_pil, to_uint8
-
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-
-
-def mean_abs_laplacian(images: Tensor) -> float:
-    """Mean |Laplacian| of (N, 3, H, W) images in [-1, 1]: high-frequency energy, per pixel."""
-    x = images.float().mean(1, keepdim=True)  # (N, 1, H, W) grey
-    return F.conv2d(x, _LAPLACIAN.view(1, 1, 3, 3)).abs().mean().item()
 
 
 def psnr(fake: Tensor, real: Tensor) -> float:
