@@ -124,7 +124,7 @@ TRAINING: dict[str, Rule] = {
     "exp_manager.ema.decay": Map(
         "stages.{s}.trainer.ema_decay",
         float,
-        "the project warms the EMA up, min(decay, (1+n)/(10+n)), README 'Differences from NeMo'",
+        "a fixed decay, as NeMo's (trainer.ema_warmup: false)",
     ),
     "exp_manager.ema.validate_original_weights": Same(
         False, "grids and the stage model use the EMA weights", "grids always use the EMA weights"

@@ -133,6 +133,9 @@ def map_trainer(imp: Imported, cfg: dict[str, Any]) -> None:
     imp.done.update({"model.micro_batch_size", "model.global_batch_size"})
     _batch(imp, cfg, s, devices)
     _precision(imp, cfg, s)
+    if _has(cfg, "exp_manager.ema.decay"):  # NeMo's fixed decay, whatever params.yaml warms up
+        imp.values[f"stages.{s}.trainer.ema_warmup"] = False
+        imp.origin[f"stages.{s}.trainer.ema_warmup"] = "exp_manager.ema.decay"
     _resume(imp, cfg, s)
     _keep(imp, cfg, s)
 
