@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_train import batches, tiny_stage
+from tiny import REPO
 
 from imagen.checkpoint import save_stage
 from imagen.config import ConfigError, StageConfig
@@ -223,3 +225,22 @@ def test_fine_tune_from_a_nemo_archive(tmp_path: Path) -> None:
     assert _same(module.ema.module.state_dict(), net.state_dict())
     with pytest.raises(ConfigError, match=r"trainer\.init_from=.*does not fit"):
         init_weights(ImagenStage(tiny_stage()), str(path))
+
+
+def test_a_source_outside_data_init_is_named_as_invisible_to_dvc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """dvc.yaml's train stages depend on data/init/: a source there is tracked, one elsewhere
+    works but the log says DVC cannot see it change."""
+    from imagen.train.finetune import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    source = ImagenStage(tiny_stage())
+    save_stage(tmp_path / "data/init/base64", source.stage, source.ema_state_dict(), step=3)
+    save_stage(tmp_path / "elsewhere", source.stage, source.ema_state_dict(), step=3)
+    assert resolve_source("data/init/base64", "base64").name == "model.pt"
+    assert "outside" not in capsys.readouterr().out
+    resolve_source(str(tmp_path / "elsewhere"), "base64")
+    assert "outside data/init/" in capsys.readouterr().out
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
+    assert "data/init" in deps and (REPO / "data/init").is_dir()

@@ -86,7 +86,7 @@ def test_dvc_status_sees_a_preset_edit_and_ignores_unused_code(tmp_path: Path) -
     shutil.copytree(ROOT, work, ignore=ignore)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     # the stage's data dependencies and outputs, as a finished run leaves them
-    for d in ("data/encoded", "data/encoder", "models/base64/samples"):
+    for d in ("data/encoded", "data/encoder", "data/init", "models/base64/samples"):
         (work / d).mkdir(parents=True, exist_ok=True)
         (work / d / "x").write_text("x")
     for f in ("model.pt", "metrics.json", "loss.csv"):

@@ -21,6 +21,7 @@ from imagen.config import ConfigError, StageConfig
 from imagen.train.module import ImagenStage
 
 _NET, _EMA = "denoiser.net.", "ema.module."
+INIT_DIR = Path("data/init")  # a dependency of every train stage in dvc.yaml
 
 
 def resolve_source(spec: str, stage_name: str, tracking_uri: str | None = None) -> Path:
@@ -32,6 +33,12 @@ def resolve_source(spec: str, stage_name: str, tracking_uri: str | None = None) 
         path = path / MODEL_FILE
     if not path.is_file():
         raise ConfigError(f"trainer.init_from={spec}: no such file")
+    if not path.resolve().is_relative_to(INIT_DIR.resolve()):
+        print(
+            f"imagen train: trainer.init_from={spec} is outside {INIT_DIR}/, which dvc.yaml's "
+            f"train stages depend on: DVC will not retrain when it changes (copy it there)",
+            flush=True,
+        )
     return path
 
 
