@@ -38,6 +38,8 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # no per-file download bars in the logs when evaluate registers the cascade
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -51,7 +51,14 @@ def test_overrides_per_stage_change_the_samples(tiny) -> None:
     # an override for another stage leaves this one alone
     same = cascade.generate(PROMPTS[:1], depth="base64", seed=0, steps={"sr256": 9})
     assert torch.equal(base, same["base64"])
-    # the SR stage sees its low-res input through the noise augmentation level
+
+
+def test_noise_aug_override_reaches_the_sr_stage(tmp_path: Path) -> None:
+    # an SR stage trained with noise conditioning augmentation sees its low-res input through
+    # the sampling level (the demo's SR stages train without it)
+    aug = {"sr256": {"model": {"noise_cond_aug": {"enabled": True, "kind": "cosine_vp"}}}}
+    params = make_tiny_cascade(tmp_path, ("base64", "sr256"), {"stages": aug})
+    cascade = Cascade.from_models_dir(params.models_dir, depth="sr256")
     lo = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.002)["sr256"]
     hi = cascade.generate(PROMPTS[:1], depth="sr256", seed=0, noise_aug=0.9)["sr256"]
     assert not torch.allclose(lo, hi)

@@ -344,3 +344,55 @@ def test_edm_noise_aug_is_nemos() -> None:
         ModelConfig.model_validate(
             {"unet_type": "sr", "noise_cond_aug": True, "preconditioning_type": "DDPM"}
         )
+
+
+# ------------------------------------------------------------------------------------------
+# lowres_residual: an SR stage diffusing x0 - up(lowres)
+# ------------------------------------------------------------------------------------------
+def _sr_model(**kw) -> ModelConfig:
+    return ModelConfig(
+        unet_type="sr",
+        preconditioning_type="DDPM",
+        preconditioning={"pred_objective": "x_start"},
+        lowres_residual=True,
+        **kw,
+    )
+
+
+def test_residual_stage_with_a_zero_residual_is_bicubic_upsampling() -> None:
+    from imagen.diffusion import sr_condition, upsample_to
+
+    model = _sr_model()
+    den = build_denoiser(model, ZeroNet())
+    lowres = torch.rand(2, 3, 4, 4) * 2 - 1
+    x = torch.randn(2, 3, 16, 16)
+    cond = sr_condition(lowres, model, training=False)
+    bicubic = torch.nn.functional.interpolate(lowres, size=(16, 16), mode="bicubic")
+    torch.testing.assert_close(upsample_to(lowres, x), bicubic)
+    for sigma in (0.01, 1.0, 50.0):  # x_start net outputs 0: D = up(lowres) at every level
+        torch.testing.assert_close(den(x, sigma, **cond), bicubic)
+
+
+def test_residual_stage_trains_on_the_residual_and_keeps_state_dict_keys() -> None:
+    from imagen.diffusion import LOWRES_IMAGE
+
+    net = RecordingNet()
+    model = _sr_model()
+    den = build_denoiser(model, net)
+    plain = DDPMDenoiser(net, DDPMConfig(pred_objective="x_start"))
+    x0 = torch.randn(3, 3, 8, 8)
+    lowres = torch.randn(3, 3, 2, 2)
+    t, noise = torch.rand(3), torch.randn(3, 3, 8, 8)
+    got, _ = den.per_sample_loss(x0, {"lowres": lowres, LOWRES_IMAGE: lowres}, t=t, noise=noise)
+    up = torch.nn.functional.interpolate(lowres, size=(8, 8), mode="bicubic")
+    want, _ = plain.per_sample_loss(x0 - up, {"lowres": lowres}, t=t, noise=noise)
+    torch.testing.assert_close(got, want)
+    # the net is the only submodule: checkpoints keep the keys of the plain stage
+    assert list(den.state_dict()) == list(plain.state_dict())
+    with pytest.raises(ValueError, match="lowres_image"):
+        den(x0, 1.0, lowres=lowres)
+
+
+def test_lowres_residual_is_refused_for_a_base_stage() -> None:
+    with pytest.raises(ValueError, match="lowres_residual: only a super-resolution UNet"):
+        ModelConfig(unet_type="base", lowres_residual=True)

@@ -101,7 +101,7 @@ def test_dvc_status_sees_a_preset_edit_and_ignores_unused_code(tmp_path: Path) -
 
     presets = work / "imagen/presets.py"
     text = presets.read_text()
-    assert "embed_dim=8," in text
-    presets.write_text(text.replace("embed_dim=8,", "embed_dim=12,", 1))
+    assert "embed_dim=16," in text  # the small base preset's width
+    presets.write_text(text.replace("embed_dim=16,", "embed_dim=12,", 1))
     status = _dvc(work, "status", "train@base64")
     assert "changed deps" in status and "imagen/presets.py" in status, status

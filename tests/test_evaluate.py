@@ -190,19 +190,17 @@ def test_holdout_from_ingest_shards(tmp_path: Path) -> None:
 def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    params = make_tiny_cascade(
-        tmp_path,
-        evaluate={
-            "guidance_scales": [1, 4],
-            "num_images": 8,
-            "batch_size": 8,
-            "steps": 2,
-            "grid_images": 4,
-            "cascade_prompts": 2,
-            "cascade_steps": 1,
-            "sr_pairs": 2,
-        },
-    )
+    evaluate_cfg = {
+        "guidance_scales": [1, 4],
+        "num_images": 8,
+        "batch_size": 8,
+        "steps": 2,
+        "grid_images": 4,
+        "cascade_prompts": 2,
+        "cascade_steps": 1,
+        "sr_pairs": 2,
+    }
+    params = make_tiny_cascade(tmp_path, overrides={"evaluate": evaluate_cfg})
     metrics = evaluate(params, log=None)
     reports = Path(params.evaluate.reports_dir)
     saved = json.loads((reports / "metrics.json").read_text())
@@ -224,7 +222,10 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
             assert set(sr[kind]) == {"psnr", FD_EMBEDDED, "sharpness"}
             assert sr[kind]["psnr"] > 0 and sr[kind]["sharpness"] > 0
         assert set(sr["sr_beats_bicubic"]) == {"psnr", FD_EMBEDDED}
-        assert Image.open(reports / f"sr_{name}.png").size[0] > 4 * 256  # 4 views, 256 px
+        # the fidelity features see native-resolution tiles (the toy stages are under 64 px)
+        assert sr["fidelity_tiles"] == f"2 tiles of {stage.resolution} px"
+        # 4 views and 3 zoomed crops, 256 px high each
+        assert Image.open(reports / f"sr_{name}.png").size[0] > 7 * 256
     assert saved["untrained"][FD_EMBEDDED] > 0
     rows = list(csv.reader((reports / "fid_clip.csv").open()))
     assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3
@@ -243,3 +244,18 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     assert "reports/metrics.json" in arts and "reports/fid_clip.png" in arts
     mv = client.get_model_version_by_alias("imagen-base64", "champion")
     assert mv.run_id == run.info.run_id
+
+
+def test_sr_tiles_and_detail_window() -> None:
+    from imagen.evaluate.sr import detail_window, tiles
+
+    images = torch.arange(2 * 3 * 128 * 128, dtype=torch.float32).reshape(2, 3, 128, 128)
+    t = tiles(images, 64)
+    assert t.shape == (8, 3, 64, 64)
+    assert torch.equal(t[1], images[0, :, :64, 64:]) and torch.equal(t[6], images[1, :, 64:, :64])
+    with pytest.raises(ValueError, match="do not split"):
+        tiles(images[..., :100], 64)
+    flat = torch.zeros(3, 128, 128)
+    flat[:, 70:90, 90:110] = 1.0  # the only detail: a square's edges
+    _, rows, cols = detail_window(flat, 32)
+    assert rows.start <= 70 and rows.stop >= 90 - 16 and cols.start <= 90 and cols.stop >= 96

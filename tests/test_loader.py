@@ -71,7 +71,7 @@ def in_project(data256: Params, monkeypatch: pytest.MonkeyPatch) -> Params:
 
 
 @pytest.mark.parametrize(
-    ("stage", "image", "lowres"), [("base64", 64, None), ("sr256", 128, 32), ("sr1024", 128, 32)]
+    ("stage", "image", "lowres"), [("base64", 64, None), ("sr256", 64, 16), ("sr1024", 64, 16)]
 )
 def test_batch_shapes_per_stage(in_project: Params, stage: str, image: int, lowres: int) -> None:
     params = in_project
@@ -119,11 +119,30 @@ def test_sr_pairs_are_aligned(in_project: Params) -> None:
     st = in_project.stage("sr256").model_copy(deep=True)
     st.trainer.batch_size = 6
     batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
-    down = F.interpolate(batch["image"], size=32, mode="bicubic", antialias=True)
+    _assert_aligned(batch)
+
+
+def _assert_aligned(batch: dict[str, Any]) -> None:
+    low = batch["lowres"].shape[-1]
+    down = F.interpolate(batch["image"], size=low, mode="bicubic", antialias=True)
     aligned = (down - batch["lowres"]).abs().mean()
     shifted = (down[..., 2:, 2:] - batch["lowres"][..., :-2, :-2]).abs().mean()
     assert aligned < 0.05, aligned
     assert aligned < 0.5 * shifted, (aligned, shifted)
+
+
+def test_several_crops_per_decoded_image(in_project: Params) -> None:
+    st = in_project.stage("sr256").model_copy(deep=True)
+    st.trainer.batch_size, st.trainer.crops_per_image, st.trainer.shuffle_buffer = 6, 3, 0
+    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
+    keys = batch["key"]
+    assert keys[0] == keys[1] == keys[2] and keys[3] == keys[4] == keys[5] != keys[0]
+    crops = batch["image"][:3]  # one image, three random 64 px crops of its 256 px copy
+    assert not (torch.equal(crops[0], crops[1]) and torch.equal(crops[1], crops[2]))
+    assert torch.equal(batch["text_embed"][0], batch["text_embed"][2])
+    _assert_aligned(batch)  # every crop keeps its low-res partner
+    held = holdout_batches(in_project, 2, st, batch_size=2)[0]
+    assert len(set(held["key"])) == 2  # evaluation: one centre crop per image
 
 
 def _keys_seen(params: Params, rank: int, world: int, mp: pytest.MonkeyPatch) -> list[str]:
@@ -165,7 +184,7 @@ def test_holdout_batches(in_project: Params) -> None:
     assert len(batches) == 2
     assert [b["key"][0] for b in batches] == ["holdout-0000000", "holdout-0000001"]
     b = batches[0]
-    assert b["image"].shape == (1, 3, 128, 128) and b["lowres"].shape == (1, 3, 32, 32)
+    assert b["image"].shape == (1, 3, 64, 64) and b["lowres"].shape == (1, 3, 16, 16)
     assert b["text_embed"].shape == (1, 16, 32) and b["attributes"][0]
     again = holdout_batches(in_project, 2, "sr256", batch_size=1)  # center crops: repeatable
     assert torch.equal(again[0]["image"], b["image"])

@@ -251,3 +251,18 @@ def test_sample_reports_progress_and_steps(capsys) -> None:
     sample(den, (1, 3, 8, 8), None, cfg, progress=True, callback=lambda d: seen.append(d["i"]))
     assert seen == list(range(5))
     assert "ddpm" in capsys.readouterr().err
+
+
+def test_euler_keeps_the_denoised_image_from_a_huge_first_level() -> None:
+    # A DDPM stage's uniform-t grid starts at t = 1, sigma ~ 1e7: in float32 the textbook
+    # x + (s_next - s)(x - D)/s cancels D away (errors of order 1); one step to sigma = 0 must
+    # return D itself.
+    target = torch.full((2, 3, 4, 4), 0.37)
+    sigmas = torch.tensor([2.3e7, 0.0])
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return target
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    out = sample_euler(denoise, x, sigmas)
+    torch.testing.assert_close(out, target)

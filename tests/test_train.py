@@ -93,14 +93,20 @@ def test_each_optimisation_takes_a_step(flags: dict[str, Any], tmp_path: Path) -
 
 
 def test_sr_stage_step_with_noise_augmented_lowres(tmp_path: Path) -> None:
-    stage = tiny_stage("sr256", **{"trainer.max_steps": 1, "trainer.precision": "bf16"})
+    aug = {"enabled": True, "kind": "cosine_vp", "max_level": 0.5}
+    over = {"trainer.max_steps": 1, "trainer.precision": "bf16", "model.noise_cond_aug": aug}
+    stage = tiny_stage("sr256", **over)
     module, _ = one_step(stage, tmp_path)
-    cond = module.condition(batches(stage, 1, batch=64)[0])
+    batch = batches(stage, 1, batch=64)[0]
+    cond = module.condition(batch)
     level = cond["aug_level"]
     assert level.shape == (64,) and level.min() >= 0 and level.max() <= 0.5
     assert level.std() > 0.05  # a random level per sample
     drop = cond["drop_text"].float().mean()
     assert 0 < drop < 0.4  # drop_rate 0.1
+    # the demo's SR stages diffuse the residual to the clean (un-augmented) low-res image
+    assert stage.model.lowres_residual and torch.equal(cond["lowres_image"], batch["lowres"])
+    assert not torch.equal(cond["lowres"], batch["lowres"])
 
 
 @pytest.mark.slow

@@ -215,9 +215,12 @@ def make_project(
 
 
 def make_tiny_cascade(
-    root: Path, stages: tuple[str, ...] = ("base64", "sr256", "sr1024"), **overrides: Any
+    root: Path,
+    stages: tuple[str, ...] = ("base64", "sr256", "sr1024"),
+    overrides: dict[str, Any] | None = None,
 ) -> Params:
-    """Random-weight stage model files and the text encoder under ``root``; the Params."""
+    """Random-weight stage model files and the text encoder under ``root``; the Params
+    (``overrides`` merged over the toy params)."""
     from imagen.checkpoint import save_stage
     from imagen.nn import build_unet
     from imagen.text import build_default_encoder

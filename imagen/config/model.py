@@ -290,6 +290,11 @@ class ModelConfig(_Strict):
     preconditioning_type: Literal["EDM", "DDPM"] = "EDM"
     preconditioning: EDMConfig | DDPMConfig = EDMConfig()
     noise_cond_aug: NoiseAugConfig = NoiseAugConfig()
+    lowres_residual: bool = Field(
+        False,
+        description="SR stages: diffuse x0 minus the bicubic-upsampled low-res image instead "
+        "of x0 (a departure from NeMo, README 'Differences from NeMo')",
+    )
     channels_last: bool = False
     inductor: bool = False
 
@@ -346,6 +351,15 @@ class ModelConfig(_Strict):
             for key in ("p_mean", "p_std", "sigma_data"):
                 if getattr(aug, key) is None:
                     object.__setattr__(aug, key, getattr(pre, key))
+        return self
+
+    @model_validator(mode="after")
+    def _residual_needs_lowres(self) -> ModelConfig:
+        if self.lowres_residual and not self.is_sr:
+            raise ValueError(
+                "lowres_residual: only a super-resolution UNet (unet_type sr or sr-unet) has a "
+                f"low-res image; this one is {self.unet_type!r}"
+            )
         return self
 
     @property

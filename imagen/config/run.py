@@ -59,6 +59,12 @@ class TrainerConfig(_Strict):
     strategy: str = "auto"
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
+    crops_per_image: int = Field(
+        1,
+        gt=0,
+        description="random crops taken from each decoded image (SR stages trained on crops: "
+        "decoding a 1024 px image costs more than training on one 64 px crop of it)",
+    )
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = Field(
         False,

@@ -137,13 +137,14 @@ class ShardStream(IterableDataset):
 # --------------------------------------------------------------------------------------------
 # Per-stage pyramid
 # --------------------------------------------------------------------------------------------
-def _to_tensor(img: Image.Image) -> torch.Tensor:
+def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def _resize(img: Image.Image, size: int) -> Image.Image:
+def resize_image(img: Image.Image, size: int) -> Image.Image:
+    """A square PIL image resized to ``size`` as every stage's training data is (bicubic)."""
     if img.size == (size, size):
         return img
     # PIL widens the filter support by the scale factor when shrinking: antialiased.
@@ -181,22 +182,31 @@ class StagePyramid:
             return int(torch.randint(0, span + 1, ()).item())
         return span // 2
 
-    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+    def __call__(self, img: Image.Image, crops: int = 1) -> list[dict[str, torch.Tensor]]:
+        """``crops`` examples of ``img`` (random crops when training; all the centre crop
+        otherwise), resized once."""
         img = img.convert("RGB")
         if img.size[0] != img.size[1]:  # ingest stores squares; be lenient with other shards
             s = min(img.size)
             left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
             img = img.crop((left, top, left + s, top + s))
-        full = _resize(img, self.res)
+        full = resize_image(img, self.res)
         if self.lowres is None:
-            i, j = self._offset(self.res - self.crop), self._offset(self.res - self.crop)
-            return {"image": _to_tensor(full.crop((j, i, j + self.crop, i + self.crop)))}
-        low = _resize(full, self.lowres)  # downsample the whole image, then crop aligned
+            out = []
+            for _ in range(crops):
+                i, j = self._offset(self.res - self.crop), self._offset(self.res - self.crop)
+                out.append({"image": to_tensor(full.crop((j, i, j + self.crop, i + self.crop)))})
+            return out
+        low = resize_image(full, self.lowres)  # downsample the whole image, then crop aligned
         f = self.res // self.lowres
-        i, j = self._offset(self.lowres - self.low_crop), self._offset(self.lowres - self.low_crop)
-        hi = full.crop((j * f, i * f, j * f + self.crop, i * f + self.crop))
-        lo = low.crop((j, i, j + self.low_crop, i + self.low_crop))
-        return {"image": _to_tensor(hi), "lowres": _to_tensor(lo)}
+        out = []
+        for _ in range(crops):
+            span = self.lowres - self.low_crop
+            i, j = self._offset(span), self._offset(span)
+            hi = full.crop((j * f, i * f, j * f + self.crop, i * f + self.crop))
+            lo = low.crop((j, i, j + self.low_crop, i + self.low_crop))
+            out.append({"image": to_tensor(hi), "lowres": to_tensor(lo)})
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +243,7 @@ class StageExamples(IterableDataset):
         super().__init__()
         self.stream = stream
         self.pyramid = StagePyramid(stage, random_crop=train)
+        self.crops = stage.trainer.crops_per_image if train else 1
         self.cond = params.conditioning
         self.npy_key = f"{self.cond.precached_key}.npy"
 
@@ -254,27 +265,27 @@ class StageExamples(IterableDataset):
             )
         return emb
 
-    def example(self, s: dict[str, Any]) -> dict[str, Any]:
-        """One training example; raises :class:`BadRecord` for an unusable NeMo pickle."""
+    def examples(self, s: dict[str, Any]) -> list[dict[str, Any]]:
+        """A sample's training examples (``trainer.crops_per_image`` crops of its image when
+        training, else one); raises :class:`BadRecord` for an unusable NeMo pickle."""
         key = s.get("__key__", "?")
         where = f"{s.get('__url__', '?')}: sample {key!r}"
         data = pick_image(s, self.pyramid.res)
         if data is None:
             raise ConfigError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
-        with Image.open(io.BytesIO(data)) as im:
-            out = self.pyramid(im)
-        out["caption"] = s["txt"].decode("utf-8") if "txt" in s else ""
-        out["key"] = key
+        text: dict[str, Any] = {"caption": s["txt"].decode("utf-8") if "txt" in s else ""}
+        text["key"] = key
         if not self.cond.online_encoding:
             emb = self._text_features(s, where)
-            out["text_embed"], out["text_mask"] = pad_or_trim(emb, self.cond.token_length)
-        return out
+            text["text_embed"], text["text_mask"] = pad_or_trim(emb, self.cond.token_length)
+        with Image.open(io.BytesIO(data)) as im:
+            return [{**crop, **text} for crop in self.pyramid(im, self.crops)]
 
     def decoded(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(raw sample, example) pairs; bad records are skipped with a BadRecordWarning."""
         for s in self.stream:
             try:
-                yield s, self.example(s)
+                examples = self.examples(s)
             except BadRecord as e:
                 where = f"{s.get('__url__', '?')}: sample {s.get('__key__', '?')!r}"
                 warnings.warn(
@@ -282,6 +293,9 @@ class StageExamples(IterableDataset):
                     BadRecordWarning,
                     stacklevel=2,
                 )
+                continue
+            for ex in examples:
+                yield s, ex
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for _, ex in self.decoded():

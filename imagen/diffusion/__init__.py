@@ -6,12 +6,15 @@ with every preconditioning through that one interface. :func:`sample` is the ent
 """
 
 from imagen.diffusion.denoiser import (
+    LOWRES_IMAGE,
     DDPMDenoiser,
     Denoiser,
     EDMDenoiser,
+    LowresResidual,
     SampleGenerators,
     build_denoiser,
     elementwise_loss,
+    upsample_to,
 )
 from imagen.diffusion.guidance import (
     GuidedDenoiser,
@@ -20,7 +23,12 @@ from imagen.diffusion.guidance import (
     dynamic_threshold,
     static_threshold,
 )
-from imagen.diffusion.noise_aug import augment_lowres, lowres_condition, sample_aug_level
+from imagen.diffusion.noise_aug import (
+    augment_lowres,
+    lowres_condition,
+    sample_aug_level,
+    sr_condition,
+)
 from imagen.diffusion.samplers import (
     SAMPLERS,
     sample,
@@ -38,6 +46,8 @@ from imagen.diffusion.schedules import (
 )
 
 __all__ = [
+    "LOWRES_IMAGE",
+    "LowresResidual",
     "SampleGenerators",
     "SAMPLERS",
     "DDPMDenoiser",
@@ -61,6 +71,8 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_heun",
+    "sr_condition",
     "static_threshold",
     "uniform_t_sigmas",
+    "upsample_to",
 ]

@@ -332,24 +332,87 @@ class DDPMDenoiser(Denoiser):
         return per, sigma_from_log_snr(log_snr)
 
 
+LOWRES_IMAGE = "lowres_image"  # the cond key of the clean low-res image (lowres_residual)
+
+
+def upsample_to(lowres: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``lowres`` (B, C, h, w) bicubic-upsampled to ``like``'s (B, C, H, W) size."""
+    if lowres.shape[:2] != like.shape[:2]:
+        raise ValueError(f"low-res images {tuple(lowres.shape)} do not match {tuple(like.shape)}")
+    if lowres.shape[-2:] == like.shape[-2:]:
+        return lowres.to(like)
+    return F.interpolate(lowres.to(like), size=like.shape[-2:], mode="bicubic")
+
+
+class LowresResidual(Denoiser):
+    """An SR stage diffusing the residual x0 - up(lowres) (``model.lowres_residual``).
+
+    ``up`` is the bicubic upsampling of the clean low-res image, passed in the conditioning as
+    ``lowres_image``; the network still sees its usual (noise-augmented) ``lowres`` input. In
+    the image's own terms ``D(x; sigma) = up + D_r(x - up; sigma)``, so samplers, guidance and
+    thresholding work on whole images unchanged. An untrained residual is zero: the stage
+    starts as bicubic upsampling and learns only what bicubic misses.
+    """
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__(inner.net)  # the net alone is a submodule: state-dict keys as without
+        object.__setattr__(self, "inner", inner)  # parameter-free, shares the net
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.default_schedule = inner.default_schedule
+        self.config = inner.config
+
+    def _base(self, x: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        image = cond.pop(LOWRES_IMAGE, None)
+        if image is None:
+            raise ValueError(
+                f"model.lowres_residual: pass the clean low-res image as {LOWRES_IMAGE!r}"
+            )
+        return upsample_to(image, x)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        base = self._base(x, cond)
+        return base + self.inner(x - base, sigma, **cond)
+
+    def per_sample_loss(
+        self,
+        x0: torch.Tensor,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        **kw: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = dict(cond or {})
+        base = self._base(x0, cond)
+        return self.inner.per_sample_loss(x0 - base, cond, generator, **kw)
+
+    def sigmas(self, *args: Any, **kw: Any) -> torch.Tensor:
+        return self.inner.sigmas(*args, **kw)
+
+
 def build_denoiser(model: ModelConfig, net: nn.Module | Any) -> Denoiser:
-    """The preconditioning ``model.preconditioning_type`` names, around ``net``."""
+    """The preconditioning ``model.preconditioning_type`` names, around ``net`` (diffusing the
+    residual to the upsampled low-res image when ``model.lowres_residual``)."""
     kind, cfg = model.preconditioning_type, model.preconditioning
+    den: Denoiser
     if kind == "EDM":
         if not isinstance(cfg, EDMConfig):
             raise ValueError("model.preconditioning: preconditioning_type EDM needs EDM keys")
-        return EDMDenoiser(net, cfg)
-    if kind == "DDPM":
+        den = EDMDenoiser(net, cfg)
+    elif kind == "DDPM":
         if not isinstance(cfg, DDPMConfig):
             raise ValueError("model.preconditioning: preconditioning_type DDPM needs DDPM keys")
-        return DDPMDenoiser(net, cfg)
-    raise ValueError(f"model.preconditioning_type: got {kind!r}; allowed: 'EDM', 'DDPM'")
+        den = DDPMDenoiser(net, cfg)
+    else:
+        raise ValueError(f"model.preconditioning_type: got {kind!r}; allowed: 'EDM', 'DDPM'")
+    return LowresResidual(den) if model.lowres_residual else den
 
 
 __all__ = [
     "DDPMDenoiser",
     "Denoiser",
     "EDMDenoiser",
+    "LOWRES_IMAGE",
+    "LowresResidual",
     "build_denoiser",
     "elementwise_loss",
+    "upsample_to",
 ]

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from imagen.config import NoiseAugConfig
-from imagen.diffusion.denoiser import expand_like, rand, randn
+from imagen.config import ModelConfig, NoiseAugConfig
+from imagen.diffusion.denoiser import LOWRES_IMAGE, expand_like, rand, randn
 
 
 def aug_alpha_sigma(level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,3 +126,25 @@ def lowres_condition(
     else:
         lv = lowres.new_full((b,), config.sample_level)
     return augment_lowres(lowres, lv, generator), lv
+
+
+def sr_condition(
+    lowres: torch.Tensor,
+    model: ModelConfig,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+    level: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """An SR stage's low-res conditioning: the (augmented) ``lowres`` the net sees, its
+    ``aug_level`` when augmentation is on, and the clean image itself when the stage diffuses
+    the residual to it (``model.lowres_residual``)."""
+    net_lowres, aug_level = lowres_condition(
+        lowres, model.noise_cond_aug, training=training, generator=generator, level=level
+    )
+    cond = {"lowres": net_lowres}
+    if aug_level is not None:
+        cond["aug_level"] = aug_level
+    if model.lowres_residual:
+        cond[LOWRES_IMAGE] = lowres
+    return cond

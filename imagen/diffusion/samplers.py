@@ -54,9 +54,10 @@ def sample_euler(
     for i in _steps(sigmas, progress, "euler"):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = denoise_fn(x, s)
-        # Karras et al. 2022, eq. 3 with sigma(t) = t, s(t) = 1
-        d = (x - denoised) / s
-        x = x + (s_next - s) * d
+        # Karras et al. 2022, eq. 3 with sigma(t) = t, s(t) = 1: x + (s_next - s)(x - D) / s,
+        # written as D + (s_next / s)(x - D) so that a huge first level (a DDPM stage's t = 1
+        # is sigma ~ 1e7) does not cancel D away in float32
+        x = denoised + (s_next / s) * (x - denoised)
         _report(callback, i, s, s_next, x, denoised)
     return x
 

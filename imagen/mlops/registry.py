@@ -121,6 +121,11 @@ def _prompts(model_input: Any) -> list[str]:
     )
 
 
+# MLflow checks predict's type hints when the class below is created and suggests adding them;
+# predict has none on purpose (see there), so that suggestion is not shown to users.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+
+
 class CascadePyfunc(mlflow.pyfunc.PythonModel):
     """``imagen-cascade``: prompts -> base64 PNG images through the cascade.
 

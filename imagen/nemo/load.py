@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from imagen.config import ModelConfig, NoiseAugConfig
+from imagen.config import ModelConfig
 from imagen.nemo.convert import NemoWeightsError, load_nemo_weights, model_config_from_nemo
 
 CONFIG_MEMBER = "model_config.yaml"
@@ -79,19 +79,14 @@ class NemoDenoiser(nn.Module):
         text_mask: torch.Tensor | None = None,
         lowres: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from imagen.diffusion import lowres_condition
+        from imagen.diffusion import sr_condition
 
         cond: dict[str, Any] = {"text_embed": text_embed, "text_mask": text_mask}
         if self.config.is_sr:
             if lowres is None:
                 raise ValueError("a super-resolution stage needs lowres (B, C, h, w)")
-            aug: NoiseAugConfig = self.config.noise_cond_aug
-            lr, level = lowres_condition(
-                lowres.to(x.device), aug, training=False, generator=self.generator
-            )
-            cond["lowres"] = lr
-            if level is not None:
-                cond["aug_level"] = level
+            lr = lowres.to(x.device)
+            cond.update(sr_condition(lr, self.config, training=False, generator=self.generator))
         elif lowres is not None:
             raise ValueError("lowres was given to a base (text-to-64) stage")
         return self.denoiser(x, sigma, **cond)

@@ -292,7 +292,7 @@ class Cascade:
         ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's sampling
         level, ``model.noise_cond_aug``) -- Imagen's noise conditioning augmentation.
         """
-        from imagen.diffusion import lowres_condition, sample
+        from imagen.diffusion import sample, sr_condition
 
         stage = self.stages[name]
         cfg = stage.config
@@ -306,15 +306,15 @@ class Cascade:
                 lowres = F.interpolate(
                     lowres, size=(size, size), mode="bilinear", antialias=True
                 )  # (B, C, lowres, lowres)
-            cond["lowres"], level_t = lowres_condition(
-                lowres.to(self.device),
-                cfg.model.noise_cond_aug,
-                training=False,
-                generator=generator,
-                level=noise_aug,
-            )  # (B, C, lowres, lowres), (B,) or None
-            if level_t is not None:
-                cond["aug_level"] = level_t
+            cond.update(
+                sr_condition(
+                    lowres.to(self.device),
+                    cfg.model,
+                    training=False,
+                    generator=generator,
+                    level=noise_aug,
+                )
+            )  # lowres (B, C, lowres, lowres), aug_level (B,) when augmented
         shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)  # (B, C, R, R)
         out = sample(
             stage.denoiser,

@@ -71,7 +71,7 @@ class SampleGrid:
     def images(self, module: ImagenStage, seed: int = 0) -> torch.Tensor:
         """(N, 3, S, S) in [-1, 1], sampled with the EMA weights (S = the UNet's image_size)."""
         from imagen.diffusion import sample
-        from imagen.diffusion.noise_aug import lowres_condition
+        from imagen.diffusion.noise_aug import sr_condition
 
         assert self.text_embed is not None and self.text_mask is not None
         device = module.device
@@ -82,10 +82,8 @@ class SampleGrid:
         if self.stage.model.is_sr:
             assert self.lowres is not None
             g = torch.Generator().manual_seed(seed)
-            lowres, level = lowres_condition(
-                self.lowres, self.stage.model.noise_cond_aug, training=False, generator=g
-            )
-            cond["lowres"], cond["aug_level"] = lowres.to(device), level.to(device)
+            sr = sr_condition(self.lowres, self.stage.model, training=False, generator=g)
+            cond.update({k: v.to(device) for k, v in sr.items()})
         size = self.stage.model.unet.image_size
         shape = (len(self.captions), self.stage.model.unet.channels, size, size)
         return (

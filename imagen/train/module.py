@@ -73,7 +73,7 @@ class ImagenStage(pl.LightningModule):
     def condition(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The network's conditioning for a training batch (text drop, augmented low-res)."""
         from imagen.diffusion.guidance import drop_mask
-        from imagen.diffusion.noise_aug import lowres_condition
+        from imagen.diffusion.noise_aug import sr_condition
 
         image = batch["image"]
         cond: dict[str, Any] = {
@@ -87,9 +87,7 @@ class ImagenStage(pl.LightningModule):
             lowres = batch["lowres"]
             if self.stage.model.channels_last:
                 lowres = lowres.contiguous(memory_format=torch.channels_last)
-            cond["lowres"], cond["aug_level"] = lowres_condition(
-                lowres, self.stage.model.noise_cond_aug, training=True
-            )
+            cond.update(sr_condition(lowres, self.stage.model, training=True))
         return cond
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
