@@ -199,6 +199,7 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
         "cascade_prompts": 2,
         "cascade_steps": 1,
         "sr_pairs": 2,
+        "sr_tiles": 0,
     }
     params = make_tiny_cascade(tmp_path, overrides={"evaluate": evaluate_cfg})
     metrics = evaluate(params, log=None)
@@ -247,8 +248,10 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
 
 
 def test_sr_tiles_and_detail_window() -> None:
-    from imagen.evaluate.sr import detail_window, tiles
+    from imagen.evaluate.sr import detail_window, pairs_for, tiles
 
+    # enough pairs for 256 tiles of 64 px: 16 pictures at 256 px, the minimum at 1024 px
+    assert (pairs_for(256, 4, 256), pairs_for(1024, 4, 256), pairs_for(32, 2, 0)) == (16, 4, 2)
     images = torch.arange(2 * 3 * 128 * 128, dtype=torch.float32).reshape(2, 3, 128, 128)
     t = tiles(images, 64)
     assert t.shape == (8, 3, 64, 64)

@@ -108,6 +108,7 @@ TOY: dict[str, Any] = {
         "cascade_prompts": 2,
         "cascade_steps": 1,
         "sr_pairs": 2,
+        "sr_tiles": 0,
     },
 }
 # What the whole-pipeline tests train: two steps a stage, a checkpoint after each.

@@ -219,6 +219,12 @@ class EvaluateConfig(_Strict):
     sr_pairs: int = Field(
         8, ge=0, description="held-out pairs per SR stage scored against bicubic (0: off)"
     )
+    sr_tiles: int = Field(
+        256,
+        ge=0,
+        description="more pairs where needed so each SR stage's Frechet distance sees at least "
+        "this many 64 px tiles (sr256: 16 a picture, sr1024: 256)",
+    )
 
 
 class SampleConfig(_Strict):

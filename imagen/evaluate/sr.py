@@ -54,6 +54,13 @@ def bicubic_up(images: Tensor, size: int) -> Tensor:
 TILE = 64  # the embedded evaluator's working size
 
 
+def pairs_for(resolution: int, pairs: int, min_tiles: int) -> int:
+    """Held-out pairs for a stage: ``pairs``, or more until they give ``min_tiles`` tiles (a
+    Frechet distance over a few dozen tiles in the evaluator's 98 dimensions is mostly noise)."""
+    per_image = (resolution // min(TILE, resolution)) ** 2
+    return max(pairs, -(-min_tiles // per_image))
+
+
 def tiles(images: Tensor, size: int = TILE) -> Tensor:
     """(N, C, H, W) -> (N * H/size * W/size, C, size, size): non-overlapping tiles, row-major."""
     n, c, h, w = images.shape

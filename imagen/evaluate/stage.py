@@ -66,20 +66,23 @@ def cascade_grid_report(
 def sr_reports(
     params: Params, cascade: Any, out: Path, run: Any, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Each trained SR stage against bicubic on held-out pairs (imagen.evaluate.sr)."""
-    from imagen.evaluate.sr import evaluate_sr_stage
+    """Each trained SR stage against bicubic on held-out pairs (imagen.evaluate.sr): at least
+    ``evaluate.sr_pairs`` of them, more where the stage's tiles would fall short of
+    ``evaluate.sr_tiles``."""
+    from imagen.evaluate.sr import evaluate_sr_stage, pairs_for
 
     cfg = params.evaluate
     found: dict[str, Any] = {}
     for name in [n for n in cascade.stages if n != "base64"] if cfg.sr_pairs else []:
         res = cascade.stages[name].resolution
-        pairs = load_holdout(params, cfg.sr_pairs, res)
+        n = pairs_for(res, cfg.sr_pairs, cfg.sr_tiles)
+        pairs = load_holdout(params, n, res)
         found[name] = r = evaluate_sr_stage(
             cascade,
             name,
             pairs,
             out,
-            pairs=cfg.sr_pairs,
+            pairs=n,
             seed=cfg.seed,
             batch_size=min(cfg.batch_size, 4),
             inception_path=cfg.inception_path,
