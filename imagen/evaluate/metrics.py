@@ -176,7 +176,7 @@ class Alignment:
         return out
 
 
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
 def mean_abs_laplacian(images: Tensor) -> float:
@@ -186,4 +186,4 @@ def mean_abs_laplacian(images: Tensor) -> float:
     (below) or carry residual sampling noise (well above).
     """
     x = images.float().mean(1, keepdim=True)  # (N, 1, H, W) grey
-    return torch.nn.functional.conv2d(x, LAPLACIAN.view(1, 1, 3, 3)).abs().mean().item()
+    return torch.nn.functional.conv2d(x, _LAPLACIAN.view(1, 1, 3, 3)).abs().mean().item()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imagen.data.holdout import HeldOut
-from imagen.evaluate.metrics import LAPLACIAN, Fidelity, mean_abs_laplacian
+from imagen.evaluate.metrics import Fidelity, mean_abs_laplacian
 from imagen.images import image_grid, side_by_side, to_pil, to_uint8
 
 
@@ -130,7 +130,7 @@ def evaluate_sr_stage(
     }
     rows = []
     for k in range(min(4, len(real))):
-        window = detail_window(real[k], res // 4)  # the detail, at the stage's own pixels
+        window = detail_window(real[k], bicubic[k], res // 4)  # at the stage's own pixels
         views = [to_pil(lowres[k]), to_pil(bicubic[k]), to_pil(sr[k]), to_pil(real[k])]
         views += [to_pil(v[k][window]) for v in (bicubic, sr, real)]
         rows.append(side_by_side(views, 256))
@@ -142,11 +142,12 @@ def evaluate_sr_stage(
     return result
 
 
-def detail_window(image: Tensor, size: int) -> tuple[slice, slice, slice]:
-    """The (C, H, W) index of the ``size`` px square of ``image`` with the most detail (mean
-    absolute Laplacian), on a grid of half-window steps: where an SR picture should zoom."""
-    lap = F.conv2d(image.float().mean(0)[None, None], LAPLACIAN.view(1, 1, 3, 3), padding=1)
-    energy = F.avg_pool2d(lap.abs(), size, stride=max(1, size // 2))[0, 0]  # (gh, gw)
+def detail_window(real: Tensor, baseline: Tensor, size: int) -> tuple[slice, slice, slice]:
+    """The (C, H, W) index of the ``size`` px square where ``baseline`` (bicubic) misses the
+    most of ``real`` (mean absolute difference), on a grid of half-window steps: where an SR
+    picture should zoom."""
+    miss = (real.float() - baseline.float()).abs().mean(0)[None, None]  # (1, 1, H, W)
+    step = max(1, size // 2)
+    energy = F.avg_pool2d(miss, size, stride=step)[0, 0]  # (gh, gw)
     i, j = divmod(int(energy.argmax()), energy.shape[1])
-    top, left = i * max(1, size // 2), j * max(1, size // 2)
-    return slice(None), slice(top, top + size), slice(left, left + size)
+    return slice(None), slice(i * step, i * step + size), slice(j * step, j * step + size)
