@@ -192,24 +192,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             stable_attention=True,
         ),
     },
-    # The long caption-following recipe (profiles/learn.yaml) at 64 px: the small base net with
-    # twice the channels and two ResBlocks at 16 and 8 px, where the object's shape, colour and
-    # place are decided (4.5M parameters at text dim 256).
-    "learn_res_64": {
-        "unet_type": "base",
-        "unet": dict(
-            embed_dim=16,
-            image_size=64,
-            channel_mult=[1, 2, 4, 8],
-            num_res_blocks=[1, 1, 2, 2],
-            num_attn_heads=2,
-            per_head_channels=32,
-            cond_dim=128,
-            attention_type="fused",
-            attention_resolutions=[16, 8],
-            stable_attention=True,
-        ),
-    },
     "small_res_256": {"unet_type": "sr", "unet": _SMALL_SR},
     # the same net at 24 channels (sampling at 1024 px is the cost), with cross attention as the
     # paper's 1024 net

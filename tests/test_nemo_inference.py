@@ -58,8 +58,8 @@ def test_stage_defaults_are_nemos_and_the_demo_keeps_its_own() -> None:
     demo = load_params(REPO / "params.yaml")
     assert [(s.sampling.steps, s.sampling.guidance_scale) for s in demo.stages.values()] == [
         (18, 2.0),
-        (3, 1.0),
-        (3, 1.0),
+        (2, 1.0),
+        (2, 1.0),
     ]
 
 

@@ -70,6 +70,9 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
     assert (reports / "cascade.png").stat().st_size > 0
     assert list((reports / "grids").glob("*.png"))
     assert (root / "dvc.lock").is_file()
+    # the log speaks of the pipeline: no library's advice, advertisement or warning
+    for noise in ("Add type hints", "UserWarning", "litlogger", "Epoch 0/", "Tip:"):
+        assert noise not in project["output"], noise
     print(f"tiny dvc repro of the whole cascade: {project['seconds']:.0f} s")
 
 

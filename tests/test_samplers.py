@@ -266,3 +266,19 @@ def test_euler_keeps_the_denoised_image_from_a_huge_first_level() -> None:
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * sigmas[0]
     out = sample_euler(denoise, x, sigmas)
     torch.testing.assert_close(out, target)
+
+
+def test_heun_from_a_huge_first_level_follows_the_ode() -> None:
+    # Data N(mu, tau^2) has the exact denoiser mu + tau^2 / (tau^2 + s^2) (x - mu), and the
+    # probability-flow ODE carries x = mu + sqrt(tau^2 + s^2) eps to mu + tau eps. From a DDPM
+    # stage's first level (sigma ~ 1e7) Heun's trapezoid would scale the change in predicted
+    # noise by 1e7; the sample must stay on the ODE's path instead.
+    mu, tau = 0.37, 0.1
+    sigmas = torch.tensor([2.3e7, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0])
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return mu + tau**2 / (tau**2 + sigma**2) * (x - mu)
+
+    eps = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sample_heun(denoise, mu + sigmas[0] * eps, sigmas)
+    torch.testing.assert_close(out, mu + tau * eps, atol=0.05, rtol=0)

@@ -62,6 +62,9 @@ def sample_euler(
     return x
 
 
+_HEUN_MAX_SIGMA = 1e3  # EDM's sigma_max is 80; DDPM's cosine t = 1 is ~1e7
+
+
 @torch.no_grad()
 def sample_heun(
     denoise_fn: DenoiseFn,
@@ -91,12 +94,14 @@ def sample_heun(
         if gamma > 0:
             eps = randn(x.shape, x, generator) * s_noise
             x = x + (s_hat**2 - s**2).sqrt() * eps
-        # lines 7-8: Euler step from sigma_hat to sigma_next
+        # lines 7-8: Euler step from sigma_hat to sigma_next (written as in sample_euler)
         denoised = denoise_fn(x, s_hat)
         d = (x - denoised) / s_hat
-        x_next = x + (s_next - s_hat) * d
-        # lines 9-11: 2nd-order correction, skipped on the last step to sigma = 0
-        if s_next > 0:
+        x_next = denoised + (s_next / s_hat) * (x - denoised)
+        # lines 9-11: 2nd-order correction, skipped on the last step to sigma = 0 and from a
+        # level where x is all noise (a DDPM stage's first level): there the trapezoid
+        # multiplies the change in predicted noise by sigma_hat ~ 1e7 and the sample explodes
+        if s_next > 0 and s_hat <= _HEUN_MAX_SIGMA:
             d_next = (x_next - denoise_fn(x_next, s_next)) / s_next
             x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
         x = x_next
