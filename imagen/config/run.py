@@ -210,6 +210,12 @@ class EvaluateConfig(_Strict):
         description="best point: the best-aligned scale whose fidelity distance is within "
         "this share of the lowest (0.25: at most 25% worse)",
     )
+    tradeoff_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="best point: alignments within this margin of the highest eligible one "
+        "count as equal, and the lowest fidelity distance among them wins (0: the highest)",
+    )
     grid_images: int = Field(16, ge=0, description="images per guidance scale in its grid")
     cascade_prompts: int = Field(4, ge=0, description="prompts in the full-cascade grid (0: off)")
     cascade_steps: int | None = Field(None, gt=0, description="steps per stage for that grid")

@@ -65,6 +65,7 @@ def write_reports(
     out_dir: str | Path,
     *,
     tolerance: float = 0.1,
+    margin: float = 0.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metrics.json, fid_clip.csv, fid_clip.png and grids/scale_<w>.png; returns the metrics."""
@@ -73,7 +74,7 @@ def write_reports(
 
     out = Path(out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    best = best_tradeoff(result.rows, result.fidelity, result.alignment, tolerance)
+    best = best_tradeoff(result.rows, result.fidelity, result.alignment, tolerance, margin)
     metrics: dict[str, Any] = {
         "depth": result.depth,
         "num_images": len(holdout),

@@ -204,7 +204,14 @@ def evaluate(
             say(f"imagen evaluate: untrained base64 (guidance 1): {extra['untrained']}")
             run.log_metrics({f"untrained_{k}": v for k, v in extra["untrained"].items()})
         extra.update(beyond_the_sweep(params, cascade, holdout.captions, out, run, progress, say))
-        metrics = write_reports(result, holdout, out, tolerance=cfg.tradeoff_tolerance, extra=extra)
+        metrics = write_reports(
+            result,
+            holdout,
+            out,
+            tolerance=cfg.tradeoff_tolerance,
+            margin=cfg.tradeoff_margin,
+            extra=extra,
+        )
         best = metrics["best"]
         log_sweep(run, result, best, out)
         if register_models and run.active:

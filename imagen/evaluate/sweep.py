@@ -88,26 +88,37 @@ def sweep(
 
 
 def best_tradeoff(
-    rows: Sequence[dict[str, float]], fidelity: str, alignment: str, tolerance: float = 0.25
+    rows: Sequence[dict[str, float]],
+    fidelity: str,
+    alignment: str,
+    tolerance: float = 0.25,
+    margin: float = 0.0,
 ) -> dict[str, Any]:
     """The point a user would pick: the best-aligned scale among those whose fidelity distance
     is within ``tolerance`` of the lowest, ``distance <= (1 + tolerance) * min``.
 
     Guidance buys alignment with fidelity; this keeps the fidelity close to the best the sweep
-    saw and takes all the alignment that costs (ties: the lower distance).
+    saw and takes all the alignment that costs. Alignments within ``margin`` of the highest
+    eligible one count as equal (a measurement on a few dozen captions moves by a few hundredths
+    between seeds), and the lowest distance among them wins.
     """
     if not rows:
         raise ValueError("no sweep rows")
     lowest = min(r[fidelity] for r in rows)
     ceiling = lowest + tolerance * abs(lowest)
     eligible = [r for r in rows if r[fidelity] <= ceiling + 1e-12]
-    best = max(eligible, key=lambda r: (r[alignment], -r[fidelity]))
+    top = max(r[alignment] for r in eligible)
+    tied = [r for r in eligible if r[alignment] >= top - margin - 1e-12]
+    best = min(tied, key=lambda r: (r[fidelity], -r[alignment]))
+    rule = (
+        f"highest {alignment} among guidance scales with {fidelity} <= "
+        f"(1 + {tolerance:g}) x lowest = {ceiling:.4g}"
+    )
+    if margin:
+        rule += f"; within {margin:g} of it counts as equal, then the lowest {fidelity}"
     return {
         **best,
-        "rule": (
-            f"highest {alignment} among guidance scales with {fidelity} <= "
-            f"(1 + {tolerance:g}) x lowest = {ceiling:.4g}"
-        ),
+        "rule": rule,
         "eligible_scales": [r["guidance_scale"] for r in eligible],
     }
 
