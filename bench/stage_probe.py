@@ -16,6 +16,7 @@ do not:
   sharpness.
 
     python bench/stage_probe.py base --name e16 --unet '{"embed_dim": 16}' --steps 2000
+    python bench/stage_probe.py base --name prog --low-steps 2000 --steps 700 --held-out 64
     python bench/stage_probe.py sr --name xres --precond DDPM --residual --steps 400
 
 Results are appended to ``bench/results/stage_probe.jsonl`` (docs/recipe.md quotes them).
@@ -75,18 +76,22 @@ def train(args: argparse.Namespace, mc: ModelConfig, data: dict[str, torch.Tenso
     net = build_unet(mc)
     den = build_denoiser(mc, net)
     ema_net = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
     gen = torch.Generator().manual_seed(args.seed)
     params, losses, t0 = list(net.parameters()), [], time.perf_counter()
     images, n = data["images"], len(data["images"])
-    for step in range(args.steps):
-        idx = torch.randint(0, n, (args.batch,), generator=gen)
+    for step in range(args.low_steps + args.steps):
+        low = step < args.low_steps  # trainer.progressive: downsampled images first
+        batch = args.low_batch if low else args.batch
+        idx = torch.randint(0, n, (batch,), generator=gen)
         cond = {
             "text_embed": data["embeds"][idx],
             "text_mask": data["mask"][idx],
-            "drop_text": drop_mask(args.batch, 0.1, gen),
+            "drop_text": drop_mask(batch, 0.1, gen),
         }
         x0 = images[idx]
+        if low:
+            x0 = torch.nn.functional.interpolate(x0, size=args.low_res, mode="area")
         if args.kind == "sr":  # aligned crops of the image and of its low-res version
             f, c = args.res // args.low, args.crop
             i, j = torch.randint(0, args.low - c // f + 1, (2,), generator=gen).tolist()
@@ -164,6 +169,9 @@ def main() -> None:
     p.add_argument("--p-std", type=float, default=1.8)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--low-res", type=int, default=32, help="base: trainer.progressive size")
+    p.add_argument("--low-steps", type=int, default=0, help="base: steps at --low-res first")
+    p.add_argument("--low-batch", type=int, default=16, help="base: batch of those steps")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--ema", type=float, default=0.999)

@@ -4,6 +4,7 @@ aligned SR pairs, online encoding and held-out batches."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from imagen.config import Params, deep_merge, resolve_params
+from imagen.config import Params, ProgressiveConfig, StageConfig, deep_merge, resolve_params
 from imagen.data.ingest import ingest
 from imagen.data.loader import ImagenDataModule, collate, holdout_batches, make_dataset
 from imagen.data.precache import precache
@@ -45,6 +46,7 @@ def make_params(root: Path, data: dict[str, Any], **cond: Any) -> Params:
         | data,
         "model": {"conditioning": text},
         "trainer": {"num_workers": 0, "shuffle_buffer": 4},
+        "stages": {"base64": {"trainer": {"progressive": None}}},
     }
     return resolve_params(deep_merge(raw, over))
 
@@ -206,3 +208,66 @@ def test_stage_decodes_the_smallest_stored_copy_that_covers_it() -> None:
     assert Image.open(io.BytesIO(pick_image(sample, 100))).size == (128, 128)
     assert pick_image(sample, 256) == b"full"
     assert pick_image({"txt": b"x"}, 64) is None
+
+
+def test_progressive_steps_train_on_downsampled_images(in_project: Params) -> None:
+    """trainer.progressive: the loader draws the larger batch; the first steps train on that
+    many images area-downsampled, the later ones on trainer.batch_size full-size images."""
+    from imagen.data.loader import progressive_batch
+
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size = 2
+    st.trainer.progressive = ProgressiveConfig(resolution=32, steps=3, batch_size=4)
+    st = StageConfig.model_validate(st.model_dump())
+    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
+    assert batch["image"].shape == (4, 3, 64, 64)
+    low = progressive_batch(st, dict(batch), step=2)
+    assert low["image"].shape == (4, 3, 32, 32) and len(low["caption"]) == 4
+    assert torch.allclose(low["image"], F.avg_pool2d(batch["image"], 2), atol=1e-6)
+    full = progressive_batch(st, dict(batch), step=3)
+    assert full["image"].shape == (2, 3, 64, 64) and full["key"] == batch["key"][:2]
+    assert torch.equal(full["image"], batch["image"][:2])
+    assert torch.equal(full["text_embed"], batch["text_embed"][:2])
+
+
+@pytest.mark.parametrize(
+    ("stage", "value", "message"),
+    [
+        ("sr256", {"resolution": 32, "steps": 1}, "only a base stage"),
+        ("base64", {"resolution": 48, "steps": 1}, "trainer.progressive.resolution: 48"),
+        ("base64", {"resolution": 64, "steps": 1}, "smaller than the UNet's image_size 64"),
+    ],
+)
+def test_progressive_config_errors_name_the_key(stage: str, value: dict, message: str) -> None:
+    from imagen.config import ConfigError, load_params
+
+    sets = [f"stages.{stage}.trainer.progressive={json.dumps(value)}"]
+    with pytest.raises(ConfigError, match="progressive") as err:
+        load_params(REPO / "params.yaml", sets)
+    assert message in str(err.value) and f"stages.{stage}" in str(err.value)
+
+
+def test_lightning_trains_the_progressive_steps_small(in_project: Params, tmp_path: Path) -> None:
+    """The data module's batch hook is what a real fit trains on: 2 steps at 32 px with 4
+    images, then 2 at 64 px with 2 (the tiny base UNet of the project's preset, 64 px)."""
+    from pytorch_lightning import Callback
+
+    from imagen.train import ImagenStage, build_trainer
+
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.model.unet = st.model.unet.model_copy(
+        update={"embed_dim": 8, "attention_resolutions": [8], "num_attn_heads": 1}
+    )
+    st.trainer.max_steps, st.trainer.batch_size = 4, 2
+    st.trainer.progressive = ProgressiveConfig(resolution=32, steps=2, batch_size=4)
+    st.trainer.sample_every_n_steps = st.trainer.checkpoint_every_n_steps = 100
+    st = StageConfig.model_validate(st.model_dump())
+    seen: list[tuple[int, ...]] = []
+
+    class Shapes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, idx) -> None:
+            seen.append(tuple(batch["image"].shape))
+
+    trainer = build_trainer(st, tmp_path, [Shapes()], logger=False)
+    trainer.fit(ImagenStage(st), datamodule=ImagenDataModule(in_project, st))
+    assert seen == [(4, 3, 32, 32)] * 2 + [(2, 3, 64, 64)] * 2

@@ -66,6 +66,7 @@ TRAINER = {
     "shuffle_buffer": 16,
     "optim": {"lr": 2.0e-3, "warmup_steps": 5},
     "ema_decay": 0.9,
+    "progressive": None,
 }
 EULER = {"sampler": "euler", "steps": 2, "guidance_scale": 1.0}
 TOY: dict[str, Any] = {

@@ -45,6 +45,28 @@ class KeepConfig(_Strict):
     archive_every_n_steps: int = Field(0, ge=0, description="also keep every n-th step (0: off)")
 
 
+class ProgressiveConfig(_Strict):
+    """Progressive resolution: the first ``steps`` optimiser steps train on the images
+    downsampled (area average) to ``resolution``, the rest at the UNet's own size.
+
+    The UNet is convolutional, so the same weights denoise both sizes; a 32 px step of a 64 px
+    base stage costs about a quarter as much per image, and the layout, colours and positions
+    the captions name are learned from those cheap images (docs/demo.md). NeMo trains at the
+    full size only (null, the default).
+    """
+
+    resolution: int = Field(gt=0, description="training size of the first steps (px)")
+    steps: int = Field(
+        gt=0, description="optimiser steps at that size (all of them when >= max_steps)"
+    )
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="batch of those steps (default: trainer.batch_size); the loader draws the "
+        "larger of the two batches and the full-size steps use their first trainer.batch_size",
+    )
+
+
 class TrainerConfig(_Strict):
     """NeMo's ``trainer`` block plus what the stage runner needs."""
 
@@ -64,6 +86,10 @@ class TrainerConfig(_Strict):
         gt=0,
         description="random crops taken from each decoded image (SR stages trained on crops: "
         "decoding a 1024 px image costs more than training on one 64 px crop of it)",
+    )
+    progressive: ProgressiveConfig | None = Field(
+        None,
+        description="train the first steps on downsampled images (base stages; NeMo: null)",
     )
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = Field(
@@ -148,6 +174,39 @@ class StageConfig(_Strict):
             sampling = {"steps": steps, "guidance_scale": scale, **(data.get("sampling") or {})}
             data = {**data, "sampling": sampling}
         return data
+
+    @model_validator(mode="after")
+    def _progressive_fits(self) -> StageConfig:
+        p = self.trainer.progressive
+        if p is None:
+            return self
+        key = "trainer.progressive"
+        if self.model.is_sr:
+            raise ValueError(
+                f"{key}: only a base stage trains on whole downsampled images; an SR stage's "
+                "low-res input is fixed by its cascade"
+            )
+        size, levels = self.model.unet.image_size, len(self.model.unet.channel_mult)
+        step = 2 ** (levels - 1)
+        if p.resolution >= size or size % p.resolution or p.resolution % step:
+            raise ValueError(
+                f"{key}.resolution: {p.resolution} must be smaller than the UNet's image_size "
+                f"{size}, divide it, and be a multiple of {step} (its {levels} levels halve it "
+                f"{levels - 1} times)"
+            )
+        return self
+
+    def progressive_resolution(self, step: int) -> int | None:
+        """The size optimiser step ``step`` trains at when it is not the UNet's own, else None."""
+        p = self.trainer.progressive
+        return p.resolution if p is not None and step < p.steps else None
+
+    @property
+    def loader_batch_size(self) -> int:
+        """Images per loader batch: the larger of the full-size and progressive batches."""
+        p = self.trainer.progressive
+        extra = p.batch_size if p is not None and p.batch_size else 0
+        return max(self.trainer.batch_size, extra)
 
     @model_validator(mode="after")
     def _auto_sampler(self) -> StageConfig:

@@ -314,6 +314,23 @@ def collate(examples: list[dict[str, Any]], out_key: str | None = None) -> dict[
     return batch
 
 
+def progressive_batch(stage: StageConfig, batch: dict[str, Any], step: int) -> dict[str, Any]:
+    """The part of a training batch that optimiser step ``step`` trains on
+    (``trainer.progressive``): its first batch-size examples, and during the progressive steps
+    the images downsampled (area average) to the progressive resolution."""
+    p = stage.trainer.progressive
+    if p is None:
+        return batch
+    low = stage.progressive_resolution(step)
+    n = (p.batch_size or stage.trainer.batch_size) if low else stage.trainer.batch_size
+    if len(batch["image"]) > n:
+        batch = {k: v[:n] for k, v in batch.items()}
+    if low:
+        img = batch["image"]
+        batch["image"] = torch.nn.functional.interpolate(img, size=(low, low), mode="area")
+    return batch
+
+
 def add_nemo_keys(batch: dict[str, Any], out_key: str) -> dict[str, Any]:
     """``<out_key>_embeddings`` / ``<out_key>_mask`` beside ``text_embed`` / ``text_mask``."""
     if "text_embed" in batch:
@@ -379,7 +396,7 @@ class ImagenDataModule(pl.LightningDataModule):
         ds = make_dataset(self.params, self.stage, split, epochs=epochs, train=train)
         return DataLoader(
             ds,
-            batch_size=t.batch_size,
+            batch_size=self.stage.loader_batch_size if train else t.batch_size,
             num_workers=t.num_workers,
             collate_fn=collate,
             persistent_workers=t.num_workers > 0 and epochs is None,
@@ -393,6 +410,9 @@ class ImagenDataModule(pl.LightningDataModule):
         return self._loader("holdout", epochs=1, train=False)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            batch = progressive_batch(self.stage, batch, trainer.global_step)
         if self.online is not None:
             batch = self.online(batch, device=batch["image"].device)
         # NeMo's names, added after the transfer so the device holds one copy

@@ -197,10 +197,12 @@ class LogLines(Callback):
         dt, steps = max(now - self._t, 1e-9), max(step - self._step, 1)
         loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         left = (trainer.max_steps - step) * dt / steps
+        low = self.stage.progressive_resolution(max(step - 1, 0))
+        size = f" at {low} px" if low else ""
         if trainer.is_global_zero:
             print(
                 f"imagen train {self.stage.name}: step {step}/{trainer.max_steps} "
-                f"loss {loss:.4f} {self._images / dt:.1f} images/s {_duration(left)} left",
+                f"loss {loss:.4f} {self._images / dt:.1f} images/s{size} {_duration(left)} left",
                 file=self.stream,
                 flush=True,
             )

