@@ -236,3 +236,10 @@ def test_cli_rejects_bad_override_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "stages.base64.model.unet.attention_type" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_a_reversed_guidance_interval_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"stages\.base64\.sampling\.guidance_interval"):
+        load_params(ROOT / "params.yaml", ["stages.base64.sampling.guidance_interval=[2, 1]"])
+    ok = load_params(ROOT / "params.yaml", ["stages.base64.sampling.guidance_interval=[1, 80]"])
+    assert ok.stage("base64").sampling.guidance_interval == (1.0, 80.0)

@@ -257,6 +257,22 @@ def test_guidance_runs_one_batched_forward_and_extrapolates() -> None:
     torch.testing.assert_close(guided, u + 4.0 * (c - u))
 
 
+def test_guidance_interval_guides_only_inside_it() -> None:
+    """sampling.guidance_interval (lo, hi]: guided inside, the conditional prediction alone
+    (one forward of batch B) outside, per sample when a batch straddles it."""
+    net, den, cond, x, sigma = _guided_setup()  # sigma (1.5, 0.3)
+    c = den(x, sigma, **cond, drop_text=torch.zeros(2, dtype=torch.bool))
+    u = den(x, sigma, **cond, drop_text=torch.ones(2, dtype=torch.bool))
+    net.batches.clear()
+    out = GuidedDenoiser(den, cond, 4.0, interval=(2.0, 80.0))(x, sigma)
+    assert torch.equal(out, c) and net.batches == [2]
+    both = GuidedDenoiser(den, cond, 4.0, interval=(0.1, 80.0))(x, sigma)
+    torch.testing.assert_close(both, u + 4.0 * (c - u))
+    half = GuidedDenoiser(den, cond, 4.0, interval=(1.0, 80.0))(x, sigma)
+    torch.testing.assert_close(half[0], (u + 4.0 * (c - u))[0])
+    torch.testing.assert_close(half[1], c[1])
+
+
 def test_dynamic_threshold_bounds_and_leaves_in_range_values() -> None:
     big = 3 * torch.randn(4, 3, 8, 8)
     out = dynamic_threshold(big, 0.995)

@@ -238,3 +238,14 @@ def test_interpolations_resolve_as_omegaconf_would(tmp_path: Path) -> None:
     src.write_text("a: '${nothing.here}'\n")
     with pytest.raises(ConfigError, match="names no key"):
         read_nemo_yaml(src)
+
+
+def test_an_imported_base_stage_trains_at_full_size(tmp_path: Path) -> None:
+    """params.yaml's demo trains its base stage at 32 px first (trainer.progressive); a NeMo
+    base config imported over it trains every step at its own 64 px, as NeMo does."""
+    out = tmp_path / "nemo-base64.yaml"
+    run = cli("--config", str(CONF / "base64-500m.yaml"), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert load_params(REPO / "params.yaml").stage("base64").trainer.progressive is not None
+    base = load_params(REPO / "params.yaml", profile_overrides([str(out)])).stage("base64")
+    assert base.trainer.progressive is None and not base.trainer.ema_warmup

@@ -126,6 +126,8 @@ def test_inference_pipeline_profile_drives_imagen_sample(
     assert cli_main(argv) == 0
     p = load_params(params, [f"{k}={v}" for k, v in _profile_items(profile)])
     assert p.sample.num_images == 4 and p.stage("sr256").sampling.guidance_scale == 8.0
+    base = p.stage("base64").sampling  # NeMo's sampler, not the demo's interval and sigma_min
+    assert base.guidance_interval is None and base.sigma_min == 0.002
     out = tmp_path / "nemo_out"
     args = ["--profile", str(profile), "-S", "sample.output_res=32", "-S", "sample.prompts=[a, b]"]
     assert sample(params, out, *args, "--steps", "1", "--batch-size", "8") == 0

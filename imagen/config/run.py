@@ -139,6 +139,11 @@ class SamplingConfig(_Strict):
     sampler: SamplerName | Literal["auto"] = "auto"
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
+    guidance_interval: tuple[float, float] | None = Field(
+        None,
+        description="[lo, hi]: guide only at noise levels lo < sigma <= hi, the conditional "
+        "prediction alone elsewhere (Kynkaanniemi et al. 2024; NeMo: every level)",
+    )
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0)
@@ -154,6 +159,13 @@ class SamplingConfig(_Strict):
         "auto", description="sigma discretisation; auto: karras for EDM, uniform t for DDPM"
     )
     eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 ancestral")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _ordered_interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
+        return v
 
 
 class StageConfig(_Strict):

@@ -71,6 +71,8 @@ class GuidedDenoiser:
     ``out = uncond + w (cond - uncond)`` where the conditional half runs with
     ``drop_text=False`` and the unconditional half with ``drop_text=True`` in ONE forward of
     batch 2B. ``w == 1`` runs only the conditional half, ``w == 0`` only the unconditional.
+    With ``interval = (lo, hi)`` the guidance applies only at noise levels lo < sigma <= hi and
+    the other levels take the conditional prediction alone (one forward of batch B).
     ``cond`` holds the net's keyword tensors (text_embed, text_mask, lowres, aug_level) with
     batch size B matching ``x``.
     """
@@ -82,10 +84,12 @@ class GuidedDenoiser:
         guidance_scale: float = 1.0,
         thresholding: Thresholding = "none",
         percentile: float = 0.995,
+        interval: tuple[float, float] | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.cond = {k: v for k, v in dict(cond or {}).items() if k != "drop_text"}
         self.guidance_scale = float(guidance_scale)
+        self.interval = interval
         self.thresholding = thresholding
         self.percentile = percentile
         self.nfe = 0  # network evaluations so far (a guided step counts once)
@@ -97,11 +101,18 @@ class GuidedDenoiser:
     def guided(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """The guided x0 prediction before thresholding."""
         sigma = batch_sigma(sigma, x)
-        w = self.guidance_scale
+        w: float | torch.Tensor = self.guidance_scale
+        if self.interval is not None:  # guide only on lo < sigma <= hi (Kynkaanniemi et al. 2024)
+            inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])  # (B,)
+            if not bool(inside.any()):
+                w = 1.0
+            elif not bool(inside.all()):
+                w = torch.where(inside, self.guidance_scale, 1.0).to(x.dtype)
+                w = w.reshape(-1, *([1] * (x.ndim - 1)))
         self.nfe += 1
-        if w == 1.0:
+        if isinstance(w, float) and w == 1.0:
             return self._single(x, sigma, drop=False)
-        if w == 0.0:
+        if isinstance(w, float) and w == 0.0:
             return self._single(x, sigma, drop=True)
         b = x.shape[0]
         drop_text = torch.arange(2 * b, device=x.device) >= b  # (2B,): False | True

@@ -316,7 +316,8 @@ def sample(
     thresholding = sampling.thresholding
     if thresholding == "dynamic" and sampling.dynamic_threshold is None:
         thresholding = "none"  # dynamic_threshold: null switches it off
-    denoise_fn = GuidedDenoiser(denoiser, cond, scale, thresholding, percentile)
+    interval = tuple(sampling.guidance_interval) if sampling.guidance_interval else None
+    denoise_fn = GuidedDenoiser(denoiser, cond, scale, thresholding, percentile, interval)
     like = torch.empty(0, device=device, dtype=dtype)
     x_T = randn(tuple(shape), like, generator) * sigmas[0]
     fn = SAMPLERS[sampling.sampler]

@@ -35,6 +35,10 @@ def _samplings(imp: Imported, cfg: dict[str, Any], prefix: str) -> None:
                 imp.put(full, item[key], path)
             else:
                 imp.error(path, full, f"needs a number, got {item[key]!r}")
+        # NeMo's sampler guides at every level down to sigma 0.002, whatever the demo sets
+        for key, value in (("guidance_interval", None), ("sigma_min", 0.002)):
+            imp.values[f"stages.{stage}.sampling.{key}"] = value
+            imp.origin[f"stages.{stage}.sampling.{key}"] = f"{prefix}samplings.{i} (NeMo's)"
         imp.done.add(f"{prefix}samplings.{i}")
 
 

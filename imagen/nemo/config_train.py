@@ -136,6 +136,9 @@ def map_trainer(imp: Imported, cfg: dict[str, Any]) -> None:
     if _has(cfg, "exp_manager.ema.decay"):  # NeMo's fixed decay, whatever params.yaml warms up
         imp.values[f"stages.{s}.trainer.ema_warmup"] = False
         imp.origin[f"stages.{s}.trainer.ema_warmup"] = "exp_manager.ema.decay"
+    # NeMo trains every step at the full size, whatever params.yaml's demo does first
+    imp.values[f"stages.{s}.trainer.progressive"] = None
+    imp.origin[f"stages.{s}.trainer.progressive"] = "NeMo's training (full size throughout)"
     _resume(imp, cfg, s)
     _keep(imp, cfg, s)
 
