@@ -271,3 +271,19 @@ def test_lightning_trains_the_progressive_steps_small(in_project: Params, tmp_pa
     trainer = build_trainer(st, tmp_path, [Shapes()], logger=False)
     trainer.fit(ImagenStage(st), datamodule=ImagenDataModule(in_project, st))
     assert seen == [(4, 3, 32, 32)] * 2 + [(2, 3, 64, 64)] * 2
+
+
+def test_the_training_order_is_the_same_on_every_run(in_project: Params) -> None:
+    """The shuffle buffer is seeded (trainer.seed + data.seed): two runs draw the same samples
+    in the same order, and another seed draws another order."""
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size = 4
+
+    def keys(stage: StageConfig) -> list[str]:
+        loader = ImagenDataModule(in_project, stage).train_dataloader()
+        return [k for b in itertools.islice(iter(loader), 3) for k in b["key"]]
+
+    first = keys(st)
+    assert keys(st) == first
+    st.trainer.seed += 1
+    assert keys(st) != first

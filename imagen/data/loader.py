@@ -87,7 +87,8 @@ class ShardStream(IterableDataset):
     """Raw webdataset samples of a set of shards, split across ranks and workers.
 
     ``epochs=None`` repeats forever. The shard order of each epoch is shuffled with
-    ``seed + epoch`` (identical on every rank, so the split stays disjoint) when ``shuffle``.
+    ``seed + epoch`` (identical on every rank, so the split stays disjoint) when ``shuffle``;
+    the sample shuffle buffer is seeded by (seed, epoch, rank and worker).
     """
 
     def __init__(
@@ -129,8 +130,9 @@ class ShardStream(IterableDataset):
             src: Any = wds.tarfile_to_samples()(dict(url=u) for u in urls)
             if by_sample:
                 src = (s for i, s in enumerate(src) if i % streams == index)
-            if self.buffer > 1:
-                src = wds.shuffle(self.buffer, initial=min(self.buffer, 100))(src)
+            if self.buffer > 1:  # seeded per (seed, epoch, stream): a rerun sees the same order
+                seed = (self.seed * 1_000_003 + epoch) * 1009 + index
+                src = wds.shuffle(self.buffer, initial=min(self.buffer, 100), seed=seed)(src)
             yield from src
 
 
