@@ -213,6 +213,13 @@ class StageConfig(_Strict):
         p = self.trainer.progressive
         return p.resolution if p is not None and step < p.steps else None
 
+    def step_batch_size(self, step: int) -> int:
+        """Images optimiser step ``step`` trains on (the progressive batch during its steps)."""
+        p = self.trainer.progressive
+        if p is not None and p.batch_size and step < p.steps:
+            return p.batch_size
+        return self.trainer.batch_size
+
     @property
     def loader_batch_size(self) -> int:
         """Images per loader batch: the larger of the full-size and progressive batches."""

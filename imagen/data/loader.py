@@ -320,11 +320,9 @@ def progressive_batch(stage: StageConfig, batch: dict[str, Any], step: int) -> d
     """The part of a training batch that optimiser step ``step`` trains on
     (``trainer.progressive``): its first batch-size examples, and during the progressive steps
     the images downsampled (area average) to the progressive resolution."""
-    p = stage.trainer.progressive
-    if p is None:
+    if stage.trainer.progressive is None:
         return batch
-    low = stage.progressive_resolution(step)
-    n = (p.batch_size or stage.trainer.batch_size) if low else stage.trainer.batch_size
+    low, n = stage.progressive_resolution(step), stage.step_batch_size(step)
     if len(batch["image"]) > n:
         batch = {k: v[:n] for k, v in batch.items()}
     if low:

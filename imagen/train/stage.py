@@ -101,7 +101,7 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
             _say(f"every step trains at {p.resolution} px (trainer.progressive.steps {p.steps} "
                  f">= max_steps {t.max_steps}); none at {size} px")  # fmt: skip
         else:
-            _say(f"steps 1-{p.steps} train at {p.resolution} px, {p.batch_size or t.batch_size} "
+            _say(f"steps 1-{p.steps} train at {p.resolution} px, {stage.step_batch_size(0)} "
                  f"images a step (trainer.progressive); the rest at {size} px")  # fmt: skip
 
 
