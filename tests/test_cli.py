@@ -75,7 +75,7 @@ def test_the_learn_profile_resolves_to_its_documented_recipe(tmp_path: Path) -> 
     assert params.conditioning.encoder.tokenizer == "word"
     assert base.model.unet.image_size == 32 and params.data.image_size == 64
     assert (base.model.preconditioning.p_mean, base.model.preconditioning.p_std) == (0.5, 1.5)
-    assert (base.trainer.batch_size, base.trainer.max_steps) == (32, 7000)
+    assert (base.trainer.batch_size, base.trainer.max_steps) == (32, 8000)
     assert base.trainer.progressive is None  # the demo's 32 px steps would be its own size
     assert params.data.shards_dir == "data/learn/shards" and params.models_dir == "models/learn"
     bad = tmp_path / "bad.yaml"
