@@ -1,6 +1,7 @@
 """The Prefect flow "imagen" (deployment "cascade-train"): the cascade's DVC stages as tasks.
 
-One task per stage (ingest, precache, train@base64, train@sr256, train@sr1024, evaluate), each
+One task per stage (ingest, precache, train@base64, train@sr256, train@sr1024, evaluator,
+evaluate), each
 running ``dvc repro --single-item <stage>`` in the project, so DVC decides what is stale and
 cached work is skipped exactly as with ``dvc repro``. Each task streams the stage's output
 lines into the Prefect run log and retries after a transient failure (a configuration error is
@@ -133,6 +134,7 @@ def run_stage(stage: str, root: str, parent_run_id: str | None) -> dict[str, Any
 def _metrics(root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     files = [("evaluate", root / "reports" / "metrics.json")]
+    files += [("evaluator", root / "models" / "evaluator" / "metrics.json")]
     files += [(f"train@{s}", root / "models" / s / "metrics.json") for s in STAGES]
     for prefix, path in files:
         if not path.is_file():
@@ -193,7 +195,7 @@ def imagen_flow(
     project_dir: str | None = None,
     mlflow_ui: str = DEFAULT_UI,
 ) -> dict[str, Any]:
-    """Run the Imagen cascade (ingest -> precache -> base64 -> sr256 -> sr1024 -> evaluate)
+    """Run the Imagen cascade (ingest -> precache -> base64 -> sr256 -> sr1024 -> evaluator -> evaluate)
     through DVC, under one MLflow parent run.
 
     Args:

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list a stage's checkpoints: step, time, size, settings that differ",
     ),
     "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
+    "evaluator": (
+        "imagen.evaluate.dual_stage",
+        "train the offline image-text evaluator (dual encoder) on the training split",
+    ),
     "evaluate": ("imagen.evaluate.stage", "FID-CLIP sweep over guidance scales; register models"),
     "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
     "import-nemo": ("imagen.nemo.load", "turn a NeMo .nemo / .ckpt into a stage model"),

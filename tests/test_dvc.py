@@ -24,6 +24,7 @@ ENTRY = {
     "ingest": "imagen.data.ingest",
     "precache": "imagen.data.precache",
     "train": "imagen.train",
+    "evaluator": "imagen.evaluate.dual_stage",
     "evaluate": "imagen.evaluate.stage",
 }
 NOT_OUTPUT = ("imagen.mlops", "imagen.cli")

@@ -32,6 +32,7 @@ from imagen.config.model import (
 from imagen.config.run import (
     DataConfig,
     EvaluateConfig,
+    EvaluatorConfig,
     KeepConfig,
     MlflowConfig,
     OptimConfig,
@@ -57,6 +58,7 @@ __all__ = [
     "EDMConfig",
     "EncoderConfig",
     "EvaluateConfig",
+    "EvaluatorConfig",
     "KeepConfig",
     "MlflowConfig",
     "ModelConfig",

@@ -311,6 +311,26 @@ class EvaluateConfig(_Strict):
     )
 
 
+class EvaluatorConfig(_Strict):
+    """``imagen evaluator``: the offline image-text dual encoder trained on the training split
+    (imagen.evaluate.dual), which gives the sweep its Frechet features and alignment scores for
+    any data set when no Inception / CLIP weights are configured."""
+
+    steps: int = Field(400, gt=0, description="optimiser steps (batches of batch_size pairs)")
+    batch_size: int = Field(64, gt=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    resolution: int = Field(64, gt=0, description="image size the image tower reads")
+    width: int = Field(16, ge=8, description="channels of the image tower's first conv")
+    embed_dim: int = Field(128, gt=0, description="joint embedding size")
+    max_images: int = Field(20000, gt=0, description="training pairs read at most")
+    quality_pairs: int = Field(
+        512, gt=1, description="held-out real pairs its own quality is measured on, at most"
+    )
+    seed: int = 0
+    out_dir: str = Field("models/evaluator", description="where evaluator.pt is written")
+
+
 class SampleConfig(_Strict):
     """``imagen sample`` defaults, as NeMo's inference_pipeline.yaml sets them; the command's
     options override them."""
@@ -356,6 +376,7 @@ class Params(BaseModel):
     data: DataConfig = DataConfig()
     stages: dict[str, StageConfig]
     evaluate: EvaluateConfig = EvaluateConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
     sample: SampleConfig = SampleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     models_dir: str = "models"

@@ -56,11 +56,14 @@ def _attributes_of(caption: str, given: dict | None) -> dict[str, str]:
     return {k: str(v) for k, v in found.items() if k in ATTRIBUTES and v in ATTRIBUTES[k]}
 
 
-def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
-    """``num`` held-out samples: from ``<shards_dir>/holdout-*.tar`` when ingest wrote them,
-    else from the embedded dataset's holdout split; images resized to ``resolution``."""
-    pattern = f"{params.data.shards_dir}/holdout-*.tar"
-    shards = sorted(str(p) for p in Path(params.data.shards_dir).glob("holdout-*.tar"))
+def read_split(
+    params: Params, split: str, num: int | None, resolution: int
+) -> tuple[list[str], list[dict[str, str]], list[Tensor], str]:
+    """Up to ``num`` (all when None) samples of ingest's ``<split>-*.tar`` shards: captions,
+    their embedded attributes and uint8 images at ``resolution``."""
+    folder = Path(params.data.shards_dir)
+    pattern = f"{folder}/{split}-*.tar"
+    shards = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
     captions: list[str] = []
     attrs: list[dict[str, str]] = []
     images: list[Tensor] = []
@@ -78,7 +81,15 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
             images.append(pil_to_uint8(Image.open(io.BytesIO(data)), resolution))
             if len(captions) == num:
                 break
-        source = f"{len(shards)} holdout shard(s) {pattern}"
+    return captions, attrs, images, f"{len(shards)} {split} shard(s) {pattern}"
+
+
+def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
+    """``num`` held-out samples: from ``<shards_dir>/holdout-*.tar`` when ingest wrote them,
+    else from the embedded dataset's holdout split; images resized to ``resolution``."""
+    pattern = f"{params.data.shards_dir}/holdout-*.tar"
+    if any(Path(params.data.shards_dir).glob("holdout-*.tar")):
+        captions, attrs, images, source = read_split(params, "holdout", num, resolution)
         if len(captions) < num:
             warnings.warn(
                 f"{pattern}: only {len(captions)} held-out samples (evaluate.num_images={num})",
@@ -87,6 +98,7 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
     else:
         from imagen.embedded.dataset import EmbeddedDataset
 
+        captions, attrs, images = [], [], []
         data = EmbeddedDataset(num, seed=params.data.seed, size=resolution, split="holdout")
         for item in data:
             captions.append(item["caption"])
@@ -96,4 +108,3 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
     if not captions:
         raise ConfigError(f"evaluate: no held-out samples found ({pattern} holds none)")
     return HeldOut(captions, attrs, torch.stack(images), source)
-

@@ -6,6 +6,11 @@
 - :class:`Alignment`: torchmetrics' CLIPScore with a local CLIP folder (``clip_score``), or
   the embedded evaluator's share of caption attributes read back from the image
   (``caption_agreement_embedded``).
+
+For any other data set, the offline dual encoder trained on the training split
+(:mod:`imagen.evaluate.dual`, the ``evaluator`` stage) gives both axes: ``fd_dual`` over its
+image features and ``caption_auc_dual`` (with ``clip_score_dual`` and caption retrieval
+``top1_dual`` / ``top5_dual`` beside). It is measured whenever it exists, on every data set.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ FD_EMBEDDED_LABEL = (
     "FD-embedded-evaluator (Frechet distance of embedded-evaluator features; not FID)"
 )
 AGREEMENT = "caption_agreement_embedded"
+FD_DUAL = "fd_dual"
+FD_DUAL_LABEL = "FD-dual-encoder (Frechet distance of the trained evaluator's image features)"
+AUC_DUAL = "caption_auc_dual"
 
 
 class Fidelity:
@@ -33,7 +41,14 @@ class Fidelity:
     The real images' statistics are computed once; :meth:`compute` takes one scale's images.
     """
 
-    def __init__(self, inception_path: str | None = None, feature: nn.Module | None = None):
+    def __init__(
+        self,
+        inception_path: str | None = None,
+        feature: nn.Module | None = None,
+        *,
+        name: str = FD_EMBEDDED,
+        label: str = FD_EMBEDDED_LABEL,
+    ):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if inception_path:
@@ -61,8 +76,15 @@ class Fidelity:
                 from imagen.embedded.evaluator import EmbeddedEvaluator
 
                 feature = EmbeddedEvaluator()
-            self.name, self.label = FD_EMBEDDED, FD_EMBEDDED_LABEL
+            self.name, self.label = name, label
             self.metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+
+    @classmethod
+    def dual(cls, model: nn.Module) -> Fidelity:
+        """The Frechet distance over the trained dual encoder's image features (``fd_dual``)."""
+        from imagen.evaluate.dual import DualImageFeatures
+
+        return cls(feature=DualImageFeatures(model), name=FD_DUAL, label=FD_DUAL_LABEL)
 
     def set_real(self, images: Tensor, batch_size: int = 64) -> None:
         """Real images, uint8 (N, 3, H, W)."""
@@ -128,24 +150,48 @@ def clip_model_loader(path: str | Path) -> Callable[[], tuple[nn.Module, Any]]:
 
 
 class Alignment:
-    """Caption-image alignment: CLIP score (torchmetrics) or the embedded caption agreement.
+    """Caption-image alignment, every score that can be measured, one of them the sweep's axis.
 
-    The embedded evaluator's per-attribute agreements are added whenever the captions name
-    embedded attributes.
+    - ``clip_score``: torchmetrics' CLIPScore, when ``clip_path`` names a local CLIP folder;
+    - ``caption_agreement_embedded`` (and one ``agreement_<attribute>`` each): the embedded
+      evaluator's reading of the attributes the captions name, whenever they name any;
+    - ``caption_auc_dual``, ``clip_score_dual``, ``top1_dual``, ``top5_dual``: the trained dual
+      encoder (``dual``), whenever it is given.
+
+    The axis (``name``) is the first available of CLIP score, the embedded agreement (when
+    ``embedded``: every caption names its attributes) and the dual encoder's AUC.
     """
 
-    def __init__(self, clip_path: str | None = None) -> None:
+    def __init__(
+        self,
+        clip_path: str | None = None,
+        *,
+        dual: nn.Module | None = None,
+        embedded: bool = True,
+    ) -> None:
         from imagen.embedded.evaluator import EmbeddedEvaluator
 
         self.evaluator = EmbeddedEvaluator()
         self.clip = None
+        self.dual = dual
         if clip_path:
             from torchmetrics.multimodal.clip_score import CLIPScore
 
             self.clip = CLIPScore(model_name_or_path=clip_model_loader(clip_path))
             self.name, self.label = "clip_score", "CLIP score (torchmetrics, 100 x cosine)"
-        else:
+        elif embedded:
             self.name, self.label = AGREEMENT, "caption agreement (embedded evaluator, 0..1)"
+        elif dual is not None:
+            self.name = AUC_DUAL
+            self.label = (
+                "caption AUC (trained dual encoder; own caption above others, 0.5 = chance)"
+            )
+        else:
+            raise ConfigError(
+                "evaluate: the held-out captions do not all name embedded attributes and there is "
+                "no trained evaluator to measure alignment with; run `imagen evaluator` (the DVC "
+                "stage `evaluator`) or set evaluate.clip_path to a local CLIP folder"
+            )
 
     def compute(
         self,
@@ -163,16 +209,28 @@ class Alignment:
             out["clip_score"] = float(self.clip.compute())
         if any(attributes):
             scores = self.evaluator.score(images, list(attributes))
-            agreement = float(scores.pop("agreement").nanmean())
-            out[AGREEMENT] = agreement
+            out[AGREEMENT] = float(scores.pop("agreement").nanmean())
             for name, values in scores.items():
                 if not torch.isnan(values).all():
                     out[f"agreement_{name}"] = float(values.nanmean())
-        elif self.clip is None:
-            raise ConfigError(
-                "evaluate: the held-out captions name no embedded attributes, so caption "
-                "agreement cannot be measured; set evaluate.clip_path to a local CLIP folder"
-            )
+        if self.dual is not None:
+            from imagen.evaluate.dual import alignment_scores, similarities
+
+            scores = alignment_scores(similarities(self.dual, images, captions), captions)
+            out[AUC_DUAL] = scores.pop("auc")
+            out.update({f"{k}_dual": v for k, v in scores.items() if not k.endswith("chance")})
+        return out
+
+    def chance(self, captions: Sequence[str]) -> dict[str, float]:
+        """Chance levels of the dual encoder's scores for these captions."""
+        if self.dual is None:
+            return {}
+        from imagen.evaluate.dual import chance_top_k
+
+        out = {AUC_DUAL: 0.5}
+        for k in (1, 5):
+            if k < len(captions):
+                out[f"top{k}_dual"] = round(chance_top_k(captions, k), 4)
         return out
 
 

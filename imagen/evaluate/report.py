@@ -44,7 +44,7 @@ def plot_fid_clip(result: SweepResult, best: dict[str, Any], path: str | Path) -
         label=f"best trade-off (w={best['guidance_scale']:g})",
     )
     ax.set_xlabel(result.alignment_label)
-    ax.set_ylabel(result.fidelity_label if result.fidelity == "fid" else "FD-embedded-evaluator")
+    ax.set_ylabel(result.fidelity_label.split(" (")[0])
     ax.set_title(
         f"{result.fidelity} vs {result.alignment} over guidance scales ({result.depth})", fontsize=9
     )
@@ -93,9 +93,13 @@ def write_reports(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
     with (out / "fid_clip.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["guidance_scale", result.fidelity, result.alignment])
+        # generic columns for dvc.yaml's plot, whatever measured them; then the named ones
+        writer.writerow(
+            ["guidance_scale", "fidelity", "alignment", result.fidelity, result.alignment]
+        )
         for r in result.rows:
-            writer.writerow([r["guidance_scale"], r[result.fidelity], r[result.alignment]])
+            f, a = r[result.fidelity], r[result.alignment]
+            writer.writerow([r["guidance_scale"], f, a, f, a])
     plot_fid_clip(result, best, out / "fid_clip.png")
     for w, images in result.samples.items():
         if len(images) == 0:

@@ -38,6 +38,37 @@ def trained_cascade(params: Params, models_dir: Path) -> Any:
     return Cascade.from_models_dir(models_dir, depth=last)
 
 
+def measures(params: Params, holdout: Any) -> tuple[Fidelity, list[Fidelity], Alignment]:
+    """The sweep's fidelity axis, the other distances beside it, and its alignment scores.
+
+    Whatever can be measured is: Inception FID / CLIP score when their weights are configured,
+    the embedded evaluator's distance and agreement for captions of the embedded grammar, and
+    the trained dual encoder (``evaluator.out_dir``) for every data set once it exists.
+    """
+    from imagen.evaluate.dual import load_dual
+    from imagen.evaluate.dual_stage import MODEL_FILE
+
+    cfg = params.evaluate
+    path = Path(params.evaluator.out_dir) / MODEL_FILE
+    dual = load_dual(path) if path.exists() else None
+    embedded = all(holdout.attributes)
+    if dual is None and not embedded and not cfg.clip_path:
+        raise FileNotFoundError(
+            f"{path}: no trained evaluator, and these held-out captions do not name the embedded "
+            "data's attributes, so nothing else can measure them; run `imagen evaluator` first "
+            "(`dvc repro` does), or set evaluate.clip_path to a local CLIP folder"
+        )
+    alignment = Alignment(cfg.clip_path, dual=dual, embedded=embedded)
+    if cfg.inception_path or embedded:
+        fidelity = Fidelity(cfg.inception_path)
+        extra = [Fidelity.dual(dual)] if dual is not None else []
+    elif dual is not None:
+        fidelity, extra = Fidelity.dual(dual), []
+    else:  # CLIP score without Inception: the embedded evaluator's distance is all there is
+        fidelity, extra = Fidelity(), []
+    return fidelity, extra, alignment
+
+
 def cascade_grid_report(
     params: Params, cascade: Any, captions: list[str], out: Path, progress: bool
 ) -> dict[str, Any]:
@@ -113,6 +144,15 @@ def beyond_the_sweep(
     return extra
 
 
+def evaluator_quality(params: Params) -> dict[str, Any]:
+    """The dual encoder's own held-out quality, as its stage measured it (metrics.json)."""
+    path = Path(params.evaluator.out_dir) / "metrics.json"
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text())
+    return {"heldout": found.get("heldout", {}), "training_pairs": found.get("training_pairs")}
+
+
 def log_sweep(run: Any, result: Any, best: dict[str, Any], out: Path) -> None:
     """Every scale as one step of the run's metrics, the best point, and the reports folder."""
     for i, row in enumerate(result.rows):
@@ -171,18 +211,23 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
     cascade = trained_cascade(params, models_dir)
-    fidelity = Fidelity(cfg.inception_path)
-    alignment = Alignment(cfg.clip_path)
     holdout = load_holdout(params, cfg.num_images, cascade.stages[cfg.depth].resolution)
+    fidelity, extra_fidelity, alignment = measures(params, holdout)
+    also = ", ".join(f.name for f in extra_fidelity)
     say(
         f"imagen evaluate: {len(cfg.guidance_scales)} guidance scales x {len(holdout)} images "
         f"at {cfg.depth} from {holdout.source}; {fidelity.name} / {alignment.name}"
+        + (f" (also {also})" if also else "")
     )
     if register_models is None:
         register_models = params.mlflow.register_models
     with stage_run(params, "evaluate", parent_run_id=parent_run_id) as run:
         common = dict(
-            steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed, batch_size=cfg.batch_size
+            steps=cfg.steps,
+            sampler=cfg.sampler,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            extra_fidelity=extra_fidelity,
         )
         result = sweep(
             cascade,
@@ -197,6 +242,9 @@ def evaluate(
             **common,
         )
         extra = {"steps": cfg.steps, "seed": cfg.seed}
+        if alignment.dual is not None:
+            extra["chance_dual"] = alignment.chance(holdout.captions)
+            extra["evaluator_quality"] = evaluator_quality(params)
         if cfg.depth == "base64":
             extra["untrained"] = untrained_reference(
                 cascade, holdout, fidelity, alignment, **common

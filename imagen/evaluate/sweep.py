@@ -40,6 +40,7 @@ def sweep(
     depth: str,
     fidelity: Fidelity,
     alignment: Alignment,
+    extra_fidelity: Sequence[Fidelity] = (),
     steps: int | None = None,
     sampler: str | None = None,
     seed: int = 0,
@@ -48,14 +49,16 @@ def sweep(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Generate ``holdout``'s captions at every guidance scale; fidelity + alignment each."""
+    """Generate ``holdout``'s captions at every guidance scale; fidelity + alignment each (and
+    every ``extra_fidelity`` distance beside the sweep's own)."""
     start = time.perf_counter()
     res = cascade.stages[depth].resolution
     real = holdout.images
     if real.shape[-1] != res:
         real = torch.nn.functional.interpolate(real.float(), size=(res, res), mode="area")
         real = real.round().clamp(0, 255).to(torch.uint8)
-    fidelity.set_real(real, batch_size)
+    for f in (fidelity, *extra_fidelity):
+        f.set_real(real, batch_size)
     real_sharpness = mean_abs_laplacian(real)
     result = SweepResult(depth, fidelity.name, fidelity.label, alignment.name, alignment.label)
     for w in scales:
@@ -72,6 +75,7 @@ def sweep(
         )[depth]
         fake = to_uint8(images)  # (N, 3, R, R)
         row = {"guidance_scale": float(w), fidelity.name: fidelity.compute(fake, batch_size)}
+        row.update({f.name: f.compute(fake, batch_size) for f in extra_fidelity})
         row.update(alignment.compute(fake, holdout.captions, holdout.attributes, batch_size))
         # clean samples ~1; residual sampling noise shows well above (same size as the real)
         row["sharpness"] = mean_abs_laplacian(fake) / max(real_sharpness, 1e-8)
@@ -129,6 +133,7 @@ def untrained_reference(
     fidelity: Fidelity,
     alignment: Alignment,
     *,
+    extra_fidelity: Sequence[Fidelity] = (),
     steps: int | None,
     sampler: str | None = None,
     seed: int,
@@ -151,6 +156,7 @@ def untrained_reference(
         depth="base64",
         fidelity=fidelity,
         alignment=alignment,
+        extra_fidelity=extra_fidelity,
         steps=steps,
         sampler=sampler,
         seed=seed,

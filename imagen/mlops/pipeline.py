@@ -38,7 +38,13 @@ from imagen.mlops.parent import (
 )
 
 # The stages of dvc.yaml, in pipeline order (train is a foreach over the cascade stages).
-DVC_STAGES: tuple[str, ...] = ("ingest", "precache", *(f"train@{s}" for s in STAGES), "evaluate")
+DVC_STAGES: tuple[str, ...] = (
+    "ingest",
+    "precache",
+    *(f"train@{s}" for s in STAGES),
+    "evaluator",
+    "evaluate",
+)
 
 # What `dvc repro` prints around each stage (DVC 3).
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
