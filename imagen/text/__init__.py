@@ -185,11 +185,11 @@ class TextEncoder:
     device: torch.device
     embed_dim: int
     family: str = "t5"
-    # run the encoder on the batch's longest caption only, then zero-pad to token_length: the
-    # same features (padding is masked out) for a fraction of the work when captions are far
-    # shorter than token_length. Off for the project's own built encoder, whose precached
-    # features stay bit-identical to those of earlier versions.
-    pad_to_longest: bool = False
+    # the project's own built encoder (BUILT_MARKER): it runs on token_length positions, so
+    # its precached features stay bit-identical to earlier versions'. Any other encoder runs on
+    # the batch's longest caption only and is zero-padded to token_length after: the same
+    # features (padding is masked out) for a fraction of the work on short captions.
+    built: bool = False
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +200,7 @@ class TextEncoder:
         """
         enc = self.tokenizer(
             list(captions),
-            padding="longest" if self.pad_to_longest else "max_length",
+            padding="max_length" if self.built else "longest",
             truncation=True,
             max_length=self.token_length,
             return_tensors="pt",
@@ -263,7 +263,7 @@ def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cp
         raise ConfigError(_missing_message(path))
     embed_dim, token_length = _check_sizes(cond, spec, path)
     try:  # a hub id resolves from the local cache (HF_HUB_OFFLINE=1) or downloads when online
-        model = spec.family.load(path)
+        model = spec.load_model()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         if local:
@@ -276,7 +276,7 @@ def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cp
     model = model.to(dev).eval().requires_grad_(False)
     built = (Path(path) / BUILT_MARKER).exists()
     return TextEncoder(
-        model, tokenizer, token_length, str(path), dev, embed_dim, spec.family.name, not built
+        model, tokenizer, token_length, str(path), dev, embed_dim, spec.family.name, built
     )
 
 

@@ -46,17 +46,38 @@ class EncoderFamily:
     name: str
     model_types: tuple[str, ...]
     model_class: str  # a transformers class with from_pretrained
+    # architectures (config.json) loaded with their own class, so that no weight goes unused
+    own_class: tuple[str, ...] = ()
+    # architectures whose checkpoint holds more than the text encoder (CLIP's vision tower):
+    # those weights are left out on purpose, so transformers' report of them is not shown
+    partial: tuple[str, ...] = ()
 
-    def load(self, path: str) -> Any:
+    def load(self, path: str, architectures: list[str] | None = None) -> Any:
         """The encoder model of the folder or cached hub id ``path`` (eval mode)."""
         import transformers
+        from transformers.utils import logging as hf_logging
 
-        return getattr(transformers, self.model_class).from_pretrained(path).eval()
+        arch = list(architectures or [])
+        name = next((a for a in arch if a in self.own_class), self.model_class)
+        quiet = any(a in self.partial for a in arch)
+        level = hf_logging.get_verbosity()
+        if quiet:
+            hf_logging.set_verbosity_error()
+        try:
+            return getattr(transformers, name).from_pretrained(path).eval()
+        finally:
+            hf_logging.set_verbosity(level)
 
 
 FAMILIES: tuple[EncoderFamily, ...] = (
     EncoderFamily("t5", ("t5", "mt5", "umt5"), "T5EncoderModel"),
-    EncoderFamily("clip", ("clip", "clip_text_model"), "CLIPTextModel"),
+    EncoderFamily(
+        "clip",
+        ("clip", "clip_text_model"),
+        "CLIPTextModel",
+        own_class=("CLIPTextModelWithProjection",),
+        partial=("CLIPModel",),
+    ),
     EncoderFamily(
         "bert-like",
         (
@@ -173,6 +194,11 @@ class EncoderSpec:
     width_key: str
     embed_dim: int
     max_tokens: int | None  # None: no bound (T5)
+    architectures: tuple[str, ...] = ()
+
+    def load_model(self) -> Any:
+        """The encoder model (eval mode) of this folder."""
+        return self.family.load(self.path, list(self.architectures))
 
     def default_token_length(self) -> int:
         """NeMo's 128, or fewer where the encoder takes fewer (CLIP: 77)."""
@@ -197,7 +223,8 @@ def inspect_encoder(path: str) -> EncoderSpec | None:
     if isinstance(limit, int | float) and 0 < limit < _UNBOUNDED:
         bounds.append(int(limit))
     known = [b for b in bounds if b]
-    return EncoderSpec(path, family, key, width, min(known) if known else None)
+    arch = tuple(str(a) for a in config.get("architectures") or [])
+    return EncoderSpec(path, family, key, width, min(known) if known else None, arch)
 
 
 def _missing_width(path: str) -> ConfigError:
