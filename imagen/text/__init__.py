@@ -229,8 +229,8 @@ def _check_sizes(cond: ConditioningConfig, spec: EncoderSpec, path: str) -> tupl
     if cond.embed_dim is not None and cond.embed_dim != spec.embed_dim:
         raise ConfigError(
             f"model.conditioning.embed_dim: is {cond.embed_dim} but the {name} at {path!r} "
-            f"has {spec.width_key} {spec.embed_dim}; set embed_dim to {spec.embed_dim} or leave "
-            "it unset to read it from the folder (t5-v1_1-xxl: 4096, t5-large: 1024)"
+            f"has {spec.width_key} {spec.embed_dim}; set embed_dim to {spec.embed_dim}, or unset "
+            "(null) to read it from the folder (t5-v1_1-xxl: 4096, t5-large: 1024)"
         )
     length = cond.token_length or spec.default_token_length()
     if spec.max_tokens is not None and length > spec.max_tokens:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagen.config import ConfigError
+from imagen.config import ConditioningConfig, ConfigError
 
 KEY = "model.conditioning.encoder_path"
 MINILM = "minilm"  # alias of the packaged all-MiniLM-L6-v2
@@ -167,15 +167,19 @@ def family_of(config: dict[str, Any], path: str) -> EncoderFamily:
     )
 
 
-def hidden_width(config: dict[str, Any]) -> tuple[str, int]:
-    """(key it was read from, width) of a config: d_model, hidden_size or text_config's."""
-    for key in ("d_model", "hidden_size"):
+def hidden_width(config: dict[str, Any], path: str = "") -> tuple[str, int]:
+    """(key it was read from, width) of a config: d_model (T5), hidden_size (BERT, a CLIP text
+    tower), dim (DistilBERT) or text_config.hidden_size (a whole CLIP model)."""
+    for key in ("d_model", "hidden_size", "dim"):
         if isinstance(config.get(key), int):
             return key, int(config[key])
     text = config.get("text_config")
     if isinstance(text, dict) and isinstance(text.get("hidden_size"), int):
         return "text_config.hidden_size", int(text["hidden_size"])
-    raise ConfigError(f"{KEY}: its config.json names no width (d_model or hidden_size)")
+    raise ConfigError(
+        f"{KEY}: the config.json of {path!r} names no width (d_model, hidden_size, dim or "
+        "text_config.hidden_size)"
+    )
 
 
 def _positions(config: dict[str, Any]) -> int | None:
@@ -216,7 +220,7 @@ def inspect_encoder(path: str) -> EncoderSpec | None:
     if config is None:
         return None
     family = family_of(config, path)
-    key, width = hidden_width(config)
+    key, width = hidden_width(config, path)
     bounds = [_positions(config)]
     tok = read_json(path, "tokenizer_config.json") or {}
     limit = tok.get("model_max_length")
@@ -235,7 +239,7 @@ def _missing_width(path: str) -> ConfigError:
     )
 
 
-def fill_from_folder(cond: Any) -> None:
+def fill_from_folder(cond: ConditioningConfig) -> None:
     """Set a ``ConditioningConfig``'s unset ``embed_dim`` / ``token_length`` from the encoder
     folder it names (not the project's own, built one): width, and NeMo's 128 tokens or fewer
     where the encoder takes fewer. An unreadable folder leaves token_length at 128 and is an
@@ -246,7 +250,7 @@ def fill_from_folder(cond: Any) -> None:
     spec = inspect_encoder(path)
     if spec is None and cond.embed_dim is None:
         raise _missing_width(cond.encoder_path)
-    if cond.embed_dim is None:
+    if spec is not None and cond.embed_dim is None:
         cond.embed_dim = spec.embed_dim
     if cond.token_length is None:
         cond.token_length = spec.default_token_length() if spec else DEFAULT_TOKEN_LENGTH
