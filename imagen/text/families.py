@@ -134,10 +134,12 @@ def _cached_file(path: str, name: str) -> Path | None:
     if Path(path).exists() or path.count("/") > 1 or os.path.isabs(path):
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
         got = try_to_load_from_cache(path, name)
-    except Exception:  # not a valid repo id
+        if not isinstance(got, str) and not constants.HF_HUB_OFFLINE:
+            got = hf_hub_download(path, name)  # online (never under the imagen command)
+    except Exception:  # not a repo id, not on the hub, no network
         return None
     return Path(got) if isinstance(got, str) else None
 
