@@ -16,8 +16,8 @@ import webdataset as wds
 from tiny import imagen, make_project
 
 from imagen.config import ConditioningConfig, ConfigError, deep_merge, resolve_params
+from imagen.config.encoders import fill_from_folder, packaged_minilm
 from imagen.text import load_text_encoder
-from imagen.text.families import fill_from_folder, packaged_minilm
 
 CAPTIONS = ["a red apple", "a red fruit", "a steam locomotive", "the quick brown fox jumps"]
 CORPUS = [

@@ -62,7 +62,7 @@ class ConditioningConfig(_Strict):
     encoder_path: str = Field(
         DEFAULT_ENCODER_PATH,
         description="a text-encoder folder or cached hub id (T5, CLIP text, BERT-like; "
-        "imagen.text.families), 'minilm' for the packaged all-MiniLM-L6-v2; the default is "
+        "imagen.config.encoders), 'minilm' for the packaged all-MiniLM-L6-v2; the default is "
         "built here",
     )
     encoder: EncoderConfig = EncoderConfig()
@@ -78,7 +78,7 @@ class ConditioningConfig(_Strict):
     @model_validator(mode="after")
     def _own_width(self) -> ConditioningConfig:
         # the embedded default's width is its d_model; another folder's is read from it when
-        # the params are resolved (imagen.text.families.fill_from_folder)
+        # the params are resolved (imagen.config.encoders.fill_from_folder)
         if self.embed_dim is None and self.encoder_path == DEFAULT_ENCODER_PATH:
             object.__setattr__(self, "embed_dim", self.encoder.d_model)
         return self

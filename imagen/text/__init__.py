@@ -7,7 +7,7 @@ Imagen conditions every UNet on the token embeddings of a frozen T5 encoder (Sah
   ``save_pretrained``) or a hub id already in the local Hugging Face cache (for example
   ``google/t5-v1_1-xxl``): a T5 (``T5EncoderModel``, as NeMo), CLIP's text tower
   (``CLIPTextModel``) or a BERT-like sentence encoder (``AutoModel``), chosen from its
-  ``config.json`` by :mod:`imagen.text.families`, with ``AutoTokenizer``; the features are the
+  ``config.json`` by :mod:`imagen.config.encoders`, with ``AutoTokenizer``; the features are the
   encoder's ``last_hidden_state``. ``minilm`` names the packaged all-MiniLM-L6-v2.
 - ``encoder_path`` is the project's own folder (default ``data/encoder``) and does not exist:
   a small T5 v1.1-style encoder is built from ``model.conditioning.encoder`` with a fixed seed
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from imagen.config import ConditioningConfig, ConfigError
-from imagen.text.families import KEY, EncoderSpec, expand_alias, inspect_encoder
+from imagen.config.encoders import KEY, EncoderSpec, expand_alias, inspect_encoder
 
 DEFAULT_ENCODER_PATH: str = ConditioningConfig.model_fields["encoder_path"].default
 BUILT_MARKER = "imagen_encoder.json"  # written beside a built default encoder
@@ -222,6 +222,20 @@ class TextEncoder:
         return [embeds[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
 
 
+def _load_model(spec: EncoderSpec) -> Any:
+    """The encoder model (eval mode) of ``spec``'s folder or cached hub id."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if spec.partial:  # CLIP's vision tower is left out on purpose: no report of its weights
+        hf_logging.set_verbosity_error()
+    try:
+        return getattr(transformers, spec.model_class).from_pretrained(spec.path).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _check_sizes(cond: ConditioningConfig, spec: EncoderSpec, path: str) -> tuple[int, int]:
     """(embed_dim, token_length): the configured values, or the folder's when unset; a
     configured value the encoder cannot give is a ConfigError."""
@@ -245,7 +259,7 @@ def _check_sizes(cond: ConditioningConfig, spec: EncoderSpec, path: str) -> tupl
 def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cpu") -> TextEncoder:
     """Load the encoder named by ``cond.encoder_path`` (building the embedded default).
 
-    The folder's ``config.json`` picks how it loads (:data:`imagen.text.families.FAMILIES`).
+    The folder's ``config.json`` picks how it loads (:data:`imagen.config.encoders.FAMILIES`).
     Raises :class:`ConfigError` when the encoder cannot be found (saying how to provide one),
     is not a supported text encoder, or its width differs from ``model.conditioning.embed_dim``
     (or its token limit is below ``token_length``).
@@ -263,7 +277,7 @@ def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cp
         raise ConfigError(_missing_message(path))
     embed_dim, token_length = _check_sizes(cond, spec, path)
     try:  # a hub id resolves from the local cache (HF_HUB_OFFLINE=1) or downloads when online
-        model = spec.load_model()
+        model = _load_model(spec)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         if local:

