@@ -147,13 +147,15 @@ def test_word_tokenizer_setting_is_moot_with_a_real_t5_folder(tmp_path):
     real T5 (a folder without the built-encoder marker) for a caption folder is accepted."""
     t5 = tmp_path / "t5-large"
     t5.mkdir()
-    (t5 / "config.json").write_text("{}")
+    (t5 / "config.json").write_text('{"model_type": "t5", "d_model": 1024}')
     raw = {
         **base(),
         "data": {"source": "folder", "source_path": "photos"},
         "model": {"conditioning": {"encoder_path": str(t5), "encoder": {"tokenizer": "word"}}},
     }
-    assert resolve_params(raw).conditioning.encoder_path == str(t5)
+    cond = resolve_params(raw).conditioning
+    assert cond.encoder_path == str(t5)
+    assert (cond.embed_dim, cond.token_length) == (1024, 128)  # unset: read from the folder
 
 
 def test_tokenizer_and_token_length_follow_the_data_source():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,39 @@ def test_folder_holds_out_exactly_num_holdout(tmp_path: Path) -> None:
     held = read_shards(tmp_path / "shards", "holdout")
     classes = {s["txt"].decode()[-1] for s in held.values()}
     assert len(classes) >= 5, classes
+
+
+def _keys_in_shard_order(folder: Path, split: str = "train") -> list[str]:
+    return [
+        s["__key__"]
+        for shard in sorted(folder.glob(f"{split}-*.tar"))
+        for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ]
+
+
+def test_folder_sorted_by_kind_gives_mixed_shards_fixed_by_the_seed(tmp_path: Path) -> None:
+    """40 files a_* then 40 b_*: every shard holds both kinds (no run of one kind), the order
+    and the held-out set are the same for the same seed and differ for another."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for kind in "ab":
+        for i in range(40):
+            (src / f"{kind}_{i:02d}.png").write_bytes(_png(_noise((32, 32), seed=i)))
+            (src / f"{kind}_{i:02d}.txt").write_text(f"kind {kind}")
+
+    def run(seed: int, out: str) -> tuple[list[str], list[str]]:
+        cfg = _cfg(tmp_path, source="folder", source_path=str(src), num_holdout=8, seed=seed)
+        cfg = cfg.model_copy(update={"samples_per_shard": 8, "shards_dir": str(tmp_path / out)})
+        ingest(cfg, progress=False, log=lambda _m: None)  # files would come a_00 .. b_39
+        folder = tmp_path / out
+        return _keys_in_shard_order(folder), _keys_in_shard_order(folder, "holdout")
+
+    train, held = run(0, "s0")
+    assert len(train) == 72 and len(held) == 8 and not set(train) & set(held)
+    for i in range(0, 72, 8):  # each shard of 8 mixes both kinds
+        assert {k[0] for k in train[i : i + 8]} == {"a", "b"}, train[i : i + 8]
+    longest = max(len(list(run_)) for _, run_ in groupby(k[0] for k in train))
+    assert longest <= 8, longest
+    assert run(0, "again") == (train, held)  # deterministic, held-out set included
+    other, other_held = run(1, "s1")
+    assert other != train and sorted(other + other_held) == sorted(train + held)

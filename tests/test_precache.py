@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,23 @@ def _save(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def test_own_captions_on_the_stand_in_encoder_get_a_note(project: Path) -> None:
+    """A caption folder encoded by the built random T5 is told how to use a real encoder."""
+    from PIL import Image
+
+    src = project / "photos"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 40, 200)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"photo number {i}")
+    params = make_params(project, {"source": "folder", "source_path": str(src), "num_holdout": 1})
+    ingest(params.data, progress=False, log=lambda _m: None)
+    said: list[str] = []
+    precache(params, progress=False, log=said.append)
+    assert any("encoder_path to minilm" in m for m in said), said
+    said.clear()
+    shutil.rmtree(project / "data" / "encoder")  # the embedded captions' one reads words
+    precache(make_params(project), progress=False, log=said.append)  # embedded: no note
+    assert not any("minilm" in m for m in said)

@@ -9,9 +9,11 @@ blocks hold defaults shared by all stages (a stage's keys win).
 - :mod:`imagen.config.model`  one stage's ``model`` block (conditioning, UNet, preconditioning)
 - :mod:`imagen.config.run`    trainer, sampling, data, evaluation, MLflow; the resolved Params
 - :mod:`imagen.config.load`   reading, merging, presets, validation (:func:`load_params`)
+- :mod:`imagen.config.encoders` the text encoders encoder_path may name, what a folder says
 
-This package does no model maths and reads no file but the params file it is given; the UNet
-tables live in :mod:`imagen.presets`.
+This package does no model maths and reads no file but the params file it is given and, for an
+unset ``embed_dim`` / ``token_length``, the text encoder folder's JSON config; the UNet tables
+live in :mod:`imagen.presets`.
 """
 
 from imagen.config.base import STAGE_RESOLUTIONS, STAGES, ConfigError, StageName

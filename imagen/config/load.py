@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from imagen.config.base import STAGE_RESOLUTIONS, ConfigError
+from imagen.config.encoders import fill_from_folder
 from imagen.config.model import DEFAULT_ENCODER_PATH, validate_unet
 from imagen.config.run import Params, StageConfig, StageOverride
 from imagen.presets import PRESETS
@@ -149,9 +150,10 @@ def _fill_text_defaults(params: Params) -> None:
         cond = sc.model.conditioning
         if cond.encoder.tokenizer == "auto":
             cond.encoder.tokenizer = "word" if source == "embedded" else "byt5"
-        if cond.token_length is None:
-            own = cond.encoder_path == DEFAULT_ENCODER_PATH
-            cond.token_length = _TOKEN_LENGTH[cond.encoder.tokenizer] if own else 128
+        if cond.encoder_path != DEFAULT_ENCODER_PATH:
+            fill_from_folder(cond)  # unset embed_dim / token_length: what the folder says
+        elif cond.token_length is None:
+            cond.token_length = _TOKEN_LENGTH[cond.encoder.tokenizer]
     cond = params.conditioning
     own_word = cond.encoder.tokenizer == "word" and cond.encoder_path == DEFAULT_ENCODER_PATH
     if source != "embedded" and own_word:

@@ -42,19 +42,28 @@ class EncoderConfig(_Strict):
 class ConditioningConfig(_Strict):
     """NeMo's ``model.conditioning`` block."""
 
-    embed_dim: int = Field(256, gt=0, description="text feature dim after encoding (T5: 1024/4096)")
+    embed_dim: int | None = Field(
+        None,
+        gt=0,
+        description="text feature width after encoding (t5-v1_1-xxl: 4096, minilm: 384); unset: "
+        "encoder.d_model for the embedded default, else read from the encoder_path folder",
+    )
     token_length: int | None = Field(
         None,
         gt=0,
         description="precached features are padded/trimmed to this; unset: 24 for the word "
-        "tokenizer, 128 (NeMo's value) for bytes or a real T5",
+        "tokenizer, 128 (NeMo's value) for bytes or a real encoder, or fewer where the "
+        "encoder takes fewer (CLIP: 77)",
     )
     drop_rate: float = Field(0.1, ge=0.0, le=1.0, description="classifier-free guidance text drop")
     precached_key: str = "embeddings_t5_xxl"
     out_key: str = "t5_text"
     online_encoding: bool = False
     encoder_path: str = Field(
-        DEFAULT_ENCODER_PATH, description="T5 folder; the default is built here"
+        DEFAULT_ENCODER_PATH,
+        description="a text-encoder folder or cached hub id (T5, CLIP text, BERT-like; "
+        "imagen.config.encoders), 'minilm' for the packaged all-MiniLM-L6-v2; the default is "
+        "built here",
     )
     encoder: EncoderConfig = EncoderConfig()
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -65,6 +74,14 @@ class ConditioningConfig(_Strict):
         if v.strip() in {"", "???"}:
             raise ValueError("must name a T5 folder or hub id (NeMo's '???' placeholder is unset)")
         return v
+
+    @model_validator(mode="after")
+    def _own_width(self) -> ConditioningConfig:
+        # the embedded default's width is its d_model; another folder's is read from it when
+        # the params are resolved (imagen.config.encoders.fill_from_folder)
+        if self.embed_dim is None and self.encoder_path == DEFAULT_ENCODER_PATH:
+            object.__setattr__(self, "embed_dim", self.encoder.d_model)
+        return self
 
 
 # --------------------------------------------------------------------------------------------

