@@ -195,8 +195,8 @@ def imagen_flow(
     project_dir: str | None = None,
     mlflow_ui: str = DEFAULT_UI,
 ) -> dict[str, Any]:
-    """Run the Imagen cascade (ingest -> precache -> base64 -> sr256 -> sr1024 -> evaluator -> evaluate)
-    through DVC, under one MLflow parent run.
+    """Run the Imagen cascade (ingest -> precache -> base64 -> sr256 -> sr1024 -> evaluator ->
+    evaluate) through DVC, under one MLflow parent run.
 
     Args:
         overrides: params.yaml values to set first, e.g. {"stages.base64.trainer.max_steps": 50}.
