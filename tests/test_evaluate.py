@@ -229,7 +229,8 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
         assert Image.open(reports / f"sr_{name}.png").size[0] > 7 * 256
     assert saved["untrained"][FD_EMBEDDED] > 0
     rows = list(csv.reader((reports / "fid_clip.csv").open()))
-    assert rows[0] == ["guidance_scale", FD_EMBEDDED, AGREEMENT] and len(rows) == 3
+    assert rows[0] == ["guidance_scale", "fidelity", "alignment", FD_EMBEDDED, AGREEMENT]
+    assert len(rows) == 3
     assert "FID" not in rows[0]
     for name in ("fid_clip.png", "cascade.png", "grids/scale_1.png", "grids/scale_4.png"):
         assert Image.open(reports / name).size[0] > 100

@@ -111,6 +111,7 @@ TOY: dict[str, Any] = {
         "sr_pairs": 2,
         "sr_tiles": 0,
     },
+    "evaluator": {"steps": 20, "batch_size": 8, "resolution": 16, "width": 8, "quality_pairs": 8},
 }
 # What the whole-pipeline tests train: two steps a stage, a checkpoint after each.
 FAST_STAGES = {

@@ -328,7 +328,9 @@ class EvaluatorConfig(_Strict):
         512, gt=1, description="held-out real pairs its own quality is measured on, at most"
     )
     seed: int = 0
-    out_dir: str = Field("models/evaluator", description="where evaluator.pt is written")
+    out_dir: str | None = Field(
+        None, description="where evaluator.pt is written (default: <models_dir>/evaluator)"
+    )
 
 
 class SampleConfig(_Strict):
@@ -385,6 +387,11 @@ class Params(BaseModel):
     def conditioning(self) -> ConditioningConfig:
         """Text conditioning shared by all stages (precache writes one set of embeddings)."""
         return next(iter(self.stages.values())).model.conditioning
+
+    @property
+    def evaluator_dir(self) -> str:
+        """Where the offline evaluator (``imagen evaluator``) is written and read."""
+        return self.evaluator.out_dir or f"{self.models_dir}/evaluator"
 
     def stage(self, name: str) -> StageConfig:
         if name not in self.stages:

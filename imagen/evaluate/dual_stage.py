@@ -2,7 +2,7 @@
 
 Reads ingest's ``train-*.tar`` shards (the 64 px copies), trains :class:`DualEncoder`
 contrastively, measures its own quality on the held-out real pairs (``holdout-*.tar``) and writes
-``<evaluator.out_dir>/evaluator.pt`` and ``metrics.json``. The run is logged to MLflow as the
+``<models_dir>/evaluator/evaluator.pt`` and ``metrics.json``. The run is logged to MLflow as the
 stage ``evaluator``. ``imagen evaluate`` then uses it for every data set's Frechet distance and
 alignment scores (``*_dual``) beside whatever else it can measure.
 """
@@ -79,7 +79,7 @@ def train_dual(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         now = time.perf_counter()
         if now - last >= every_s or step + 1 == cfg.steps:
             rate = (step + 1) * bs / (now - t0)
@@ -104,7 +104,7 @@ def train_evaluator(
     from imagen.mlops.tracking import stage_run
 
     cfg = params.evaluator
-    out = Path(cfg.out_dir)
+    out = Path(params.evaluator_dir)
     t0 = time.perf_counter()
     captions, _, images, source = read_split(params, "train", cfg.max_images, cfg.resolution)
     if len(captions) < 2:

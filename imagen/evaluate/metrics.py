@@ -154,7 +154,8 @@ class Alignment:
 
     - ``clip_score``: torchmetrics' CLIPScore, when ``clip_path`` names a local CLIP folder;
     - ``caption_agreement_embedded`` (and one ``agreement_<attribute>`` each): the embedded
-      evaluator's reading of the attributes the captions name, whenever they name any;
+      evaluator's reading of the attributes the captions name, for the embedded data's captions
+      (``embedded``: every caption names its attributes; a user's "red apple" is not read);
     - ``caption_auc_dual``, ``clip_score_dual``, ``top1_dual``, ``top5_dual``: the trained dual
       encoder (``dual``), whenever it is given.
 
@@ -174,6 +175,7 @@ class Alignment:
         self.evaluator = EmbeddedEvaluator()
         self.clip = None
         self.dual = dual
+        self.embedded = embedded
         if clip_path:
             from torchmetrics.multimodal.clip_score import CLIPScore
 
@@ -207,7 +209,7 @@ class Alignment:
             for i in range(0, len(images), batch_size):
                 self.clip.update(images[i : i + batch_size], list(captions[i : i + batch_size]))
             out["clip_score"] = float(self.clip.compute())
-        if any(attributes):
+        if self.embedded and any(attributes):
             scores = self.evaluator.score(images, list(attributes))
             out[AGREEMENT] = float(scores.pop("agreement").nanmean())
             for name, values in scores.items():

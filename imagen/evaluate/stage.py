@@ -49,7 +49,7 @@ def measures(params: Params, holdout: Any) -> tuple[Fidelity, list[Fidelity], Al
     from imagen.evaluate.dual_stage import MODEL_FILE
 
     cfg = params.evaluate
-    path = Path(params.evaluator.out_dir) / MODEL_FILE
+    path = Path(params.evaluator_dir) / MODEL_FILE
     dual = load_dual(path) if path.exists() else None
     embedded = all(holdout.attributes)
     if dual is None and not embedded and not cfg.clip_path:
@@ -146,7 +146,7 @@ def beyond_the_sweep(
 
 def evaluator_quality(params: Params) -> dict[str, Any]:
     """The dual encoder's own held-out quality, as its stage measured it (metrics.json)."""
-    path = Path(params.evaluator.out_dir) / "metrics.json"
+    path = Path(params.evaluator_dir) / "metrics.json"
     if not path.exists():
         return {}
     found = json.loads(path.read_text())
