@@ -232,6 +232,9 @@ def test_minilm_precaches_and_trains_through_the_cli(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "data/encoded/encoder.json").read_text())
     assert record["path"] == str(packaged_minilm()) and record["embed_dim"] == 384
     assert record["config"]["hidden_size"] == 384
+    # dvc.yaml's precache output data/encoder records the encoder used (DVC needs it to exist)
+    external = json.loads((tmp_path / "data/encoder/external_encoder.json").read_text())
+    assert external["encoder_path"] == "minilm" and external["sha256"] == record["sha256"]
     sample = next(
         iter(wds.WebDataset(str(tmp_path / "data/encoded/train-000000.tar"), shardshuffle=False))
     )

@@ -46,7 +46,13 @@ import numpy as np
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
 from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, encodings_pickle, read_encodings
 from imagen.data.shards import sha256_file, write_tar
-from imagen.text import TextEncoder, encoder_fingerprint, load_text_encoder, to_storage
+from imagen.text import (
+    TextEncoder,
+    encoder_fingerprint,
+    load_text_encoder,
+    record_external_encoder,
+    to_storage,
+)
 
 
 def input_shards(data: DataConfig) -> list[Path]:
@@ -396,4 +402,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
             }
         )
         run.log_artifact(Path(params.data.encoded_dir) / "manifest.json")
+    # dvc.yaml's output data/encoder: the built default, or else a record of the encoder used
+    record = manifest.get("encoder", {})
+    if "sha256" in record:
+        record_external_encoder(params.conditioning.encoder_path, record)
     return 0

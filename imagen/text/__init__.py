@@ -41,6 +41,9 @@ from imagen.config.encoders import KEY, EncoderSpec, expand_alias, inspect_encod
 
 DEFAULT_ENCODER_PATH: str = ConditioningConfig.model_fields["encoder_path"].default
 BUILT_MARKER = "imagen_encoder.json"  # written beside a built default encoder
+# With another encoder configured, the default folder holds only this record of it (precache
+# writes it), so DVC's output data/encoder names the encoder that was used whichever it is.
+EXTERNAL_MARKER = "external_encoder.json"
 
 
 def is_default_path(path: str | os.PathLike[str]) -> bool:
@@ -129,6 +132,8 @@ def resolve_encoder_path(cond: ConditioningConfig) -> str:
     """The folder or hub id to load (``minilm`` -> the packaged folder), building the embedded
     default first when needed."""
     path = expand_alias(cond.encoder_path)
+    if is_default_path(path) and (Path(path) / EXTERNAL_MARKER).exists():
+        shutil.rmtree(path)  # only a record of another encoder (precache): build the default
     if Path(path).is_dir():
         marker = Path(path) / BUILT_MARKER
         if is_default_path(path) and marker.exists():
@@ -145,6 +150,17 @@ def resolve_encoder_path(cond: ConditioningConfig) -> str:
     if Path(path).exists():
         raise ConfigError(f"{KEY}: {path!r} is a file, not a folder")
     return path  # a hub id: loaded from the local cache or a clear error
+
+
+def record_external_encoder(encoder_path: str, fingerprint: dict[str, Any]) -> None:
+    """Write the default encoder folder as a record of the encoder actually used (which lives
+    elsewhere): ``data/encoder/external_encoder.json``. A built default there is left alone."""
+    folder = Path(DEFAULT_ENCODER_PATH)
+    if is_default_path(encoder_path) or (folder / BUILT_MARKER).exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"encoder_path": encoder_path, **fingerprint}, indent=2, sort_keys=True)
+    (folder / EXTERNAL_MARKER).write_text(text + "\n")
 
 
 def encoder_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
