@@ -11,7 +11,8 @@ The text context is normalised as NeMo does: GroupNorm(32) over (channel group, 
 Backends of :func:`attention` (the one place attention is computed):
     * flash-attn kernels when ``flash`` is set AND the package imports AND the tensors are on
       CUDA in bf16/fp16; padded keys (text padding) are packed out and the varlen kernel runs
-      over the valid tokens only, as NeMo does (:func:`pack_valid`);
+      over the valid tokens only, as NeMo does (:func:`flash_varlen`), with static shapes and
+      no host read (no boolean indexing; max_seqlen a Python int);
     * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
   The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
 ``stable``: q, k and v are cast to float32 for the softmax(QK^T/sqrt(d))V product (SDPA
@@ -27,6 +28,7 @@ attend to nothing: that sample's attention output is exactly zero, never NaN.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,58 +53,87 @@ def _log_backend(name: str) -> None:
         log.info("attention backend: %s", name)
 
 
-def pack_valid(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Pack the valid positions of a padded batch, as flash-attn's varlen kernels take them.
+def pack_order(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Where the valid positions of a padded batch go when packed end to end (varlen layout).
 
-    t (B, heads, M, d), mask (B, M) bool -> (packed (total, heads, d), cu_seqlens (B+1,) int32,
-    max_seqlen): sample b's positions are packed[cu_seqlens[b]:cu_seqlens[b+1]].
+    mask (B, M) bool -> (order (B*M,) int64, cu_seqlens (B+1,) int32): gathering the flattened
+    (B*M, ...) positions by ``order`` puts sample b's valid ones, in order, at
+    [cu_seqlens[b], cu_seqlens[b+1]) and every padded one after cu_seqlens[B]. One stable sort
+    of static size: no boolean indexing, no host read, nothing shaped by the data.
     """
-    packed = t.transpose(1, 2)[mask]  # (total, heads, d)
+    order = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)
     lens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
     cu = F.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))  # (B+1,)
-    return packed, cu, int(lens.max()) if lens.numel() else 0
+    return order, cu
 
 
-def unpack(packed: Tensor, cu: Tensor, length: int) -> Tensor:
-    """Inverse of :func:`pack_valid` for full sequences: (B*length, heads, d) -> (B, heads,
-    length, d)."""
-    b = cu.numel() - 1
-    return packed.view(b, length, *packed.shape[1:]).transpose(1, 2)
+def pack(t: Tensor, order: Tensor) -> Tensor:
+    """(B, heads, M, d) -> (B*M, heads, d) gathered by a :func:`pack_order` order."""
+    b, h, m, d = t.shape
+    return t.transpose(1, 2).reshape(b * m, h, d).index_select(0, order)
+
+
+def full_seqlens(batch: int, length: int, device: torch.device) -> Tensor:
+    """cu_seqlens (B+1,) int32 of ``batch`` unpadded sequences of ``length`` each."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
 
 
 def varlen_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """softmax(q k^T / sqrt(d)) v within each packed sequence: what flash-attn's varlen kernel
-    computes, on any device. q (Tq, heads, d), k, v (Tk, heads, d) -> (Tq, heads, d); a sequence
-    with no key gives zeros."""
-    out = torch.zeros_like(q)
-    for b in range(cu_q.numel() - 1):
-        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        if k1 == k0 or q1 == q0:
-            continue
-        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1)
-    return out
+    computes, on any device. q (Tq, heads, d), k, v (Tk, heads, d) -> (Tq, heads, d); positions
+    past cu[-1] belong to no sequence; a query with no key gives zeros. One masked SDPA over
+    every position (a block-diagonal mask from the cu_seqlens): no host read. The max_seqlen
+    arguments (flash-attn's signature) are not needed here."""
+    nseq = cu_q.numel() - 1
+
+    def seq_id(cu: Tensor, total: int) -> Tensor:  # (total,) sequence of each position
+        pos = torch.arange(total, dtype=cu.dtype, device=cu.device)
+        return torch.searchsorted(cu[1:].contiguous(), pos, right=True)
+
+    sq, sk = seq_id(cu_q, q.shape[0]), seq_id(cu_k, k.shape[0])
+    allowed = (sq[:, None] == sk[None, :]) & (sk < nseq)[None, :]  # (Tq, Tk)
+    empty = ~allowed.any(dim=-1)  # (Tq,)
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, T, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed | empty[:, None])
+    return out[0].transpose(0, 1).masked_fill(empty[:, None, None], 0.0)
+
+
+def flash_varlen(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, kernel: Callable) -> Tensor:
+    """Masked attention through a varlen kernel (flash-attn's ``flash_attn_varlen_func``).
+
+    q (B, heads, N, d), k, v (B, heads, M, d), key_mask (B, M) -> (B, heads, N, d). The queries
+    are all valid (B sequences of N); the valid keys are packed by :func:`pack_order`. Every
+    shape is static and max_seqlen is the Python int N (queries) and M (keys: image tokens
+    plus token_length, an upper bound of every sample's length); cu_seqlens stay on the device.
+    """
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    order, cu_k = pack_order(key_mask)
+    q_p = q.transpose(1, 2).reshape(b * n, h, d)
+    cu_q = full_seqlens(b, n, q.device)
+    out = kernel(q_p, pack(k, order), pack(v, order), cu_q, cu_k, n, m)  # (B*N, heads, d)
+    out = out.view(b, n, h, d).transpose(1, 2)
+    empty = ~key_mask.any(dim=-1)  # a sample with no valid key attends to nothing
+    return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    """flash-attn on (B, heads, N|M, d); padded keys are packed out (varlen, as NeMo does)."""
-    if key_mask is None or bool(key_mask.all()):
+    """flash-attn on (B, heads, N|M, d); with a key mask, the varlen kernel (as NeMo does)."""
+    if key_mask is None:
         _log_backend("flash-attn")
         # flash-attn takes (B, seq, heads, d)
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     _log_backend("flash-attn-varlen")
-    b, _, n, _ = q.shape
-    full = torch.ones(b, n, dtype=torch.bool, device=q.device)
-    q_p, cu_q, _ = pack_valid(q, full)
-    k_p, cu_k, max_k = pack_valid(k, key_mask)
-    v_p, _, _ = pack_valid(v, key_mask)
-    out = _flash_attn_varlen_func(q_p, k_p, v_p, cu_q, cu_k, n, max(max_k, 1))
-    out = unpack(out, cu_q, n)  # (B, heads, N, d)
-    empty = ~key_mask.any(dim=-1)
-    return out.masked_fill(empty[:, None, None, None], 0.0)
+    return flash_varlen(q, k, v, key_mask, _flash_attn_varlen_func)
 
 
 def attention(
