@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def _log_backend(name: str) -> None:
-    if name not in _LOGGED:
+    """Log the backend the first time it runs eagerly (a log call would break a traced graph)."""
+    if name not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add(name)
         log.info("attention backend: %s", name)
 
@@ -136,6 +137,11 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     return flash_varlen(q, k, v, key_mask, _flash_attn_varlen_func)
 
 
+def _flash_runs(q: Tensor) -> bool:
+    """flash-attn kernels apply: the package imports and q is on CUDA in bf16/fp16."""
+    return _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -150,12 +156,7 @@ def attention(
     q: (B, heads, N, d); k, v: (B, heads, M, d); key_mask: (B, M) bool or None.
     Returns (B, heads, N, d) in q's dtype.
     """
-    if (
-        flash
-        and _flash_attn_func is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-    ):
+    if flash and _flash_runs(q):
         return _flash(q, k, v, key_mask)
     _log_backend("sdpa-fp32" if stable else "sdpa")
     dtype = q.dtype
