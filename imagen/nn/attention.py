@@ -15,11 +15,14 @@ Backends of :func:`attention` (the one place attention is computed):
       no host read (no boolean indexing; max_seqlen a Python int);
     * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
   The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
-``stable``: q, k and v are cast to float32 for the softmax(QK^T/sqrt(d))V product (SDPA
-subtracts the row maximum before exponentiating), and the result is cast back. Under bf16
-autocast this keeps the logits and the softmax normaliser in fp32, which is what makes the
-backward pass numerically stable; without autocast it changes nothing. flash-attn kernels
-already use an fp32 online softmax, so with both flags set the flash path is taken.
+``stable`` (NeMo's ``stable_attention``): in reduced precision (bf16/fp16 inputs or autocast
+on) the weights softmax(QK^T/sqrt(d)) are computed as NeMo's ``StableMaskedAttentionOp`` does:
+logits in the compute dtype, softmax in fp32, and a backward that divides dW by its largest
+magnitude per (sample, head) (at least 1e-4) before the softmax backward and multiplies dQ and
+dK back (:class:`StableAttentionWeights`): the exact gradient, kept in range in bf16/fp16. In
+fp32 that rescaling changes only the rounding, so fp32 runs SDPA (several times faster on a
+CPU). flash-attn kernels already use an fp32 online softmax: with both flags set the flash
+path is taken (NeMo refuses the pair).
 
 Keys that are all masked (cross-attention for a caption dropped for classifier-free guidance)
 attend to nothing: that sample's attention output is exactly zero, never NaN.
@@ -28,7 +31,9 @@ attend to nothing: that sample's attention output is exactly zero, never NaN.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,23 +163,69 @@ def attention(
     """
     if flash and _flash_runs(q):
         return _flash(q, k, v, key_mask)
-    _log_backend("sdpa-fp32" if stable else "sdpa")
-    dtype = q.dtype
+    if stable and _reduced_precision(q):
+        _log_backend("stable")
+        return stable_attention(q, k, v, key_mask)
+    _log_backend("sdpa")
     empty = None
     mask = None
     if key_mask is not None:
         empty = ~key_mask.any(dim=-1)  # (B,) samples with no valid key
         # let empty rows attend to every key (finite), then zero their output below
         mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
-    if stable:
-        # autocast would cast SDPA's inputs back to bf16/fp16: keep it off for this product
-        with torch.autocast(q.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out.to(dtype)
+    return out
+
+
+def _reduced_precision(q: Tensor) -> bool:
+    """The product runs in bf16/fp16: such inputs, or autocast on for q's device."""
+    return q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)
+
+
+class StableAttentionWeights(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) over the allowed keys, with NeMo's stable backward.
+
+    Forward (NeMo's ``StableMaskedAttentionOp``): logits q (k / sqrt(d))^T in the compute dtype
+    (autocast's, else the inputs'), disallowed keys at -inf, softmax in fp32, a row with no
+    allowed key all zero. Backward: s = max |dW| per (sample, head), at least 1e-4;
+    dL = softmax_backward(dW / s) in fp32; dQ = dL k s / sqrt(d), dK = dL^T q s / sqrt(d), the
+    products in the forward's compute dtype. q (B, heads, N, d), k (B, heads, M, d), allowed
+    (B, 1, 1, M) bool or None -> W (B, heads, N, M) fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, allowed: Tensor | None) -> Tensor:
+        logits = q @ (k / math.sqrt(k.shape[-1])).transpose(-1, -2)  # (B, heads, N, M)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        w = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
+        ctx.save_for_backward(q, k, w)
+        ctx.compute_dtype = logits.dtype
+        return w
+
+    @staticmethod
+    def backward(ctx: Any, dw: Tensor) -> tuple[Tensor, Tensor, None]:
+        q, k, w = ctx.saved_tensors
+        dw = dw.float()
+        s = dw.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-4)  # (B, heads, 1, 1)
+        g = dw / s
+        dl = (w * (g - (g * w).sum(dim=-1, keepdim=True))).to(ctx.compute_dtype)
+        s = s / math.sqrt(k.shape[-1])
+        dt = ctx.compute_dtype
+        dq = (dl @ k.to(dt)) * s
+        dk = (dl.transpose(-1, -2) @ q.to(dt)) * s
+        return dq.to(q.dtype), dk.to(k.dtype), None
+
+
+def stable_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """NeMo's stable attention: :class:`StableAttentionWeights` times v (in autocast's dtype
+    when it is on, else v's). Shapes as :func:`attention`; a sample with no valid key gives
+    zeros."""
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    w = StableAttentionWeights.apply(q, k, allowed)  # (B, heads, N, M) fp32
+    return w.to(v.dtype) @ v
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
