@@ -72,6 +72,47 @@ def test_varlen_packing_equals_masked_attention() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+class _UnwrittenTail(torch.autograd.Function):
+    """The reference kernel with flash-attn's backward contract: dk and dv rows past
+    cu_seqlens_k[-1] are left unwritten (here: NaN)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k):
+        ctx.save_for_backward(q, k, v, cu_q, cu_k)
+        return varlen_attention_reference(q, k, v, cu_q, cu_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            out = varlen_attention_reference(*leaves, cu_q, cu_k)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad)
+        tail = (torch.arange(k.shape[0]) >= cu_k[-1])[:, None, None]
+        return (
+            dq,
+            dk.masked_fill(tail, float("nan")),
+            dv.masked_fill(tail, float("nan")),
+            None,
+            None,
+        )
+
+
+def test_padded_keys_get_zero_gradient_whatever_the_kernel_leaves() -> None:
+    q, k, v, key_mask = _qkv_mask(requires_grad=True)
+    masked = attention(q, k, v, key_mask)
+    grads = torch.autograd.grad(masked.square().sum(), (q, k, v))
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+        return _UnwrittenTail.apply(q, k, v, cu_q, cu_k)
+
+    out = flash_varlen(q, k, v, key_mask, kernel)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(got, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # finite, padded keys exactly 0
+    assert got[1][~key_mask[:, None, :, None].expand_as(k)].abs().max() == 0
+
+
 def test_varlen_path_traces_whole() -> None:
     q, k, v, key_mask = _qkv_mask()
 
@@ -86,11 +127,16 @@ def test_varlen_path_traces_whole() -> None:
 
 @pytest.mark.gpu
 def test_flash_attn_varlen_kernel_equals_masked_attention() -> None:
+    """The real kernel in bf16 against fp32 SDPA: values and gradients, padded keys exactly 0."""
     flash_attn = pytest.importorskip("flash_attn")
     q, k, v, key_mask = (t.cuda() for t in _qkv_mask())
-    ref = attention(q, k, v, key_mask)  # fp32 SDPA
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention(*ref_leaves, key_mask)  # fp32 SDPA
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
     lo = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     out = flash_varlen(*lo, key_mask, flash_attn.flash_attn_varlen_func)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    out.float().square().sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in lo)
+    grads = torch.autograd.grad(out.float().square().sum(), lo)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert (a.float() - b).abs().max() < 0.03 * b.abs().max()
+    assert grads[1][~key_mask[:, None, :, None].expand_as(k)].abs().max() == 0

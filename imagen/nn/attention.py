@@ -123,9 +123,13 @@ def flash_varlen(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, kernel: Call
     b, h, n, d = q.shape
     m = k.shape[2]
     order, cu_k = pack_order(key_mask)
+    # the kernels leave the gradient rows past cu_seqlens[-1] unwritten (torch.empty_like):
+    # select zeros there so padded keys get an exact zero gradient, never stale memory
+    holds_key = (torch.arange(b * m, device=k.device) < cu_k[-1])[:, None, None]
+    k_p, v_p = (pack(t, order).where(holds_key, 0.0) for t in (k, v))
     q_p = q.transpose(1, 2).reshape(b * n, h, d)
     cu_q = full_seqlens(b, n, q.device)
-    out = kernel(q_p, pack(k, order), pack(v, order), cu_q, cu_k, n, m)  # (B*N, heads, d)
+    out = kernel(q_p, k_p, v_p, cu_q, cu_k, n, m)  # (B*N, heads, d)
     out = out.view(b, n, h, d).transpose(1, 2)
     empty = ~key_mask.any(dim=-1)  # a sample with no valid key attends to nothing
     return out.masked_fill(empty[:, None, None, None], 0.0)
