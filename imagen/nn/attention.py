@@ -13,8 +13,12 @@ Backends of :func:`attention` (the one place attention is computed):
       CUDA in bf16/fp16; padded keys (text padding) are packed out and the varlen kernel runs
       over the valid tokens only, as NeMo does (:func:`flash_varlen`), with static shapes and
       no host read (no boolean indexing; max_seqlen a Python int);
-    * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
-  The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
+    * otherwise, with ``stable`` in bf16/fp16 or autocast, NeMo's stable op (below);
+    * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA) with a boolean key
+      mask of static shape (B, 1, 1, M).
+  No path reads a tensor's value on the host or has a data-dependent shape, so a UNet traces
+  as one graph. The backend chosen is logged once per backend (logger
+  ``imagen.nn.attention``), outside traced code.
 ``stable`` (NeMo's ``stable_attention``): in reduced precision (bf16/fp16 inputs or autocast
 on) the weights softmax(QK^T/sqrt(d)) are computed as NeMo's ``StableMaskedAttentionOp`` does:
 logits in the compute dtype, softmax in fp32, and a backward that divides dW by its largest
