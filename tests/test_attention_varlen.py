@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostReads
 
 from imagen.nn.attention import (
     attention,
@@ -20,19 +20,6 @@ from imagen.nn.attention import (
     pack_order,
     varlen_attention_reference,
 )
-
-
-class HostReads(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense``: every .item()/bool()/int()/float() of a tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _qkv_mask(requires_grad: bool = False) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,7 @@ import warnings
 import nemo_oracle
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostReads
 
 from imagen.nn.attention import attention, stable_attention
 
@@ -113,16 +113,6 @@ def test_bf16_stable_attention_is_nemos_op(masked: bool) -> None:
         assert (a - b.float()).abs().max() < 0.03 * b.float().abs().max()
 
 
-class _HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_stable_op_traces_whole_under_autocast() -> None:
     """No host read; forward and the custom backward trace whole and give the eager grads."""
     q, k, v, key_mask = _inputs(masked=True)
@@ -132,7 +122,7 @@ def test_stable_op_traces_whole_under_autocast() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return attention(q, k, v, mask, stable=True).float().square().sum()
 
-    with _HostReads() as reads:
+    with HostReads() as reads:
         fn(*leaves, key_mask).backward()
     assert reads.count == 0
     eager = [t.grad for t in leaves]
