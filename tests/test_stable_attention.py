@@ -10,6 +10,7 @@ arithmetic. Both are compared with NeMo's modules: outputs and the gradients of 
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 
 import nemo_oracle
@@ -17,6 +18,7 @@ import pytest
 import torch
 from host_reads import HostReads
 
+import imagen.nn.attention as attn
 from imagen.nn.attention import attention, stable_attention
 
 try:
@@ -93,10 +95,10 @@ def test_fp32_stable_attention_equals_nemos(masked: bool, ours) -> None:
 
 
 @pytest.mark.parametrize("masked", [True, False])
-def test_bf16_stable_attention_is_nemos_op(masked: bool) -> None:
+def test_bf16_stable_attention_is_nemos_op(masked: bool, caplog: pytest.LogCaptureFixture) -> None:
     """bf16: the stable op runs (no fp32 cast) and agrees with NeMo's within bf16 round-off
-    (NeMo's softmax is bf16 on a CPU, ours fp32 as NeMo's is under CUDA autocast); under bf16
-    autocast it runs in bf16 too."""
+    (NeMo's softmax is bf16 on a CPU, ours fp32 as NeMo's is under CUDA autocast); fp32 inputs
+    under bf16 autocast run it too (not SDPA in fp32)."""
     q, k, v, key_mask = _inputs(masked)
     lo = [t.bfloat16() for t in (q, k, v)]
     ref, ref_grads = _value_and_grads(_nemo, *lo, key_mask)
@@ -105,9 +107,10 @@ def test_bf16_stable_attention_is_nemos_op(masked: bool) -> None:
     for a, b in zip(got_grads, ref_grads, strict=True):
         assert a.dtype == torch.bfloat16
         assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
-    auto, auto_grads = _value_and_grads(_stable, q, k, v, key_mask, autocast=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention(q, k, v, key_mask, stable=True).dtype == torch.bfloat16
+    attn._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="imagen.nn.attention"):
+        auto, auto_grads = _value_and_grads(_stable, q, k, v, key_mask, autocast=True)
+    assert [r.getMessage() for r in caplog.records] == ["attention backend: stable"]
     assert (auto - ref).abs().max() < 0.02 * ref.abs().max()
     for a, b in zip(auto_grads, ref_grads, strict=True):
         assert (a - b.float()).abs().max() < 0.03 * b.float().abs().max()

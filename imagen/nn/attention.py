@@ -184,7 +184,7 @@ def attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out
+    return out.to(q.dtype)
 
 
 def _reduced_precision(q: Tensor) -> bool:
@@ -229,11 +229,11 @@ class StableAttentionWeights(torch.autograd.Function):
 
 def stable_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """NeMo's stable attention: :class:`StableAttentionWeights` times v (in autocast's dtype
-    when it is on, else v's). Shapes as :func:`attention`; a sample with no valid key gives
-    zeros."""
+    when it is on, else v's), returned in q's dtype. Shapes as :func:`attention`; a sample with
+    no valid key gives zeros."""
     allowed = None if key_mask is None else key_mask[:, None, None, :]
     w = StableAttentionWeights.apply(q, k, allowed)  # (B, heads, N, M) fp32
-    return w.to(v.dtype) @ v
+    return (w.to(v.dtype) @ v).to(q.dtype)
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
