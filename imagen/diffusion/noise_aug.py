@@ -46,10 +46,13 @@ def augment_lowres(
     level: torch.Tensor | float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """cosine_vp: x = alpha(level) lowres + sigma(level) eps; level a float or (B,) in [0, 1]."""
-    level = _batch_level(level, lowres)
-    if bool(((level < 0) | (level > 1)).any()):
+    """cosine_vp: x = alpha(level) lowres + sigma(level) eps; level a float or (B,) in [0, 1].
+
+    A float level is checked here; a tensor's values are not (that would read the device).
+    """
+    if isinstance(level, (int, float)) and not 0.0 <= level <= 1.0:
         raise ValueError("noise augmentation level must lie in [0, 1]")
+    level = _batch_level(level, lowres)
     alpha, sigma = aug_alpha_sigma(level)
     eps = randn(lowres.shape, lowres, generator)
     return expand_like(alpha, lowres) * lowres + expand_like(sigma, lowres) * eps
@@ -81,8 +84,11 @@ def edm_augment(
     """NeMo's augmentation: (c_in(s) (lowres + s eps), ln(s) / 4) with s = sigma_aug (B,).
 
     Draws eps first, then (training) ln s ~ N(p_mean, p_std^2), in NeMo's order, so one seeded
-    generator gives NeMo's numbers. ``sigma`` overrides the level.
+    generator gives NeMo's numbers. ``sigma`` overrides the level (a float is checked to be
+    > 0; a tensor's values are not, as that would read the device).
     """
+    if isinstance(sigma, (int, float)) and sigma <= 0:
+        raise ValueError("noise_cond_aug (kind edm): sigma_aug must be > 0 (NeMo samples at 0.002)")
     p_mean = -1.2 if config.p_mean is None else config.p_mean
     p_std = 1.2 if config.p_std is None else config.p_std
     sigma_data = 0.5 if config.sigma_data is None else config.sigma_data
@@ -93,8 +99,6 @@ def edm_augment(
         else:
             sigma = config.sample_sigma
     s = _batch_level(sigma, lowres)  # (B,)
-    if bool((s <= 0).any()):
-        raise ValueError("noise_cond_aug (kind edm): sigma_aug must be > 0 (NeMo samples at 0.002)")
     noisy = lowres + expand_like(s, lowres) * eps
     c_in = 1 / (sigma_data**2 + s**2).sqrt()  # Karras et al. 2022, Table 1: c_in
     return expand_like(c_in, lowres) * noisy, s.log() / 4

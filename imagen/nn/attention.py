@@ -11,14 +11,22 @@ The text context is normalised as NeMo does: GroupNorm(32) over (channel group, 
 Backends of :func:`attention` (the one place attention is computed):
     * flash-attn kernels when ``flash`` is set AND the package imports AND the tensors are on
       CUDA in bf16/fp16; padded keys (text padding) are packed out and the varlen kernel runs
-      over the valid tokens only, as NeMo does (:func:`pack_valid`);
-    * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
-  The backend chosen is logged once per backend (logger ``imagen.nn.attention``).
-``stable``: q, k and v are cast to float32 for the softmax(QK^T/sqrt(d))V product (SDPA
-subtracts the row maximum before exponentiating), and the result is cast back. Under bf16
-autocast this keeps the logits and the softmax normaliser in fp32, which is what makes the
-backward pass numerically stable; without autocast it changes nothing. flash-attn kernels
-already use an fp32 online softmax, so with both flags set the flash path is taken.
+      over the valid tokens only, as NeMo does (:func:`flash_varlen`), with static shapes and
+      no host read (no boolean indexing; max_seqlen a Python int);
+    * otherwise, with ``stable`` in bf16/fp16 or autocast, NeMo's stable op (below);
+    * otherwise ``torch.nn.functional.scaled_dot_product_attention`` (SDPA) with a boolean key
+      mask of static shape (B, 1, 1, M).
+  No path reads a tensor's value on the host or has a data-dependent shape, so a UNet traces
+  as one graph. The backend chosen is logged once per backend (logger
+  ``imagen.nn.attention``), outside traced code.
+``stable`` (NeMo's ``stable_attention``): in reduced precision (bf16/fp16 inputs or autocast
+on) the weights softmax(QK^T/sqrt(d)) are computed as NeMo's ``StableMaskedAttentionOp`` does:
+logits in the compute dtype, softmax in fp32, and a backward that divides dW by its largest
+magnitude per (sample, head) (at least 1e-4) before the softmax backward and multiplies dQ and
+dK back (:class:`StableAttentionWeights`): the exact gradient, kept in range in bf16/fp16. In
+fp32 that rescaling changes only the rounding, so fp32 runs SDPA (several times faster on a
+CPU). flash-attn kernels already use an fp32 online softmax: with both flags set the flash
+path is taken (NeMo refuses the pair).
 
 Keys that are all masked (cross-attention for a caption dropped for classifier-free guidance)
 attend to nothing: that sample's attention output is exactly zero, never NaN.
@@ -27,6 +35,9 @@ attend to nothing: that sample's attention output is exactly zero, never NaN.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,63 +57,102 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def _log_backend(name: str) -> None:
-    if name not in _LOGGED:
+    """Log the backend the first time it runs eagerly (a log call would break a traced graph)."""
+    if name not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add(name)
         log.info("attention backend: %s", name)
 
 
-def pack_valid(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Pack the valid positions of a padded batch, as flash-attn's varlen kernels take them.
+def pack_order(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Where the valid positions of a padded batch go when packed end to end (varlen layout).
 
-    t (B, heads, M, d), mask (B, M) bool -> (packed (total, heads, d), cu_seqlens (B+1,) int32,
-    max_seqlen): sample b's positions are packed[cu_seqlens[b]:cu_seqlens[b+1]].
+    mask (B, M) bool -> (order (B*M,) int64, cu_seqlens (B+1,) int32): gathering the flattened
+    (B*M, ...) positions by ``order`` puts sample b's valid ones, in order, at
+    [cu_seqlens[b], cu_seqlens[b+1]) and every padded one after cu_seqlens[B]. One stable sort
+    of static size: no boolean indexing, no host read, nothing shaped by the data.
     """
-    packed = t.transpose(1, 2)[mask]  # (total, heads, d)
+    order = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)
     lens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
     cu = F.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))  # (B+1,)
-    return packed, cu, int(lens.max()) if lens.numel() else 0
+    return order, cu
 
 
-def unpack(packed: Tensor, cu: Tensor, length: int) -> Tensor:
-    """Inverse of :func:`pack_valid` for full sequences: (B*length, heads, d) -> (B, heads,
-    length, d)."""
-    b = cu.numel() - 1
-    return packed.view(b, length, *packed.shape[1:]).transpose(1, 2)
+def pack(t: Tensor, order: Tensor) -> Tensor:
+    """(B, heads, M, d) -> (B*M, heads, d) gathered by a :func:`pack_order` order."""
+    b, h, m, d = t.shape
+    return t.transpose(1, 2).reshape(b * m, h, d).index_select(0, order)
+
+
+def full_seqlens(batch: int, length: int, device: torch.device) -> Tensor:
+    """cu_seqlens (B+1,) int32 of ``batch`` unpadded sequences of ``length`` each."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
 
 
 def varlen_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """softmax(q k^T / sqrt(d)) v within each packed sequence: what flash-attn's varlen kernel
-    computes, on any device. q (Tq, heads, d), k, v (Tk, heads, d) -> (Tq, heads, d); a sequence
-    with no key gives zeros."""
-    out = torch.zeros_like(q)
-    for b in range(cu_q.numel() - 1):
-        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        if k1 == k0 or q1 == q0:
-            continue
-        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1)
-    return out
+    computes, on any device. q (Tq, heads, d), k, v (Tk, heads, d) -> (Tq, heads, d); positions
+    past cu[-1] belong to no sequence; a query with no key gives zeros. One masked SDPA over
+    every position (a block-diagonal mask from the cu_seqlens): no host read. The max_seqlen
+    arguments (flash-attn's signature) are not needed here."""
+    nseq = cu_q.numel() - 1
+
+    def seq_id(cu: Tensor, total: int) -> Tensor:  # (total,) sequence of each position
+        pos = torch.arange(total, dtype=cu.dtype, device=cu.device)
+        return torch.searchsorted(cu[1:].contiguous(), pos, right=True)
+
+    sq, sk = seq_id(cu_q, q.shape[0]), seq_id(cu_k, k.shape[0])
+    allowed = (sq[:, None] == sk[None, :]) & (sk < nseq)[None, :]  # (Tq, Tk)
+    empty = ~allowed.any(dim=-1)  # (Tq,)
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, T, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed | empty[:, None])
+    return out[0].transpose(0, 1).masked_fill(empty[:, None, None], 0.0)
+
+
+def flash_varlen(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, kernel: Callable) -> Tensor:
+    """Masked attention through a varlen kernel (flash-attn's ``flash_attn_varlen_func``).
+
+    q (B, heads, N, d), k, v (B, heads, M, d), key_mask (B, M) -> (B, heads, N, d). The queries
+    are all valid (B sequences of N); the valid keys are packed by :func:`pack_order`. Every
+    shape is static and max_seqlen is the Python int N (queries) and M (keys: image tokens
+    plus token_length, an upper bound of every sample's length); cu_seqlens stay on the device.
+    """
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    order, cu_k = pack_order(key_mask)
+    # the kernels leave the gradient rows past cu_seqlens[-1] unwritten (torch.empty_like):
+    # select zeros there so padded keys get an exact zero gradient, never stale memory
+    holds_key = (torch.arange(b * m, device=k.device) < cu_k[-1])[:, None, None]
+    k_p, v_p = (pack(t, order).where(holds_key, 0.0) for t in (k, v))
+    q_p = q.transpose(1, 2).reshape(b * n, h, d)
+    cu_q = full_seqlens(b, n, q.device)
+    out = kernel(q_p, k_p, v_p, cu_q, cu_k, n, m)  # (B*N, heads, d)
+    out = out.view(b, n, h, d).transpose(1, 2)
+    empty = ~key_mask.any(dim=-1)  # a sample with no valid key attends to nothing
+    return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    """flash-attn on (B, heads, N|M, d); padded keys are packed out (varlen, as NeMo does)."""
-    if key_mask is None or bool(key_mask.all()):
+    """flash-attn on (B, heads, N|M, d); with a key mask, the varlen kernel (as NeMo does)."""
+    if key_mask is None:
         _log_backend("flash-attn")
         # flash-attn takes (B, seq, heads, d)
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     _log_backend("flash-attn-varlen")
-    b, _, n, _ = q.shape
-    full = torch.ones(b, n, dtype=torch.bool, device=q.device)
-    q_p, cu_q, _ = pack_valid(q, full)
-    k_p, cu_k, max_k = pack_valid(k, key_mask)
-    v_p, _, _ = pack_valid(v, key_mask)
-    out = _flash_attn_varlen_func(q_p, k_p, v_p, cu_q, cu_k, n, max(max_k, 1))
-    out = unpack(out, cu_q, n)  # (B, heads, N, d)
-    empty = ~key_mask.any(dim=-1)
-    return out.masked_fill(empty[:, None, None, None], 0.0)
+    return flash_varlen(q, k, v, key_mask, _flash_attn_varlen_func)
+
+
+def _flash_runs(q: Tensor) -> bool:
+    """flash-attn kernels apply: the package imports and q is on CUDA in bf16/fp16."""
+    return _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def attention(
@@ -119,30 +169,71 @@ def attention(
     q: (B, heads, N, d); k, v: (B, heads, M, d); key_mask: (B, M) bool or None.
     Returns (B, heads, N, d) in q's dtype.
     """
-    if (
-        flash
-        and _flash_attn_func is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-    ):
+    if flash and _flash_runs(q):
         return _flash(q, k, v, key_mask)
-    _log_backend("sdpa-fp32" if stable else "sdpa")
-    dtype = q.dtype
+    if stable and _reduced_precision(q):
+        _log_backend("stable")
+        return stable_attention(q, k, v, key_mask)
+    _log_backend("sdpa")
     empty = None
     mask = None
     if key_mask is not None:
         empty = ~key_mask.any(dim=-1)  # (B,) samples with no valid key
         # let empty rows attend to every key (finite), then zero their output below
         mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
-    if stable:
-        # autocast would cast SDPA's inputs back to bf16/fp16: keep it off for this product
-        with torch.autocast(q.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out.to(dtype)
+    return out.to(q.dtype)
+
+
+def _reduced_precision(q: Tensor) -> bool:
+    """The product runs in bf16/fp16: such inputs, or autocast on for q's device."""
+    return q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)
+
+
+class StableAttentionWeights(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) over the allowed keys, with NeMo's stable backward.
+
+    Forward (NeMo's ``StableMaskedAttentionOp``): logits q (k / sqrt(d))^T in the compute dtype
+    (autocast's, else the inputs'), disallowed keys at -inf, softmax in fp32, a row with no
+    allowed key all zero. Backward: s = max |dW| per (sample, head), at least 1e-4;
+    dL = softmax_backward(dW / s) in fp32; dQ = dL k s / sqrt(d), dK = dL^T q s / sqrt(d), the
+    products in the forward's compute dtype. q (B, heads, N, d), k (B, heads, M, d), allowed
+    (B, 1, 1, M) bool or None -> W (B, heads, N, M) fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, allowed: Tensor | None) -> Tensor:
+        logits = q @ (k / math.sqrt(k.shape[-1])).transpose(-1, -2)  # (B, heads, N, M)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        w = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
+        ctx.save_for_backward(q, k, w)
+        ctx.compute_dtype = logits.dtype
+        return w
+
+    @staticmethod
+    def backward(ctx: Any, dw: Tensor) -> tuple[Tensor, Tensor, None]:
+        q, k, w = ctx.saved_tensors
+        dw = dw.float()
+        s = dw.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-4)  # (B, heads, 1, 1)
+        g = dw / s
+        dl = (w * (g - (g * w).sum(dim=-1, keepdim=True))).to(ctx.compute_dtype)
+        s = s / math.sqrt(k.shape[-1])
+        dt = ctx.compute_dtype
+        dq = (dl @ k.to(dt)) * s
+        dk = (dl.transpose(-1, -2) @ q.to(dt)) * s
+        return dq.to(q.dtype), dk.to(k.dtype), None
+
+
+def stable_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """NeMo's stable attention: :class:`StableAttentionWeights` times v (in autocast's dtype
+    when it is on, else v's), returned in q's dtype. Shapes as :func:`attention`; a sample with
+    no valid key gives zeros."""
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    w = StableAttentionWeights.apply(q, k, allowed)  # (B, heads, N, M) fp32
+    return (w.to(v.dtype) @ v).to(q.dtype)
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
