@@ -20,7 +20,15 @@ from tiny import env as project_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
-STAGES = ["ingest", "precache", "train@base64", "train@sr256", "train@sr1024", "evaluate"]
+STAGES = [
+    "ingest",
+    "precache",
+    "train@base64",
+    "train@sr256",
+    "train@sr1024",
+    "evaluator",
+    "evaluate",
+]
 
 
 def _free_port() -> int:
@@ -124,6 +132,7 @@ def test_the_deployment_runs_the_cascade_through_dvc(served: dict[str, Any]) -> 
         "base64",
         "sr256",
         "sr1024",
+        "evaluator",
         "evaluate",
     }
 

@@ -1,5 +1,9 @@
 """The DVC pipeline end to end on tiny params: `dvc repro` of the whole cascade, caching,
-narrow params dependencies, metrics, plots, experiments, and the MLflow run structure."""
+narrow params dependencies, metrics, plots, experiments, and the MLflow run structure.
+
+The data is a user's own folder (drawn pictures with captions the embedded grammar does not
+know), so this is also the "your own images" path: the trained evaluator measures the sweep.
+The Prefect test (tests/test_flow.py) runs the same pipeline on the embedded data."""
 
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
-from tiny import copy_project, run
+from tiny import copy_project, run, write_caption_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
-STAGE_RUNS = {"ingest", "precache", "base64", "sr256", "sr1024", "evaluate"}
+STAGE_RUNS = {"ingest", "precache", "base64", "sr256", "sr1024", "evaluator", "evaluate"}
 
 
 def _runs(root: Path) -> list[Any]:
@@ -41,7 +45,10 @@ def _ran(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
+    base = tmp_path_factory.mktemp("pipeline")
+    folder = write_caption_folder(base / "my-images")
+    data = {"data": {"source": "folder", "source_path": str(folder), "num_holdout": 8}}
+    root = copy_project(base / "repo", data)
     start = time.monotonic()
     first = run(["dvc", "repro"], root, timeout=1200)
     elapsed = time.monotonic() - start
@@ -57,6 +64,7 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
         "train@base64",
         "train@sr256",
         "train@sr1024",
+        "evaluator",
         "evaluate",
     }
     for stage in ("base64", "sr256", "sr1024"):
@@ -65,6 +73,13 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
     reports = root / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["scales"] and "best" in metrics
+    # the user's captions are measured by the trained evaluator, named for it
+    assert (metrics["fidelity_metric"], metrics["alignment_metric"]) == (
+        "fd_dual",
+        "caption_auc_dual",
+    )
+    assert metrics["evaluator_quality"]["heldout"]["pairs"] == 8
+    assert "caption_agreement_embedded" not in metrics["scales"][0]
     assert (reports / "fid_clip.csv").read_text().startswith("guidance_scale,")
     assert (reports / "fid_clip.png").stat().st_size > 0
     assert (reports / "cascade.png").stat().st_size > 0

@@ -242,6 +242,36 @@ def make_tiny_cascade(
     return params
 
 
+# A user's own captions: words the embedded grammar does not know, so only the trained
+# evaluator can measure them (the whole-pipeline test ingests this folder).
+FOLDER_THINGS = ["lighthouse", "teapot", "cactus", "bicycle", "violin", "anchor", "mushroom"]
+FOLDER_LOOKS = ["striped", "dotted", "glowing", "wooden", "paper"]
+
+
+def write_caption_folder(dest: Path, n: int = 40, size: int = 96) -> Path:
+    """``n`` drawn pictures (PNG and JPEG) with a captions.csv of made-up subjects."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = ["file,caption"]
+    for i in range(n):
+        thing, look = FOLDER_THINGS[i % len(FOLDER_THINGS)], FOLDER_LOOKS[i % len(FOLDER_LOOKS)]
+        img = Image.new("RGB", (size, size), tuple(rng.randrange(150, 256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        k = FOLDER_THINGS.index(thing)
+        box = (10 + 3 * k, 12, size - 10 - 2 * k, size - 12 - 4 * k)
+        fill = tuple(rng.randrange(0, 120) for _ in range(3))
+        (draw.ellipse if k % 2 else draw.rectangle)(box, fill=fill)
+        name = f"{thing}_{i:03d}.{'jpg' if i % 3 == 0 else 'png'}"
+        img.save(dest / name)
+        rows.append(f"{name},a {look} {thing} on a plain background")
+    (dest / "captions.csv").write_text("\n".join(rows) + "\n")
+    return dest
+
+
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
     """The repository's tracked and untracked (not ignored) files copied to ``dest``, with
     shrunk params and one git commit (DVC experiments and the runs' commit tag need one)."""
