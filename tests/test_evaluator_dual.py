@@ -129,3 +129,23 @@ def test_a_damaged_evaluator_file_is_refused_not_executed(tmp_path: Path) -> Non
     torch.save({"format": "imagen-dual-encoder/1", "config": Boom()}, path)
     with pytest.raises(ConfigError, match="not a readable evaluator"):
         load_dual(path)
+
+
+def test_own_data_probe_distances_and_ranks() -> None:
+    """bench/own_data_probe.py's plain-pixel yardsticks: the Frechet formula and own-image ranks."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("probe", root / "bench" / "own_data_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 3, generator=gen, dtype=torch.float64)
+    assert probe.frechet(a, a) == pytest.approx(0.0, abs=1e-6)
+    # a shifted copy: the distance is the squared shift (the covariances are equal)
+    assert probe.frechet(a + 2.0, a) == pytest.approx(12.0, rel=1e-6)
+    real = torch.eye(4, dtype=torch.float64)
+    fake = real[[2, 0]] + 0.1  # near real image 2, then near real image 0
+    assert probe.own_image_ranks(fake, real, own=[2, 1]).tolist() == [1, 2]
+    images = torch.full((2, 3, 64, 64), 255, dtype=torch.uint8)
+    assert probe.pix16(images).shape == (2, 768) and float(probe.pix16(images).max()) == 1.0
