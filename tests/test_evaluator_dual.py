@@ -113,6 +113,8 @@ def test_evaluate_on_captions_outside_the_embedded_grammar(tmp_path: Path) -> No
     assert metrics["chance_dual"]["caption_auc_dual"] == 0.5
     assert metrics["evaluator_quality"]["heldout"]["pairs"] == 4
     assert 0.0 <= row["caption_auc_dual"] <= 1.0 and row["fd_dual"] >= 0.0
+    # the cascade picture shows the base stage at the sweep's best scale
+    assert metrics["cascade"]["base64_guidance"] == metrics["best"]["guidance_scale"]
 
 
 def test_a_damaged_evaluator_file_is_refused_not_executed(tmp_path: Path) -> None:

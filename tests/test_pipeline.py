@@ -80,6 +80,8 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
     )
     assert metrics["evaluator_quality"]["heldout"]["pairs"] == 8
     assert "caption_agreement_embedded" not in metrics["scales"][0]
+    # the SR stages run on the user's pictures too, their tiles measured by the evaluator
+    assert metrics["sr256"]["fidelity_metric"] == "fd_dual" and (reports / "sr_sr256.png").exists()
     assert (reports / "fid_clip.csv").read_text().startswith("guidance_scale,")
     assert (reports / "fid_clip.png").stat().st_size > 0
     assert (reports / "cascade.png").stat().st_size > 0

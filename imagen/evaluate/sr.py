@@ -93,8 +93,12 @@ def evaluate_sr_stage(
     seed: int,
     batch_size: int,
     inception_path: str | None = None,
+    fidelity: Fidelity | None = None,
 ) -> dict[str, Any]:
-    """SR vs bicubic on ``pairs`` held-out images for stage ``name``; writes sr_<name>.png."""
+    """SR vs bicubic on ``pairs`` held-out images for stage ``name``; writes sr_<name>.png.
+
+    ``fidelity`` (a fresh one) measures the tiles; by default FID with ``inception_path``, else
+    the embedded evaluator's distance."""
     stage = cascade.stages[name].config
     res, low = stage.resolution, stage.lowres
     real = holdout.images[:pairs].float() / 127.5 - 1  # (P, 3, R, R) in [-1, 1]
@@ -112,7 +116,7 @@ def evaluate_sr_stage(
         outputs.append(sr.cpu())
     sr = torch.cat(outputs)  # (P, 3, R, R)
     bicubic = bicubic_up(lowres, res)
-    fidelity = Fidelity(inception_path)
+    fidelity = fidelity or Fidelity(inception_path)
     tile = min(TILE, res)
     fidelity.set_real(to_uint8(tiles(real, tile)), batch_size)
     result = {

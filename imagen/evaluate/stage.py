@@ -17,9 +17,9 @@ from typing import Any
 
 from imagen.config import STAGES, Params
 from imagen.data.holdout import load_holdout
-from imagen.evaluate.metrics import Alignment, Fidelity
+from imagen.evaluate.metrics import FD_DUAL, Alignment, Fidelity
 from imagen.evaluate.report import write_reports
-from imagen.evaluate.sweep import sweep, untrained_reference
+from imagen.evaluate.sweep import best_tradeoff, sweep, untrained_reference
 
 
 def trained_cascade(params: Params, models_dir: Path) -> Any:
@@ -70,9 +70,15 @@ def measures(params: Params, holdout: Any) -> tuple[Fidelity, list[Fidelity], Al
 
 
 def cascade_grid_report(
-    params: Params, cascade: Any, captions: list[str], out: Path, progress: bool
+    params: Params,
+    cascade: Any,
+    captions: list[str],
+    out: Path,
+    progress: bool,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
-    """reports/cascade.png: a few held-out prompts through every trained stage, side by side."""
+    """reports/cascade.png: a few held-out prompts through every trained stage, side by side,
+    the base stage at ``guidance`` (the sweep's best scale; None: its own)."""
     from imagen.sample.cascade import cascade_grid
 
     cfg = params.evaluate
@@ -82,6 +88,7 @@ def cascade_grid_report(
         prompts,
         depth=cascade.depth,
         steps=cfg.cascade_steps,
+        guidance=None if guidance is None else {"base64": guidance},
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         progress=progress,
@@ -90,12 +97,18 @@ def cascade_grid_report(
     return {
         "stages": list(images),
         "prompts": prompts,
+        "base64_guidance": guidance,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
 def sr_reports(
-    params: Params, cascade: Any, out: Path, run: Any, say: Callable[[str], None]
+    params: Params,
+    cascade: Any,
+    out: Path,
+    run: Any,
+    say: Callable[[str], None],
+    tile_fidelity: Callable[[], Fidelity] | None = None,
 ) -> dict[str, Any]:
     """Each trained SR stage against bicubic on held-out pairs (imagen.evaluate.sr): at least
     ``evaluate.sr_pairs`` of them, more where the stage's tiles would fall short of
@@ -117,6 +130,7 @@ def sr_reports(
             seed=cfg.seed,
             batch_size=min(cfg.batch_size, 4),
             inception_path=cfg.inception_path,
+            fidelity=tile_fidelity() if tile_fidelity else None,
         )
         for kind in ("sr", "bicubic"):
             run.log_metrics({f"{name}/{kind}_{k}": v for k, v in r[kind].items()})
@@ -134,13 +148,19 @@ def beyond_the_sweep(
     run: Any,
     progress: bool,
     say: Callable[[str], None],
+    *,
+    guidance: float | None = None,
+    tile_fidelity: Callable[[], Fidelity] | None = None,
 ) -> dict[str, Any]:
-    """The full-cascade grid and each SR stage against bicubic (metrics.json entries)."""
+    """The full-cascade grid (the base stage at ``guidance``) and each SR stage against
+    bicubic, its tiles measured by ``tile_fidelity()`` (metrics.json entries)."""
     extra: dict[str, Any] = {}
     if params.evaluate.cascade_prompts > 0:
-        extra["cascade"] = grid = cascade_grid_report(params, cascade, captions, out, progress)
+        extra["cascade"] = grid = cascade_grid_report(
+            params, cascade, captions, out, progress, guidance
+        )
         say(f"imagen evaluate: cascade grid {grid['stages']} in {grid['seconds']} s")
-    extra.update(sr_reports(params, cascade, out, run, say))
+    extra.update(sr_reports(params, cascade, out, run, say, tile_fidelity))
     return extra
 
 
@@ -251,7 +271,29 @@ def evaluate(
             )
             say(f"imagen evaluate: untrained base64 (guidance 1): {extra['untrained']}")
             run.log_metrics({f"untrained_{k}": v for k, v in extra["untrained"].items()})
-        extra.update(beyond_the_sweep(params, cascade, holdout.captions, out, run, progress, say))
+        # the cascade grid at the sweep's best scale (write_reports picks the same point)
+        chosen = best_tradeoff(
+            result.rows,
+            result.fidelity,
+            result.alignment,
+            cfg.tradeoff_tolerance,
+            cfg.tradeoff_margin,
+        )
+        dual = alignment.dual
+        tiles = (lambda: Fidelity.dual(dual)) if fidelity.name == FD_DUAL else None
+        extra.update(
+            beyond_the_sweep(
+                params,
+                cascade,
+                holdout.captions,
+                out,
+                run,
+                progress,
+                say,
+                guidance=chosen["guidance_scale"],
+                tile_fidelity=tiles,
+            )
+        )
         metrics = write_reports(
             result,
             holdout,
