@@ -43,6 +43,24 @@ def test_same_seed_same_images_other_seed_other_images(tiny) -> None:
         assert not torch.equal(a[stage], c[stage])
 
 
+def test_bf16_sampling_stays_close_to_fp32(tiny) -> None:
+    """sample.precision bf16 (the default on CUDA) gives the fp32 images within bf16 rounding;
+    "auto" is fp32 on the CPU."""
+    tmp, params, _ = tiny
+    fp32 = Cascade.from_models_dir(params.models_dir)
+    assert not fp32.bf16  # auto on the CPU
+    bf16 = Cascade.from_models_dir(params.models_dir, precision="bf16")
+    a = fp32.generate(PROMPTS, seed=5, batch_size=2)
+    b = bf16.generate(PROMPTS, seed=5, batch_size=2)
+    for stage in a:
+        assert b[stage].dtype == torch.float32
+        diff = (a[stage] - b[stage]).abs()
+        assert 0 < float(diff.max())  # autocast really ran in bf16
+        assert float(diff.mean()) < 0.01 and float(diff.max()) < 0.1, (stage, diff.mean())
+    with pytest.raises(ConfigError, match="sample.precision"):
+        fp32.set_precision("fp16")
+
+
 def test_overrides_per_stage_change_the_samples(tiny) -> None:
     _, _, cascade = tiny
     base = cascade.generate(PROMPTS[:1], depth="base64", seed=0)["base64"]

@@ -18,17 +18,11 @@ import pytest
 from tiny import BIN, copy_project, run
 from tiny import env as project_env
 
+from imagen.mlops.pipeline import DVC_STAGES
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
-STAGES = [
-    "ingest",
-    "precache",
-    "train@base64",
-    "train@sr256",
-    "train@sr1024",
-    "evaluator",
-    "evaluate",
-]
+STAGES = list(DVC_STAGES)
 
 
 def _free_port() -> int:

@@ -350,6 +350,11 @@ class SampleConfig(_Strict):
         "target_resolution); None: the last stage loaded",
     )
     out_dir: str = Field("samples", description="output folder (NeMo: output_path)")
+    precision: Literal["auto", "32", "bf16"] = Field(
+        "auto",
+        description="sampling, the cascade and evaluate: the networks in bf16 autocast (bf16) or "
+        "fp32 (32); auto: bf16 on CUDA, fp32 elsewhere",
+    )
 
 
 class MlflowConfig(_Strict):

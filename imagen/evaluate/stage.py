@@ -35,7 +35,7 @@ def trained_cascade(params: Params, models_dir: Path) -> Any:
         trained.append(name)
     depth = params.evaluate.depth
     last = trained[-1] if len(trained) >= len(stages_to(depth)) else depth
-    return Cascade.from_models_dir(models_dir, depth=last)
+    return Cascade.from_models_dir(models_dir, depth=last, precision=params.sample.precision)
 
 
 def measures(params: Params, holdout: Any) -> tuple[Fidelity, list[Fidelity], Alignment]:

@@ -148,7 +148,8 @@ def untrained_reference(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_unet(config.model).eval()
-    fresh = Cascade({"base64": (net, config)}, cascade.encoder, cascade.device)
+    precision = "bf16" if cascade.bf16 else "32"
+    fresh = Cascade({"base64": (net, config)}, cascade.encoder, cascade.device, precision)
     result = sweep(
         fresh,
         holdout,

@@ -195,6 +195,7 @@ class Cascade:
         stages: Mapping[str, tuple[nn.Module, StageConfig]],
         encoder: Any,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> None:
         from imagen.diffusion import build_denoiser
 
@@ -206,11 +207,20 @@ class Cascade:
             raise ConfigError(f"stages {names}: a cascade is a run of {list(STAGES)}")
         self.device = torch.device(device)
         self.encoder = encoder
+        self.set_precision(precision)
         self.stages: dict[str, CascadeStage] = {}
         for name in names:
             net, cfg = stages[name]
             net = net.to(self.device).eval().requires_grad_(False)
             self.stages[name] = CascadeStage(name, cfg, net, build_denoiser(cfg.model, net))
+
+    def set_precision(self, precision: str) -> None:
+        """``sample.precision``: the networks' matmuls and convolutions in bf16 autocast ("bf16")
+        or fp32 ("32"); "auto" is bf16 on CUDA, fp32 elsewhere. The sampler's own arithmetic
+        (the noise levels and the updates of x) stays fp32 either way."""
+        if precision not in ("auto", "32", "bf16"):
+            raise ConfigError(f"sample.precision: {precision!r}; allowed: auto, 32, bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -220,6 +230,7 @@ class Cascade:
         *,
         encoder_path: str | Path | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> Cascade:
         """Load stage model files (stage -> model.pt or its folder) and the text encoder.
 
@@ -242,7 +253,7 @@ class Cascade:
             raise ConfigError("a cascade needs at least one stage model")
         cond = loaded[next(s for s in STAGES if s in loaded)][1].model.conditioning
         encoder = load_encoder(cond, encoder_path, device)
-        return cls(loaded, encoder, device)
+        return cls(loaded, encoder, device, precision)
 
     @classmethod
     def from_models_dir(
@@ -253,6 +264,7 @@ class Cascade:
         encoder_path: str | Path | None = None,
         device: str | torch.device = "cpu",
         start: str = "base64",
+        precision: str = "auto",
     ) -> Cascade:
         """Load ``models_dir/<stage>/model.pt`` for every stage from ``start`` to ``depth``."""
         names = [n for n in stages_to(depth) if STAGES.index(n) >= STAGES.index(start)]
@@ -260,7 +272,7 @@ class Cascade:
         for name, file in files.items():  # report the first missing stage before loading any
             if not file.exists():
                 raise FileNotFoundError(missing_stage_message(file, name))
-        return cls.from_files(files, encoder_path=encoder_path, device=device)
+        return cls.from_files(files, encoder_path=encoder_path, device=device, precision=precision)
 
     # ---------------------------------------------------------------- sampling
     @property
@@ -316,15 +328,16 @@ class Cascade:
                 )
             )  # lowres (B, C, lowres, lowres), aug_level (B,) when augmented
         shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)  # (B, C, R, R)
-        out = sample(
-            stage.denoiser,
-            shape,
-            cond,
-            sampling or cfg.sampling,
-            generator=generator,
-            progress=progress,
-        )
-        return out.clamp(-1, 1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = sample(
+                stage.denoiser,
+                shape,
+                cond,
+                sampling or cfg.sampling,
+                generator=generator,
+                progress=progress,
+            )
+        return out.float().clamp(-1, 1)
 
     def _stage_names(self, depth: str | None, from_lowres: bool) -> list[str]:
         """The stages a generate call runs: from base64 (or the first SR stage) to depth."""

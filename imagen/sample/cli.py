@@ -184,8 +184,13 @@ def load(args: argparse.Namespace, params: Params, depth: str) -> Cascade:
     source = args.models or params.models_dir
     device = resolve_device(args.device)
     if args.lowres and not str(source).startswith(("models:/", "runs:/")):
-        return Cascade.from_models_dir(source, depth=depth, start="sr256", device=device)
-    return load_cascade(source, depth=depth, tracking_uri=tracking_uri(params), device=device)
+        cascade = Cascade.from_models_dir(source, depth=depth, start="sr256", device=device)
+    else:
+        cascade = load_cascade(
+            source, depth=depth, tracking_uri=tracking_uri(params), device=device
+        )
+    cascade.set_precision(params.sample.precision)
+    return cascade
 
 
 def stage_for_resolution(cascade: Cascade, res: int) -> str:
