@@ -129,3 +129,30 @@ def test_accumulation_keeps_loss_units_rows_grids_and_best_k(
     # the same units: the mean loss per micro-batch, not divided by k
     ratio = runs[2]["metrics"]["first_loss"] / runs[1]["metrics"]["first_loss"]
     assert 0.75 < ratio < 1.33, ratio
+
+
+@pytest.mark.parametrize(
+    "attention,pooling,null",
+    [("self", "attention", True), ("self", "mean", True), ("fused", "attention", True)],
+)
+def test_unused_parameters_are_exactly_those_without_gradients(
+    attention: str, pooling: str, null: bool
+) -> None:
+    from imagen.diffusion.denoiser import build_denoiser
+    from imagen.nn import build_unet
+    from imagen.train import unused_parameters
+
+    unet = {"attention_type": attention, "feature_pooling_type": pooling, "use_null_token": null}
+    over = {"stages": {"base64": {"model": {"unet": unet}}}}
+    stage = resolve_params(shrink(Path("/nonexistent"), over)).stage("base64")
+    net = build_unet(stage.model)
+    batch = batches(stage, 1)[0]
+    cond = {"text_embed": batch["text_embed"], "text_mask": batch["text_mask"]}
+    build_denoiser(stage.model, net).loss(batch["image"], cond).backward()
+    no_grad = {n for n, p in net.named_parameters() if p.grad is None}
+    assert no_grad == set(unused_parameters(net))
+    if attention == "self":
+        assert "cond.null_token" in no_grad
+    module = ImagenStage(stage)  # what a DDP run gets: those are frozen, the rest train
+    frozen = {n for n, p in module.net.named_parameters() if not p.requires_grad}
+    assert frozen == no_grad
