@@ -76,7 +76,7 @@ def test_nonfinite_gradients_of_a_finite_loss_are_caught(tmp_path: Path, policy:
     loader = torch.utils.data.DataLoader(batches(stage, 4), batch_size=None)
     last = tmp_path / "checkpoints" / "last.ckpt"
     if policy == "stop":
-        with pytest.raises(NonFiniteLossError, match="step 1: the loss is .* but the gradients"):
+        with pytest.raises(NonFiniteLossError, match="step 1: the gradients are not finite"):
             trainer.fit(module, train_dataloaders=loader)
         assert torch.load(last, weights_only=True)["global_step"] == 1  # the step before
         return

@@ -250,34 +250,37 @@ class ImagenStage(pl.LightningModule):
         """Read the count of non-finite steps from the device (a host read: log steps,
         checkpoints, the end). Under ``nan_policy: stop`` the first one raises
         :class:`NonFiniteLossError`; under ``skip`` each new one is reported."""
-        if self._nonfinite is None or self._read_at == self.trainer.global_step:
-            return self.skipped_nonfinite
-        self._read_at = self.trainer.global_step
-        count = int(self._nonfinite[0].item())
-        total = self._skipped_before + count
-        if total != self.skipped_nonfinite:
-            _, step, loss, norm = self._nonfinite.tolist()
-            if not math.isfinite(loss):
-                what = f"the training loss is {loss}"
-            else:
-                what = f"the loss is {loss:.4g} but the gradients are not (norm {norm})"
-            if self.stage.trainer.nan_policy == "stop":
-                where = self.last_good_checkpoint() or "none (no checkpoint was written yet)"
-                raise NonFiniteLossError(
-                    f"step {int(step)}: {what} (not finite); stopping "
-                    f"(trainer.nan_policy=stop). Last good checkpoint: {where}"
-                )
-            if self.trainer.is_global_zero:
-                print(
-                    f"imagen train: skipped {total} non-finite step(s) so far, the first at "
-                    f"step {int(step)} ({what}; trainer.nan_policy=skip)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            self.skipped_nonfinite = total
+        step = self.trainer.global_step
+        if self._nonfinite is not None and self._read_at != step:
+            self._read_at = step
+            total = self._skipped_before + int(self._nonfinite[0].item())
+            if total != self.skipped_nonfinite:
+                self._report_nonfinite(total)
         if log:
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         return self.skipped_nonfinite
+
+    def _report_nonfinite(self, total: int) -> None:
+        assert self._nonfinite is not None
+        _, first, loss, norm = self._nonfinite.tolist()
+        if not math.isfinite(loss):
+            what = f"the training loss is {loss} (not finite)"
+        else:
+            what = f"the gradients are not finite (norm {norm}; the loss is {loss:.4g})"
+        if self.stage.trainer.nan_policy == "stop":
+            where = self.last_good_checkpoint() or "none (no checkpoint was written yet)"
+            raise NonFiniteLossError(
+                f"step {int(first)}: {what}; stopping (trainer.nan_policy=stop). "
+                f"Last good checkpoint: {where}"
+            )
+        if self.trainer.is_global_zero:
+            print(
+                f"imagen train: skipped {total} non-finite step(s) so far, the first at step "
+                f"{int(first)}: {what} (trainer.nan_policy=skip)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.skipped_nonfinite = total
 
     def last_good_checkpoint(self) -> str | None:
         """The newest checkpoint written by this run, else the one it resumed from."""
