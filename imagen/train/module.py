@@ -17,7 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imagen.config import StageConfig
 
@@ -30,6 +30,19 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # EMA and unused parameters
 # --------------------------------------------------------------------------------------------
+def ema_with_warmup(decay: float):
+    """An ``AveragedModel`` averaging function: EMA with decay ``min(decay, (1+n)/(10+n))``
+    (what :func:`update_ema` does with ``warmup``, for ``AveragedModel.update_parameters``)."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        nd = n.double()
+        w = (1.0 - torch.clamp((1.0 + nd) / (10.0 + nd), max=decay)).to(ema_params[0].dtype)
+        torch._foreach_lerp_(ema_params, params, [w.expand_as(e) for e in ema_params])
+
+    return update
+
+
 @torch.no_grad()
 def update_ema(
     ema: AveragedModel,
@@ -124,8 +137,13 @@ class ImagenStage(pl.LightningModule):
             if name in frozen:
                 p.requires_grad_(False)
         self.denoiser = build_denoiser(stage.model, net)
-        # EMA of the UNet weights (and buffers), updated by update_ema after every step
-        self.ema = AveragedModel(net, use_buffers=True)
+        # EMA of the UNet weights (and buffers): update_ema after every step (update_parameters
+        # computes the same: NeMo's fixed decay, or warmed up with trainer.ema_warmup)
+        decay = stage.trainer.ema_decay
+        average = (
+            ema_with_warmup(decay) if stage.trainer.ema_warmup else get_ema_multi_avg_fn(decay)
+        )
+        self.ema = AveragedModel(net, multi_avg_fn=average, use_buffers=True)
         self.ema.requires_grad_(False)
         if stage.model.inductor:
             net.compile()  # in place: the state dict keeps its keys
