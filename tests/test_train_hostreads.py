@@ -112,6 +112,7 @@ def _count(root: Path, stage: str, steps: int, every: int, monkeypatch) -> StepR
     return mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 def test_no_host_reads_between_log_steps(project: Path, stage: str, monkeypatch) -> None:
     steps, every = 8, 4
