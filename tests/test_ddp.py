@@ -49,6 +49,25 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
 
 
+@pytest.mark.slow
+def test_ddp_with_self_attention_and_attention_pooling_trains(tmp_path: Path) -> None:
+    # self-attention reads no text tokens, attention pooling pools the raw embeddings: the
+    # text projection and null token get no gradient, which DDP rejects unless they are frozen
+    unet = {"attention_type": "self", "feature_pooling_type": "attention", "use_null_token": True}
+    make_project(tmp_path, {"stages": {"base64": {"model": {"unet": unet}}}}, stages=("base64",))
+    sets = {"accelerator": "cpu", "devices": 2, "max_steps": 3, "batch_size": 2,
+            "checkpoint_every_n_steps": 2}  # fmt: skip
+    args = [a for k, v in sets.items() for a in ("-S", f"stages.base64.trainer.{k}={v}")]
+    res = imagen(tmp_path, "train", "--stage", "base64", "--record-keys", *args, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    out = tmp_path / "models" / "base64"
+    ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "denoiser.net.cond.text_to_cond.weight" in state  # still saved (NeMo's keys)
+
+
 def _processes_in(folder: Path) -> list[int]:
     """Process ids whose working directory is ``folder`` (leftover ranks)."""
     found = []

@@ -13,7 +13,7 @@ from tiny import imagen, make_project, shrink
 
 from imagen.checkpoint import load_stage, read_stage
 from imagen.config import StageConfig, deep_merge, resolve_params
-from imagen.train import ImagenStage, build_trainer, lightning_precision
+from imagen.train import ImagenStage, build_trainer, lightning_precision, update_ema
 
 
 def tiny_stage(name: str = "base64", **over: Any) -> StageConfig:
@@ -237,3 +237,13 @@ def test_ema_is_nemos_fixed_decay_unless_warmed_up(warmup: bool) -> None:
     for b, e in zip(before, module.ema.module.parameters(), strict=True):
         expected = d * (b + 1.0) + (1 - d) * (b + 2.0)
         torch.testing.assert_close(e, expected, rtol=1e-5, atol=1e-5)
+    # what training calls (on the device, no host read) computes the same; its first update
+    # copies the weights too
+    trained = ImagenStage(module.stage)
+    for shift in (1.0, 2.0):
+        with torch.no_grad():
+            for p, b in zip(trained.net.parameters(), before, strict=True):
+                p.copy_(b + shift)
+        update_ema(trained.ema, trained.net, 0.99, warmup)
+    for a, e in zip(module.ema.module.parameters(), trained.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)

@@ -24,7 +24,13 @@ from imagen.train.callbacks import KeyRecorder, Progress, weights_digest
 from imagen.train.checkpoints import LAST_CKPT, AtomicCheckpointIO, CheckpointWriteError
 from imagen.train.grids import SampleGrid, grid_image
 from imagen.train.logger import StageRunLogger
-from imagen.train.module import ImagenStage, NonFiniteLossError, ema_with_warmup
+from imagen.train.module import (
+    ImagenStage,
+    NonFiniteLossError,
+    ema_with_warmup,
+    unused_parameters,
+    update_ema,
+)
 from imagen.train.preempt import EXIT_PREEMPTED, Preempted
 from imagen.train.resume import choose_resume
 from imagen.train.settings import STATE_KEYS, settings_hash
@@ -53,6 +59,8 @@ __all__ = [
     "main",
     "settings_hash",
     "train_stage",
+    "unused_parameters",
+    "update_ema",
     "weights_digest",
     "write_loss_csv",
 ]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,43 @@ from imagen.train.grids import SampleGrid
 from imagen.train.module import ImagenStage
 
 
+class DeviceMean:
+    """A running mean of device scalars (non-finite ones left out), read from the device once
+    by :meth:`read`: adding reads nothing."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def add(self, value: torch.Tensor) -> None:
+        ok = torch.isfinite(value)
+        v = torch.where(ok, value, 0.0)
+        if self.sum is None or self.count is None:
+            self.sum, self.count = v.clone(), ok.float()
+        else:
+            self.sum += v
+            self.count += ok
+
+    def read(self) -> float | None:
+        """The mean (one host read; NaN when no value was finite), None when nothing was added;
+        starts over."""
+        if self.sum is None or self.count is None:
+            return None
+        value = (self.sum / self.count).item()
+        self.sum = self.count = None
+        return value
+
+
 class Progress(Callback):
     """Per-step learning rate, images/s and a loss history; sample grids; the checkpoint path.
 
-    Every ``log_every_n_steps`` optimiser steps it logs ``train/loss_avg`` (the mean since the
-    last log), ``train/lr`` and ``train/images_per_s`` (all ranks, sampling time excluded).
+    Every ``log_every_n_steps`` optimiser steps it logs ``train/loss_avg`` (the mean loss since
+    the last log), ``train/lr`` and ``train/images_per_s`` (all ranks, sampling time excluded).
     Every ``monitor_every`` steps it puts ``train/loss_avg`` (the mean of the last
-    ``log_every_n_steps`` losses, averaged over the ranks) where Lightning's checkpoint
-    callbacks read their monitored metric.
+    ``log_every_n_steps`` steps' losses, averaged over the ranks) where Lightning's checkpoint
+    callbacks read their monitored metric. A step's loss is the mean over its micro-batches
+    (``accumulate_grad_batches``), so neither depends on the accumulation. Losses stay on the
+    device until a log step reads their mean.
     """
 
     def __init__(
@@ -44,8 +73,10 @@ class Progress(Callback):
         self.stage, self.out, self.grid, self.run = stage, out, grid, run
         self.monitor_every = monitor_every
         self.history: list[tuple[int, float]] = []  # (step, loss)
-        self.window: deque[float] = deque(maxlen=stage.trainer.log_every_n_steps)
-        self._losses: list[float] = []
+        self._mean = DeviceMean()
+        self._window: torch.Tensor | None = None  # (2, log_every_n_steps): losses, finite
+        self._steps = 0
+        self._seen = 0
         self._images = 0
         self._t_last = 0.0
         self._t_start = 0.0
@@ -55,7 +86,10 @@ class Progress(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
         self._t_start = self._t_last = time.perf_counter()
-        self.start_step = trainer.global_step
+        self.start_step = self._seen = trainer.global_step
+        every = self.stage.trainer.log_every_n_steps
+        self._window = torch.zeros(2, every, device=pl_module.device)
+        self._steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The loss history travels in the checkpoint, so a resumed run's loss.csv is whole."""
@@ -70,36 +104,49 @@ class Progress(Callback):
         n = batch["image"].shape[0] * trainer.world_size
         self._images += n
         self.images += n
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._losses.append(float(loss.detach()))
-            self.window.append(self._losses[-1])
         step = trainer.global_step
+        if step == self._seen:  # a micro-batch that did not end an optimiser step
+            return
+        self._seen = step
+        loss = pl_module.step_loss
+        if loss is not None:
+            self._mean.add(loss)
+            if self._window is not None:
+                i = self._steps % self._window.shape[1]
+                self._window[0, i] = torch.where(torch.isfinite(loss), loss, 0.0)
+                self._window[1, i] = torch.isfinite(loss).float()
+            self._steps += 1
         if self.monitor_every and step % self.monitor_every == 0:
             self.publish_monitor(trainer)
         every = self.stage.trainer.log_every_n_steps
-        if self._losses and (step % every == 0 or step == trainer.max_steps):
+        if step % every == 0 or step == trainer.max_steps:
             now = time.perf_counter()
             self.train_seconds += now - self._t_last
-            avg = sum(self._losses) / len(self._losses)
+            avg = self._mean.read()  # the one host read of the losses
             metrics = {
-                "train/loss_avg": avg,
                 "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
                 "train/images_per_s": self._images / max(now - self._t_last, 1e-9),
             }
+            if avg is not None and math.isfinite(avg):
+                metrics["train/loss_avg"] = avg
             if trainer.is_global_zero:
-                self.history.append((step, avg))
+                if "train/loss_avg" in metrics:
+                    self.history.append((step, avg))
                 self.run.log_metrics(metrics, step=step)
-            self._losses, self._images, self._t_last = [], 0, now
+            self._images, self._t_last = 0, now
         if self.grid is not None and step % self.stage.trainer.sample_every_n_steps == 0:
             self.sample(trainer, pl_module)
 
     def publish_monitor(self, trainer: pl.Trainer) -> None:
         """``train/loss_avg`` for the best-k rule: the same value on every rank (a collective,
         so every rank calls it at the same steps)."""
-        local = sum(self.window) / len(self.window) if self.window else float("inf")
         device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
-        value = trainer.strategy.reduce(torch.tensor(local, device=device), reduce_op="mean")
+        if self._window is None:
+            local = torch.tensor(float("inf"), device=device)
+        else:
+            total, finite = self._window.sum(dim=1)
+            local = torch.where(finite > 0, total / finite.clamp(min=1), float("inf"))
+        value = trainer.strategy.reduce(local.to(device), reduce_op="mean")
         trainer.callback_metrics["train/loss_avg"] = torch.as_tensor(value).detach().cpu()
 
     def sample(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
@@ -177,25 +224,31 @@ class LogLines(Callback):
         self.stage, self.stream = stage, stream or sys.stderr
         self.every = stage.trainer.progress_seconds
         self._t = self._step = self._images = 0
-        self._losses: list[float] = []
+        self._seen = 0
+        self._mean = DeviceMean()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
         self._t, self._step, self._images = time.perf_counter(), trainer.global_step, 0
+        self._seen = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: ImagenStage, outputs: Any, batch: Any, idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._losses.append(float(loss.detach()))
         self._images += batch["image"].shape[0] * trainer.world_size
-        now, step = time.perf_counter(), trainer.global_step
+        step = trainer.global_step
+        if step == self._seen:  # a micro-batch that did not end an optimiser step
+            return
+        self._seen = step
+        if pl_module.step_loss is not None:
+            self._mean.add(pl_module.step_loss)
+        now = time.perf_counter()
         if now - self._t >= self.every or step == trainer.max_steps:
             self.line(trainer, now, step)
 
     def line(self, trainer: pl.Trainer, now: float, step: int) -> None:
         dt, steps = max(now - self._t, 1e-9), max(step - self._step, 1)
-        loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        loss = self._mean.read()  # one host read a line
+        loss = float("nan") if loss is None else loss
         left = (trainer.max_steps - step) * dt / steps
         low = self.stage.progressive_resolution(max(step - 1, 0))
         size = f" at {low} px" if low else ""
@@ -206,7 +259,7 @@ class LogLines(Callback):
                 file=self.stream,
                 flush=True,
             )
-        self._t, self._step, self._images, self._losses = now, step, 0, []
+        self._t, self._step, self._images = now, step, 0
 
 
 class StepBar(TQDMProgressBar):
@@ -225,5 +278,11 @@ class StepBar(TQDMProgressBar):
     ) -> None:
         bar = self.train_progress_bar
         bar.n = trainer.global_step
-        bar.set_postfix(self.get_metrics(trainer, pl_module))
+        every = trainer.lightning_module.stage.trainer.log_every_n_steps
+        if trainer.global_step % every == 0:  # the values logged there, nothing read between
+            metrics = self.get_metrics(trainer, pl_module)
+            progress = [c for c in trainer.callbacks if isinstance(c, Progress) and c.history]
+            if progress:
+                metrics["loss"] = f"{progress[0].history[-1][1]:.4f}"
+            bar.set_postfix(metrics)
         bar.refresh()

@@ -1,7 +1,9 @@
 """Preemption: SIGTERM (SLURM, Kubernetes, torchrun) writes a checkpoint and stops the run.
 
-The handler only raises a flag. At the end of the step in progress every rank learns whether
-any rank was signalled (one boolean all-reduce per step), all ranks call
+The handler only raises a flag. On one process the flag is looked at after every optimiser step
+(no device work); under DDP the ranks agree on it by a boolean all-reduce every
+``log_every_n_steps`` steps (a collective and a host read there, none in the steps between;
+a signalled run stops within that many steps), then all ranks call
 ``trainer.save_checkpoint`` together (rank zero writes ``last.ckpt``, the others wait at its
 barrier, so nobody runs into a collective while the file is written) and raise
 :class:`Preempted`. The command then exits with :data:`EXIT_PREEMPTED` (143 = 128 + SIGTERM,
@@ -35,10 +37,11 @@ class Preempted(RuntimeError):
 class Preemption(Callback):
     """Turns SIGTERM into a checkpoint at the end of the current step (see the module doc)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, every: int = 1) -> None:
+        self.path, self.every = path, max(1, every)
         self.requested = False
         self._previous: Any = None
+        self._seen = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -46,13 +49,22 @@ class Preemption(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # replaces Lightning's own SIGTERM handler (set just before) for the training loop
         self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._seen = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            return
         step = trainer.global_step
+        if step == self._seen:  # a micro-batch that did not end an optimiser step
+            return
+        self._seen = step
+        if trainer.world_size == 1:
+            if not self.requested:
+                return
+        elif step % self.every or not trainer.strategy.reduce_boolean_decision(
+            self.requested, all=False
+        ):
+            return
         if trainer.is_global_zero:
             print(
                 f"imagen train: SIGTERM: writing {self.path} at step {step}",

@@ -56,7 +56,7 @@ def build_trainer(
             *keeping_callbacks(stage, folder),
             *callbacks,
             *bar,
-            Preemption(folder / LAST_CKPT),
+            Preemption(folder / LAST_CKPT, every=t.log_every_n_steps),
         ],
         plugins=[AtomicCheckpointIO()],
         logger=logger,
