@@ -20,6 +20,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny nets: one thread is as fast, and immune to a busy neighbour's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` run where CUDA is, and are skipped with the reason elsewhere."""
     if torch.cuda.is_available():

