@@ -45,14 +45,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagen.config import ConfigError, DataConfig, Params
 from imagen.data.nemo_format import BadRecord, safe_loads
+from imagen.data.parts import KeySet, Part
 from imagen.data.shards import ShardSetWriter
 from imagen.data.sources import RawRecord, clean_key, records
+from imagen.data.storage import Store, iter_samples, local_file
 
 SPLITS: tuple[str, ...] = ("train", "holdout")
 MAX_RECORDS_PER_REASON = 1000  # the manifest lists at most this many records per reason
@@ -307,7 +309,8 @@ def _process_star(args: tuple[RawRecord, DataConfig]) -> Result:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Tally:
-    """What the ingest has seen so far: counts, rejections with reasons, what was normalised."""
+    """What the ingest has seen so far: counts, rejections with reasons, what was normalised;
+    the keys written so far are kept on disk (:class:`KeySet`), not in memory."""
 
     seen: int = 0
     accepted: int = 0
@@ -315,7 +318,7 @@ class _Tally:
     rejected_counts: Counter[str] = field(default_factory=Counter)
     normalised: Counter[str] = field(default_factory=Counter)
     written: Counter[str] = field(default_factory=Counter)
-    keys: set[str] = field(default_factory=set)
+    keys: KeySet = field(default_factory=KeySet)
 
     def reject(self, reason: str, key: str, origin: str, detail: str) -> None:
         self.rejected_counts[reason] += 1
@@ -333,13 +336,12 @@ def holdout_spacing(cfg: DataConfig, total: int | None) -> int:
 
 def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | None:
     """The split an accepted result goes to, or None after recording why it was rejected."""
-    if res.reason is None and res.key in tally.keys:
+    if res.reason is None and not tally.keys.add(res.key):
         res.reason, res.sample = "duplicate_key", None
     if res.reason is not None:
         tally.reject(res.reason, res.key, res.origin, res.detail)
         return None
     tally.normalised.update(set(res.notes))
-    tally.keys.add(res.key)
     split = res.split
     if split is None:
         due = tally.accepted % every == every - 1
@@ -349,11 +351,11 @@ def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | Non
     return split
 
 
-def _remove_stale_shards(out: Path, shards: list[dict[str, Any]]) -> None:
+def _remove_stale_shards(out: Store, shards: list[dict[str, Any]]) -> None:
     fresh = {s["name"] for s in shards}
-    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
-        if old.name not in fresh:  # a previous run with more data left these
-            old.unlink()
+    for old in out.list("train-*.tar") + out.list("holdout-*.tar"):
+        if old not in fresh:  # a previous run with more data left these
+            out.remove(old)
 
 
 def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,50 +385,65 @@ def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> d
     }
 
 
-def ingest(
-    cfg: DataConfig, workers: int = 1, progress: bool = True, log: Callable[[str], Any] = print
-) -> dict[str, Any]:
-    """Run the ingest with ``cfg``; returns the manifest (also written to the shards dir)."""
-    from tqdm import tqdm
-
+def _check(cfg: DataConfig) -> Store:
+    """The output folder (local or URL), after the checks that need no data."""
     if cfg.min_resolution > cfg.image_size:
         raise ConfigError(
             f"data.min_resolution: {cfg.min_resolution} is above data.image_size "
             f"{cfg.image_size}; every image would be rejected"
         )
-    out = Path(cfg.shards_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reader_errors: list[tuple[str, str]] = []
-    recs, total = records(cfg, reader_errors)
-    writers = {s: ShardSetWriter(out, s, cfg.samples_per_shard) for s in SPLITS}
-    every = holdout_spacing(cfg, total)
-    tally = _Tally()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    out = Store(cfg.shards_dir, "data.shards_dir")
+    out.mkdir()
+    return out
+
+
+@contextmanager
+def _processed(recs: Iterable[RawRecord], cfg: DataConfig, workers: int) -> Iterator[Any]:
+    """The records' :class:`Result` s, in order, computed by ``workers`` processes."""
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         jobs = ((r, cfg) for r in recs)
-        results = pool.imap(_process_star, jobs, chunksize=4) if pool else map(_process_star, jobs)
-        for res in results:
-            tally.seen += 1
-            bar.update(1)
-            split = _route(res, cfg, every, tally)
-            if split is not None:
-                writers[split].write(res.sample)  # type: ignore[arg-type]
+        yield pool.imap(_process_star, jobs, chunksize=4) if pool else map(_process_star, jobs)
     finally:
-        bar.close()
         if pool is not None:
             pool.close()
             pool.join()
+
+
+def _write_shards(
+    cfg: DataConfig, out: Store, results: Iterable[Result], total: int | None, bar: Any
+) -> tuple[_Tally, list[dict[str, Any]]]:
+    """Route results in order (duplicates, holdout) into the split shard writers."""
+    writers = {s: ShardSetWriter(out, s, cfg.samples_per_shard) for s in SPLITS}
+    every = holdout_spacing(cfg, total)
+    tally = _Tally()
+    for res in results:
+        tally.seen += 1
+        bar.update(1)
+        split = _route(res, cfg, every, tally)
+        if split is not None:
+            writers[split].write(res.sample)  # type: ignore[arg-type]
     for w in writers.values():
         w.flush()
-    elapsed = time.perf_counter() - t0
-    shards = writers["train"].shards + writers["holdout"].shards
+    tally.keys.close()
+    return tally, writers["train"].shards + writers["holdout"].shards
+
+
+def _finish(
+    cfg: DataConfig,
+    out: Store,
+    tally: _Tally,
+    shards: list[dict[str, Any]],
+    reader_errors: list[tuple[str, str]],
+    elapsed: float,
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Remove stale shards, write the manifest, say what was done; returns the manifest."""
     _remove_stale_shards(out, shards)
     for kind, msg in reader_errors:
         tally.reject("unreadable_source", "", str(cfg.source_path or ""), f"{kind}: {msg}")
     manifest = _manifest(cfg, tally, shards)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    out.write_json("manifest.json", manifest)
     rate = tally.seen / elapsed if elapsed > 0 else float("inf")
     counts = manifest["counts"]
     log(
@@ -444,6 +461,178 @@ def ingest(
     return manifest
 
 
+def ingest(
+    cfg: DataConfig, workers: int = 1, progress: bool = True, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
+    """Run the ingest with ``cfg``; returns the manifest (also written to the shards dir).
+
+    When every part of a parted ingest (:func:`ingest_part`) is finished for the same params,
+    this puts them together instead of reading the source again.
+    """
+    from tqdm import tqdm
+
+    out = _check(cfg)
+    parts = finished_parts(cfg)
+    if parts is not None:
+        return merge_parts(cfg, parts, progress, log)
+    reader_errors: list[tuple[str, str]] = []
+    recs, total = records(cfg, reader_errors)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        with _processed(recs, cfg, workers) as results:
+            tally, shards = _write_shards(cfg, out, results, total, bar)
+    finally:
+        bar.close()
+    return _finish(cfg, out, tally, shards, reader_errors, time.perf_counter() - t0, log)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts: ingest_part runs one share of the records; merge_parts writes the shards from them
+# --------------------------------------------------------------------------------------------
+def parts_store(cfg: DataConfig) -> Store:
+    """Where the parts of ``data.shards_dir`` are kept until merged: ``<shards_dir>.parts``."""
+    return Store(f"{str(cfg.shards_dir).rstrip('/')}.parts", "data.shards_dir")
+
+
+def _result_line(res: Result) -> bytes:
+    row = {"key": res.key, "origin": res.origin, "split": res.split, "reason": res.reason}
+    row |= {"detail": res.detail, "notes": res.notes}
+    return json.dumps(row, ensure_ascii=False).encode() + b"\n"
+
+
+def _write_part(results: Iterable[Result], tar: Path, lines: Path, bar: Any) -> dict[str, int]:
+    """One line per result (in order) and the accepted samples, numbered, in one tar."""
+    import webdataset as wds
+
+    n = accepted = 0
+    with open(tar, "wb") as f, open(lines, "wb") as rows:
+        writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        for res in results:
+            rows.write(_result_line(res))
+            if res.reason is None:  # numbered keys: two samples may share a source key
+                writer.write({**res.sample, "__key__": f"{accepted:012d}"})  # type: ignore[dict-item]
+                accepted += 1
+            n += 1
+            bar.update(1)
+        writer.close()
+    return {"records": n, "accepted": accepted}
+
+
+def ingest_part(
+    cfg: DataConfig,
+    part: Part,
+    workers: int = 1,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Check and normalise ``part``'s share of the source's records into
+    ``<shards_dir>.parts/part-K-of-N.{tar,jsonl,json}`` (the .json, written last, marks it
+    finished); a finished part with the same params is skipped. Returns the part's record."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    _check(cfg)
+    store = parts_store(cfg)
+    store.mkdir()
+    prev = _part_record(store, part)
+    if prev is not None and prev["params"] == cfg.model_dump(mode="json"):
+        log(f"ingest: part {part} already finished ({prev['records']} records), skipped")
+        return prev
+    reader_errors: list[tuple[str, str]] = []
+    recs, total = records(cfg, reader_errors, part)
+    t0 = time.perf_counter()
+    bar = tqdm(desc=f"ingest {part}", unit="img", disable=not progress, file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="imagen-part-") as tmp:
+        tar, lines = Path(tmp) / "samples.tar", Path(tmp) / "results.jsonl"
+        try:
+            with _processed(recs, cfg, workers) as results:
+                counts = _write_part(results, tar, lines, bar)
+        finally:
+            bar.close()
+        store.put_file(tar, f"{part.name}.tar")
+        store.put_file(lines, f"{part.name}.jsonl")
+    record = {"part": [part.index, part.count], "total": total, **counts}
+    record |= {"reader_errors": reader_errors, "params": cfg.model_dump(mode="json")}
+    store.write_json(f"{part.name}.json", record)
+    elapsed = time.perf_counter() - t0
+    log(
+        f"ingest: part {part}: {counts['records']} records, {counts['accepted']} accepted, in "
+        f"{elapsed:.1f} s -> {store}; `imagen ingest` writes the shards once all "
+        f"{part.count} parts are finished"
+    )
+    return record
+
+
+def _part_record(store: Store, part: Part) -> dict[str, Any] | None:
+    name = f"{part.name}.json"
+    return store.read_json(name) if store.exists(name) else None
+
+
+def finished_parts(cfg: DataConfig) -> list[Part] | None:
+    """The parts to merge: all N parts of one count made with these params; None when there
+    are no parts for these params; a ConfigError naming the missing ones when some are."""
+    store = parts_store(cfg)
+    params = cfg.model_dump(mode="json")
+    found: dict[int, list[Part]] = {}
+    for name in store.list("part-*-of-*.json"):
+        k, n = (int(x) for x in name[len("part-") : -len(".json")].split("-of-"))
+        if store.read_json(name).get("params") == params:
+            found.setdefault(n, []).append(Part(k, n))
+    if not found:
+        return None
+    n, parts = max(found.items(), key=lambda kv: len(kv[1]))
+    missing = sorted(set(range(n)) - {p.index for p in parts})
+    if missing:
+        raise ConfigError(
+            f"ingest: parts {', '.join(f'{k}/{n}' for k in missing)} of {store} are not "
+            f"finished: run `imagen ingest --part K/{n}` for each (or delete {store} to "
+            "ingest in one process)"
+        )
+    return sorted(parts, key=lambda p: p.index)
+
+
+def _part_results(store: Store, part: Part) -> Iterator[Result]:
+    """A finished part's results in order, the accepted ones with their samples."""
+    samples = iter_samples([store.path(f"{part.name}.tar")])
+    with store.open(f"{part.name}.jsonl") as rows:
+        for line in rows:
+            row = json.loads(line)
+            res = Result(row["key"], row["origin"], row["split"], reason=row["reason"])
+            res.detail, res.notes = row["detail"], row["notes"]
+            if res.reason is None:
+                s = next(samples)
+                res.sample = {k: v for k, v in s.items() if not k.startswith("__")}
+                res.sample = {"__key__": res.key, **res.sample}
+            yield res
+
+
+def merge_parts(
+    cfg: DataConfig, parts: list[Part], progress: bool = True, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
+    """Write the shards and manifest from finished parts, in order: the same bytes one process
+    writes. The parts are deleted afterwards."""
+    from tqdm import tqdm
+
+    out, store = _check(cfg), parts_store(cfg)
+    records_ = [_part_record(store, p) or {} for p in parts]
+    total = records_[0].get("total")
+    reader_errors = [tuple(e) for r in records_ for e in r.get("reader_errors", [])]
+    t0 = time.perf_counter()
+    n = sum(r.get("records", 0) for r in records_)
+    bar = tqdm(total=n, desc="ingest merge", unit="img", disable=not progress, file=sys.stderr)
+    results = (res for p in parts for res in _part_results(store, p))
+    try:
+        tally, shards = _write_shards(cfg, out, results, total, bar)
+    finally:
+        bar.close()
+    manifest = _finish(cfg, out, tally, shards, reader_errors, time.perf_counter() - t0, log)  # type: ignore[arg-type]
+    store.remove_all()
+    log(f"ingest: merged {len(parts)} parts from {store} (deleted)")
+    return manifest
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
@@ -452,14 +641,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that decode/normalise/encode images (default: all cores)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="ingest only part K (from 0) of N of the source into <shards_dir>.parts; "
+        "`imagen ingest` without --part then writes the shards once all N are finished",
+    )
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
     from imagen.mlops.tracking import stage_run
 
+    if args.part is not None:  # one share of the work: no shards, no MLflow run yet
+        part = Part.parse(args.part)
+        ingest_part(params.data, part, workers=args.workers, progress=not args.no_progress)
+        return 0
     # the stage's MLflow run (nested under the pipeline's parent run): counts + the manifest
     with stage_run(params, "ingest") as run:
         manifest = ingest(params.data, workers=args.workers, progress=not args.no_progress)
         run.log_metrics({f"samples/{k}": v for k, v in manifest["counts"].items()})
-        run.log_artifact(Path(params.data.shards_dir) / "manifest.json")
+        with local_file(Store(params.data.shards_dir), "manifest.json") as f:
+            run.log_artifact(f)
     return 0 if manifest["counts"]["written"] > 0 else 1
