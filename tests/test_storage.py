@@ -193,6 +193,7 @@ def _dvc(root: Path, *args: str, extra: dict[str, str]) -> str:
     return res.stdout
 
 
+@pytest.mark.slow
 def test_dvc_remote_on_s3_pushes_and_pulls_data_and_models(
     s3: dict[str, str], tmp_path: Path
 ) -> None:
