@@ -34,6 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.parts import PARTED, map_parts, stale
 from imagen.config import STAGES, ConfigError, Params, flatten, load_params
 from imagen.mlops.client import client_and_experiment
 from imagen.mlops.parent import PARENT_ENV, create_parent_run, end_parent_run, stage_runs
@@ -194,6 +195,8 @@ def imagen_flow(
     overrides: dict[str, Any] | None = None,
     project_dir: str | None = None,
     mlflow_ui: str = DEFAULT_UI,
+    parts: int = 1,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Run the Imagen cascade (ingest -> precache -> base64 -> sr256 -> sr1024 -> evaluator ->
     evaluate) through DVC, under one MLflow parent run.
@@ -202,6 +205,9 @@ def imagen_flow(
         overrides: params.yaml values to set first, e.g. {"stages.base64.trainer.max_steps": 50}.
         project_dir: the project (a DVC repository); default: the one this flow belongs to.
         mlflow_ui: base URL of the MLflow UI used in the links of the summary artifact.
+        parts: run ingest and precache (when stale) as this many parts first (flows/parts.py).
+        dask: where the parts run: None (Prefect's default runner), "local" (a Dask
+            LocalCluster) or a Dask scheduler address.
     """
     logger = get_run_logger()
     root = Path(project_dir or PROJECT_DIR).resolve()
@@ -229,6 +235,8 @@ def imagen_flow(
     status = "FAILED"
     try:
         for stage in DVC_STAGES:
+            if parts > 1 and stage in PARTED and stale(stage, str(root)):
+                map_parts(stage, str(root), parts, dask)
             results.append(run_stage(stage, str(root), parent))
         status = "FINISHED"
     finally:

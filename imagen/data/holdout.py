@@ -36,8 +36,6 @@ class HeldOut:
         return len(self.captions)
 
 
-
-
 def pil_to_uint8(image: Any, size: int) -> Tensor:
     """A PIL image -> (3, size, size) uint8, bicubic up / Lanczos down when resized."""
     img = image.convert("RGB")

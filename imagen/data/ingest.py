@@ -43,263 +43,38 @@ and counted with its reason.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from imagen.config import ConfigError, DataConfig, Params
-from imagen.data.nemo_format import BadRecord, safe_loads
+from imagen.data.normalise import (  # noqa: F401 - names users of ingest import from here
+    JPEG_QUALITY,
+    Result,
+    _process_star,
+    _pyramid,
+    decode_image,
+    encode_image,
+    normalise_caption,
+    normalise_image,
+    process,
+    to_rgb8,
+)
+from imagen.data.parts import KeySet, Part
 from imagen.data.shards import ShardSetWriter
-from imagen.data.sources import RawRecord, clean_key, records
+from imagen.data.sources import RawRecord, records
+from imagen.data.storage import Store, iter_samples, local_file
 
 SPLITS: tuple[str, ...] = ("train", "holdout")
 MAX_RECORDS_PER_REASON = 1000  # the manifest lists at most this many records per reason
-JPEG_QUALITY = 95
-
-
-# --------------------------------------------------------------------------------------------
-# Records from the sources
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    key: str
-    origin: str
-    split: str | None
-    sample: dict[str, Any] | None = None  # webdataset sample when accepted
-    reason: str | None = None  # rejection reason
-    detail: str = ""
-    notes: list[str] = field(default_factory=list)  # what was normalised
-
-
-# --------------------------------------------------------------------------------------------
-# Checking and normalising one record (runs in worker processes)
-# --------------------------------------------------------------------------------------------
-_EMBEDDED_CACHE: dict[tuple[str, int, int, int], Any] = {}
-
-
-def _embedded_item(cfg: DataConfig, split: str, index: int) -> dict[str, Any]:
-    from imagen.embedded.dataset import EmbeddedDataset
-
-    total = cfg.num_train if split == "train" else cfg.num_holdout
-    ck = (split, cfg.seed, cfg.image_size, total)
-    if ck not in _EMBEDDED_CACHE:
-        _EMBEDDED_CACHE[ck] = EmbeddedDataset(
-            total, seed=cfg.seed, size=cfg.image_size, split=split
-        )
-    return _EMBEDDED_CACHE[ck][index]
-
-
-def normalise_caption(raw: bytes | str | None, max_chars: int) -> tuple[str | None, list[str]]:
-    """-> (caption or None when missing/empty, notes). Non-UTF-8 bytes are read as cp1252
-    (latin-1 as the last resort); whitespace runs become one space; long captions are cut."""
-    notes: list[str] = []
-    if raw is None:
-        return None, notes
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            notes.append("caption_not_utf8")
-            try:
-                text = raw.decode("cp1252")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-    else:
-        text = raw
-        if any(0xDC80 <= ord(c) <= 0xDCFF for c in text):  # surrogate-escaped bytes
-            notes.append("caption_not_utf8")
-            text = text.encode("utf-8", "surrogateescape").decode("latin-1")
-    text = " ".join(text.replace("\x00", " ").split())
-    if not text:
-        return None, notes
-    if len(text) > max_chars:
-        notes.append("caption_truncated")
-        text = text[:max_chars].rstrip()
-    return text, notes
-
-
-def to_rgb8(img: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Any PIL mode -> 8-bit RGB; alpha is composited on white. Returns (image, notes)."""
-    notes: list[str] = []
-    mode = img.mode
-    if mode == "RGB":
-        return img, notes
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        notes.append("high_bit_depth_converted")
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if mode == "F":
-            top = max(1.0, float(arr.max())) if arr.max() > 1.0 else 1.0
-        arr = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB"), notes
-    if mode == "P":
-        notes.append("palette_converted")
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        notes.append("alpha_composited_on_white")
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), notes
-    if mode == "CMYK":
-        notes.append("cmyk_converted")
-    elif mode in ("L", "1"):
-        notes.append("greyscale_converted")
-    elif mode != "RGB":
-        notes.append(f"{mode.lower()}_converted")
-    return img.convert("RGB"), notes
-
-
-def _pyramid(img: Image.Image, sizes: list[int], ext: str) -> dict[str, bytes]:
-    """Smaller copies of a square image, keyed ``<size>.<ext>`` (sizes >= the image skipped).
-
-    Each is resized from the full image (LANCZOS), so every level is as sharp as a direct
-    downsample; the loader then decodes a 64 px copy for base64 instead of a 1024 px image.
-    """
-    out: dict[str, bytes] = {}
-    for r in sorted(set(sizes)):
-        if r >= img.size[0]:
-            continue
-        buf = io.BytesIO()
-        small = img.resize((r, r), Image.Resampling.LANCZOS)
-        if ext == "jpg":
-            small.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        else:
-            small.save(buf, format="PNG", compress_level=3)
-        out[f"{r}.{ext}"] = buf.getvalue()
-    return out
-
-
-def decode_image(data: bytes) -> tuple[Image.Image | None, str | None, str, str]:
-    """Image bytes -> (image, source format, rejection reason or "", detail)."""
-    if len(data) == 0:
-        return None, None, "empty_file", ""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            img.load()
-    except UnidentifiedImageError:
-        return None, None, "not_an_image", ""
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, None, "image_too_large", str(e)[:200]
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        return None, None, "truncated_or_corrupt_image", str(e)[:200]
-    return img, fmt, "", ""
-
-
-def normalise_image(img: Image.Image, cfg: DataConfig) -> tuple[Image.Image, list[str]]:
-    """EXIF rotation, 8-bit RGB, center-crop to a square, downsize to data.image_size; returns
-    the image and what was changed (the caller checks min_resolution before cropping)."""
-    notes: list[str] = []
-    try:
-        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation says "rotate me"
-            img = ImageOps.exif_transpose(img)
-            notes.append("exif_rotated")
-    except Exception:  # a broken EXIF block: keep the pixels as stored
-        pass
-    img, mode_notes = to_rgb8(img)
-    notes += mode_notes
-    w, h = img.size
-    if min(w, h) < cfg.min_resolution:
-        return img, notes
-    if w != h:  # center crop to a square
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        notes.append("center_cropped")
-    if img.size[0] > cfg.image_size:
-        img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
-        notes.append("resized")
-    return img, notes
-
-
-def encode_image(img: Image.Image, src_format: str | None, raw: Any, changed: bool) -> tuple:
-    """(extension, bytes): a JPEG source keeps its bytes when unchanged, else is re-encoded as
-    JPEG once; everything else is stored as PNG (no JPEG artefacts on synthetic images)."""
-    if src_format == "JPEG" and not changed:
-        return "jpg", bytes(raw)
-    buf = io.BytesIO()
-    if src_format == "JPEG":
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        return "jpg", buf.getvalue()
-    img.save(buf, format="PNG", compress_level=3)
-    return "png", buf.getvalue()
-
-
-def process(rec: RawRecord, cfg: DataConfig) -> Result:
-    """Check and normalise one record into a webdataset sample, or say why it is rejected."""
-    extra = dict(rec.extra)
-    key, image, caption = rec.key, rec.image, rec.caption
-    if rec.embedded_index is not None:
-        # generated data cannot be bad input: a failure here is a bug and stops the run
-        item = _embedded_item(cfg, rec.split or "train", rec.embedded_index)
-        key, image, caption = clean_key(str(item["key"])), item["image"], item["caption"]
-        extra["attributes"] = item.get("attributes", {})
-    res = Result(key, rec.origin, rec.split)
-    for blob in rec.members.values():
-        try:
-            safe_loads(blob)  # only to refuse what is unsafe: precache checks the contents
-        except BadRecord as e:
-            res.reason, res.detail = e.reason, e.detail
-            return res
-    text, res.notes = normalise_caption(caption, cfg.max_caption_chars)
-    if text is None:
-        res.reason = "missing_caption" if caption is None else "empty_caption"
-        return res
-    if image is None:
-        res.reason, res.detail = "missing_image", ",".join(extra.pop("missing_image", []))
-        return res
-    img, src_format = image, None
-    if isinstance(image, bytes | bytearray):
-        img, src_format, res.reason, res.detail = decode_image(image)
-        if img is None:
-            return res
-        res.reason = None
-    orig_size, orig_mode = img.size, img.mode
-    img, notes = normalise_image(img, cfg)
-    res.notes += notes
-    if min(img.size) < cfg.min_resolution:
-        w, h = img.size
-        res.reason, res.detail = "below_min_resolution", f"{w}x{h} < {cfg.min_resolution}"
-        return res
-    ext, data = encode_image(img, src_format, image, changed=bool(notes))
-    meta = {
-        "source": rec.origin,
-        "original_size": list(orig_size),
-        "original_mode": orig_mode,
-        "original_format": src_format,
-        "size": list(img.size),
-        "normalised": sorted(set(res.notes)),
-        **extra,
-    }
-    res.sample = {
-        "__key__": key,
-        ext: data,
-        **_pyramid(img, cfg.pyramid, ext),
-        **rec.members,
-        "txt": text.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode(),
-    }
-    return res
-
-
-def _process_star(args: tuple[RawRecord, DataConfig]) -> Result:
-    return process(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +82,8 @@ def _process_star(args: tuple[RawRecord, DataConfig]) -> Result:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Tally:
-    """What the ingest has seen so far: counts, rejections with reasons, what was normalised."""
+    """What the ingest has seen so far: counts, rejections with reasons, what was normalised;
+    the keys written so far are kept on disk (:class:`KeySet`), not in memory."""
 
     seen: int = 0
     accepted: int = 0
@@ -315,7 +91,7 @@ class _Tally:
     rejected_counts: Counter[str] = field(default_factory=Counter)
     normalised: Counter[str] = field(default_factory=Counter)
     written: Counter[str] = field(default_factory=Counter)
-    keys: set[str] = field(default_factory=set)
+    keys: KeySet = field(default_factory=KeySet)
 
     def reject(self, reason: str, key: str, origin: str, detail: str) -> None:
         self.rejected_counts[reason] += 1
@@ -333,13 +109,12 @@ def holdout_spacing(cfg: DataConfig, total: int | None) -> int:
 
 def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | None:
     """The split an accepted result goes to, or None after recording why it was rejected."""
-    if res.reason is None and res.key in tally.keys:
+    if res.reason is None and not tally.keys.add(res.key):
         res.reason, res.sample = "duplicate_key", None
     if res.reason is not None:
         tally.reject(res.reason, res.key, res.origin, res.detail)
         return None
     tally.normalised.update(set(res.notes))
-    tally.keys.add(res.key)
     split = res.split
     if split is None:
         due = tally.accepted % every == every - 1
@@ -349,11 +124,11 @@ def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | Non
     return split
 
 
-def _remove_stale_shards(out: Path, shards: list[dict[str, Any]]) -> None:
+def _remove_stale_shards(out: Store, shards: list[dict[str, Any]]) -> None:
     fresh = {s["name"] for s in shards}
-    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
-        if old.name not in fresh:  # a previous run with more data left these
-            old.unlink()
+    for old in out.list("train-*.tar") + out.list("holdout-*.tar"):
+        if old not in fresh:  # a previous run with more data left these
+            out.remove(old)
 
 
 def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,50 +158,65 @@ def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> d
     }
 
 
-def ingest(
-    cfg: DataConfig, workers: int = 1, progress: bool = True, log: Callable[[str], Any] = print
-) -> dict[str, Any]:
-    """Run the ingest with ``cfg``; returns the manifest (also written to the shards dir)."""
-    from tqdm import tqdm
-
+def _check(cfg: DataConfig) -> Store:
+    """The output folder (local or URL), after the checks that need no data."""
     if cfg.min_resolution > cfg.image_size:
         raise ConfigError(
             f"data.min_resolution: {cfg.min_resolution} is above data.image_size "
             f"{cfg.image_size}; every image would be rejected"
         )
-    out = Path(cfg.shards_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reader_errors: list[tuple[str, str]] = []
-    recs, total = records(cfg, reader_errors)
-    writers = {s: ShardSetWriter(out, s, cfg.samples_per_shard) for s in SPLITS}
-    every = holdout_spacing(cfg, total)
-    tally = _Tally()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    out = Store(cfg.shards_dir, "data.shards_dir")
+    out.mkdir()
+    return out
+
+
+@contextmanager
+def _processed(recs: Iterable[RawRecord], cfg: DataConfig, workers: int) -> Iterator[Any]:
+    """The records' :class:`Result` s, in order, computed by ``workers`` processes."""
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         jobs = ((r, cfg) for r in recs)
-        results = pool.imap(_process_star, jobs, chunksize=4) if pool else map(_process_star, jobs)
-        for res in results:
-            tally.seen += 1
-            bar.update(1)
-            split = _route(res, cfg, every, tally)
-            if split is not None:
-                writers[split].write(res.sample)  # type: ignore[arg-type]
+        yield pool.imap(_process_star, jobs, chunksize=4) if pool else map(_process_star, jobs)
     finally:
-        bar.close()
         if pool is not None:
             pool.close()
             pool.join()
+
+
+def _write_shards(
+    cfg: DataConfig, out: Store, results: Iterable[Result], total: int | None, bar: Any
+) -> tuple[_Tally, list[dict[str, Any]]]:
+    """Route results in order (duplicates, holdout) into the split shard writers."""
+    writers = {s: ShardSetWriter(out, s, cfg.samples_per_shard) for s in SPLITS}
+    every = holdout_spacing(cfg, total)
+    tally = _Tally()
+    for res in results:
+        tally.seen += 1
+        bar.update(1)
+        split = _route(res, cfg, every, tally)
+        if split is not None:
+            writers[split].write(res.sample)  # type: ignore[arg-type]
     for w in writers.values():
         w.flush()
-    elapsed = time.perf_counter() - t0
-    shards = writers["train"].shards + writers["holdout"].shards
+    tally.keys.close()
+    return tally, writers["train"].shards + writers["holdout"].shards
+
+
+def _finish(
+    cfg: DataConfig,
+    out: Store,
+    tally: _Tally,
+    shards: list[dict[str, Any]],
+    reader_errors: list[tuple[str, str]],
+    elapsed: float,
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Remove stale shards, write the manifest, say what was done; returns the manifest."""
     _remove_stale_shards(out, shards)
     for kind, msg in reader_errors:
         tally.reject("unreadable_source", "", str(cfg.source_path or ""), f"{kind}: {msg}")
     manifest = _manifest(cfg, tally, shards)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    out.write_json("manifest.json", manifest)
     rate = tally.seen / elapsed if elapsed > 0 else float("inf")
     counts = manifest["counts"]
     log(
@@ -444,6 +234,178 @@ def ingest(
     return manifest
 
 
+def ingest(
+    cfg: DataConfig, workers: int = 1, progress: bool = True, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
+    """Run the ingest with ``cfg``; returns the manifest (also written to the shards dir).
+
+    When every part of a parted ingest (:func:`ingest_part`) is finished for the same params,
+    this puts them together instead of reading the source again.
+    """
+    from tqdm import tqdm
+
+    out = _check(cfg)
+    parts = finished_parts(cfg)
+    if parts is not None:
+        return merge_parts(cfg, parts, progress, log)
+    reader_errors: list[tuple[str, str]] = []
+    recs, total = records(cfg, reader_errors)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        with _processed(recs, cfg, workers) as results:
+            tally, shards = _write_shards(cfg, out, results, total, bar)
+    finally:
+        bar.close()
+    return _finish(cfg, out, tally, shards, reader_errors, time.perf_counter() - t0, log)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts: ingest_part runs one share of the records; merge_parts writes the shards from them
+# --------------------------------------------------------------------------------------------
+def parts_store(cfg: DataConfig) -> Store:
+    """Where the parts of ``data.shards_dir`` are kept until merged: ``<shards_dir>.parts``."""
+    return Store(f"{str(cfg.shards_dir).rstrip('/')}.parts", "data.shards_dir")
+
+
+def _result_line(res: Result) -> bytes:
+    row = {"key": res.key, "origin": res.origin, "split": res.split, "reason": res.reason}
+    row |= {"detail": res.detail, "notes": res.notes}
+    return json.dumps(row, ensure_ascii=False).encode() + b"\n"
+
+
+def _write_part(results: Iterable[Result], tar: Path, lines: Path, bar: Any) -> dict[str, int]:
+    """One line per result (in order) and the accepted samples, numbered, in one tar."""
+    import webdataset as wds
+
+    n = accepted = 0
+    with open(tar, "wb") as f, open(lines, "wb") as rows:
+        writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        for res in results:
+            rows.write(_result_line(res))
+            if res.reason is None:  # numbered keys: two samples may share a source key
+                writer.write({**res.sample, "__key__": f"{accepted:012d}"})  # type: ignore[dict-item]
+                accepted += 1
+            n += 1
+            bar.update(1)
+        writer.close()
+    return {"records": n, "accepted": accepted}
+
+
+def ingest_part(
+    cfg: DataConfig,
+    part: Part,
+    workers: int = 1,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Check and normalise ``part``'s share of the source's records into
+    ``<shards_dir>.parts/part-K-of-N.{tar,jsonl,json}`` (the .json, written last, marks it
+    finished); a finished part with the same params is skipped. Returns the part's record."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    _check(cfg)
+    store = parts_store(cfg)
+    store.mkdir()
+    prev = _part_record(store, part)
+    if prev is not None and prev["params"] == cfg.model_dump(mode="json"):
+        log(f"ingest: part {part} already finished ({prev['records']} records), skipped")
+        return prev
+    reader_errors: list[tuple[str, str]] = []
+    recs, total = records(cfg, reader_errors, part)
+    t0 = time.perf_counter()
+    bar = tqdm(desc=f"ingest {part}", unit="img", disable=not progress, file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="imagen-part-") as tmp:
+        tar, lines = Path(tmp) / "samples.tar", Path(tmp) / "results.jsonl"
+        try:
+            with _processed(recs, cfg, workers) as results:
+                counts = _write_part(results, tar, lines, bar)
+        finally:
+            bar.close()
+        store.put_file(tar, f"{part.name}.tar")
+        store.put_file(lines, f"{part.name}.jsonl")
+    record = {"part": [part.index, part.count], "total": total, **counts}
+    record |= {"reader_errors": reader_errors, "params": cfg.model_dump(mode="json")}
+    store.write_json(f"{part.name}.json", record)
+    elapsed = time.perf_counter() - t0
+    log(
+        f"ingest: part {part}: {counts['records']} records, {counts['accepted']} accepted, in "
+        f"{elapsed:.1f} s -> {store}; `imagen ingest` writes the shards once all "
+        f"{part.count} parts are finished"
+    )
+    return record
+
+
+def _part_record(store: Store, part: Part) -> dict[str, Any] | None:
+    name = f"{part.name}.json"
+    return store.read_json(name) if store.exists(name) else None
+
+
+def finished_parts(cfg: DataConfig) -> list[Part] | None:
+    """The parts to merge: all N parts of one count made with these params; None when there
+    are no parts for these params; a ConfigError naming the missing ones when some are."""
+    store = parts_store(cfg)
+    params = cfg.model_dump(mode="json")
+    found: dict[int, list[Part]] = {}
+    for name in store.list("part-*-of-*.json"):
+        k, n = (int(x) for x in name[len("part-") : -len(".json")].split("-of-"))
+        if store.read_json(name).get("params") == params:
+            found.setdefault(n, []).append(Part(k, n))
+    if not found:
+        return None
+    n, parts = max(found.items(), key=lambda kv: len(kv[1]))
+    missing = sorted(set(range(n)) - {p.index for p in parts})
+    if missing:
+        raise ConfigError(
+            f"ingest: parts {', '.join(f'{k}/{n}' for k in missing)} of {store} are not "
+            f"finished: run `imagen ingest --part K/{n}` for each (or delete {store} to "
+            "ingest in one process)"
+        )
+    return sorted(parts, key=lambda p: p.index)
+
+
+def _part_results(store: Store, part: Part) -> Iterator[Result]:
+    """A finished part's results in order, the accepted ones with their samples."""
+    samples = iter_samples([store.path(f"{part.name}.tar")])
+    with store.open(f"{part.name}.jsonl") as rows:
+        for line in rows:
+            row = json.loads(line)
+            res = Result(row["key"], row["origin"], row["split"], reason=row["reason"])
+            res.detail, res.notes = row["detail"], row["notes"]
+            if res.reason is None:
+                s = next(samples)
+                res.sample = {k: v for k, v in s.items() if not k.startswith("__")}
+                res.sample = {"__key__": res.key, **res.sample}
+            yield res
+
+
+def merge_parts(
+    cfg: DataConfig, parts: list[Part], progress: bool = True, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
+    """Write the shards and manifest from finished parts, in order: the same bytes one process
+    writes. The parts are deleted afterwards."""
+    from tqdm import tqdm
+
+    out, store = _check(cfg), parts_store(cfg)
+    records_ = [_part_record(store, p) or {} for p in parts]
+    total = records_[0].get("total")
+    reader_errors = [tuple(e) for r in records_ for e in r.get("reader_errors", [])]
+    t0 = time.perf_counter()
+    n = sum(r.get("records", 0) for r in records_)
+    bar = tqdm(total=n, desc="ingest merge", unit="img", disable=not progress, file=sys.stderr)
+    results = (res for p in parts for res in _part_results(store, p))
+    try:
+        tally, shards = _write_shards(cfg, out, results, total, bar)
+    finally:
+        bar.close()
+    manifest = _finish(cfg, out, tally, shards, reader_errors, time.perf_counter() - t0, log)  # type: ignore[arg-type]
+    store.remove_all()
+    log(f"ingest: merged {len(parts)} parts from {store} (deleted)")
+    return manifest
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
@@ -452,14 +414,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that decode/normalise/encode images (default: all cores)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="ingest only part K (from 0) of N of the source into <shards_dir>.parts; "
+        "`imagen ingest` without --part then writes the shards once all N are finished",
+    )
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
     from imagen.mlops.tracking import stage_run
 
+    if args.part is not None:  # one share of the work: no shards, no MLflow run yet
+        part = Part.parse(args.part)
+        ingest_part(params.data, part, workers=args.workers, progress=not args.no_progress)
+        return 0
     # the stage's MLflow run (nested under the pipeline's parent run): counts + the manifest
     with stage_run(params, "ingest") as run:
         manifest = ingest(params.data, workers=args.workers, progress=not args.no_progress)
         run.log_metrics({f"samples/{k}": v for k, v in manifest["counts"].items()})
-        run.log_artifact(Path(params.data.shards_dir) / "manifest.json")
+        with local_file(Store(params.data.shards_dir), "manifest.json") as f:
+            run.log_artifact(f)
     return 0 if manifest["counts"]["written"] > 0 else 1

@@ -44,7 +44,6 @@ import os
 import random
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,10 +63,14 @@ Split = str  # "train" | "holdout"
 # Shards and splitting
 # --------------------------------------------------------------------------------------------
 def shard_paths(params: Params, split: Split = "train") -> list[str]:
-    """The shards a split streams from (encoded unless online encoding), in name order."""
+    """The shards a split streams from (encoded unless online encoding), in name order: paths,
+    or URLs when the folder is one (``s3://``, ``gs://``, ``http(s)://``)."""
+    from imagen.data.storage import Store
+
     cond = params.conditioning
-    folder = Path(params.data.shards_dir if cond.online_encoding else params.data.encoded_dir)
-    shards = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
+    key = "data.shards_dir" if cond.online_encoding else "data.encoded_dir"
+    folder = Store(params.data.shards_dir if cond.online_encoding else params.data.encoded_dir, key)
+    shards = [folder.path(name) for name in folder.list(f"{split}-*.tar")]
     if not shards:
         run = "imagen ingest" if cond.online_encoding else "imagen ingest && imagen precache"
         raise ConfigError(f"no {split}-*.tar shards in {folder}; run `{run}` first")
@@ -123,11 +126,13 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
+        from imagen.data.storage import iter_samples
+
         index, streams = stream_position()
         epochs = itertools.count() if self.epochs is None else range(self.epochs)
         for epoch in epochs:
             urls, by_sample = self._epoch_urls(epoch)
-            src: Any = wds.tarfile_to_samples()(dict(url=u) for u in urls)
+            src: Any = iter_samples(urls)
             if by_sample:
                 src = (s for i, s in enumerate(src) if i % streams == index)
             if self.buffer > 1:  # seeded per (seed, epoch, stream): a rerun sees the same order

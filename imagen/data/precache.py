@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import sys
 import time
 from collections import Counter
@@ -45,7 +43,9 @@ import numpy as np
 
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
 from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, encodings_pickle, read_encodings
-from imagen.data.shards import sha256_file, write_tar
+from imagen.data.parts import Part
+from imagen.data.shards import store_tar
+from imagen.data.storage import Store, iter_samples, local_file, sha256
 from imagen.text import (
     TextEncoder,
     encoder_fingerprint,
@@ -55,10 +55,12 @@ from imagen.text import (
 )
 
 
-def input_shards(data: DataConfig) -> list[Path]:
-    """The ingested shards (train first, then holdout), or a ConfigError saying what to run."""
-    folder = Path(data.shards_dir)
-    shards = sorted(folder.glob("train-*.tar")) + sorted(folder.glob("holdout-*.tar"))
+def input_shards(data: DataConfig) -> list[str]:
+    """The ingested shards (train first, then holdout; paths or URLs), or a ConfigError saying
+    what to run."""
+    folder = Store(data.shards_dir, "data.shards_dir")
+    names = folder.list("train-*.tar") + folder.list("holdout-*.tar")
+    shards = [folder.path(n) for n in names]
     if not shards:
         raise ConfigError(
             f"data.shards_dir: no train-*.tar / holdout-*.tar shards in {folder}; "
@@ -67,10 +69,9 @@ def input_shards(data: DataConfig) -> list[Path]:
     return shards
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _name(shard: str) -> str:
+    """A shard's file name (of a path or a URL)."""
+    return shard.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -82,20 +83,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 FORMATS: tuple[str, ...] = ("project", "nemo")  # <key>.npy, or NeMo's <key>.pickle
 
 
-def _read_samples(src: Path) -> list[dict[str, Any]]:
-    import webdataset as wds
-
+def _read_samples(src: str) -> list[dict[str, Any]]:
     out = []
-    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
+    for s in iter_samples([src]):
         out.append({k: v for k, v in s.items() if not k.startswith("_") or k == "__key__"})
     return out
 
 
-def is_nemo_shard(src: Path) -> bool:
+def is_nemo_shard(src: str) -> bool:
     """Whether a shard's first sample carries NeMo's precached ``pickle`` member."""
-    import webdataset as wds
-
-    for s in wds.WebDataset(str(src), shardshuffle=False, empty_check=False):
+    for s in iter_samples([src]):
         return PICKLE_MEMBER in s
     return False
 
@@ -133,15 +130,16 @@ def _check_nemo(
 
 
 def encode_shard(
-    src: Path,
-    dst: Path,
+    src: str,
+    dst: tuple[Store, str],
     encoder: TextEncoder | Callable[[], TextEncoder],
     cond: ConditioningConfig,
     batch_size: int,
     on_batch: Callable[[int], Any] = lambda n: None,
     fmt: str = "project",
 ) -> dict[str, Any]:
-    """Copy one shard's samples to ``dst`` adding their embeddings in ``fmt``; returns stats.
+    """Copy one shard's samples to ``dst`` (a folder and a name) adding their embeddings in
+    ``fmt``; returns stats.
 
     Samples that carry NeMo's precached pickle are checked and kept as they are (bad ones are
     left out and listed under ``bad_records``); ``encoder`` may be a callable that loads it, so
@@ -164,7 +162,7 @@ def encode_shard(
             stats["tokens"] += emb.shape[0]
             stats["embedding_bytes"] += len(blob)
         on_batch(len(chunk))
-    info = write_tar(dst, kept)
+    info = store_tar(*dst, kept)
     info.update(
         tokens=stats["tokens"],
         embedding_bytes=stats["embedding_bytes"],
@@ -186,18 +184,18 @@ def _encoder_record(cond: ConditioningConfig, encoder: TextEncoder) -> dict[str,
     }
 
 
-def _finished(side: Path, in_hash: str, expect: dict[str, Any]) -> dict[str, Any] | None:
+def _finished(out: Store, side: str, in_hash: str, expect: dict[str, Any]) -> dict[str, Any] | None:
     """The side-car of an encoded shard made from the same input with the same settings."""
-    if not side.exists():
+    if not out.exists(side):
         return None
-    prev = json.loads(side.read_text())
+    prev = out.read_json(side)
     same = prev.get("input_sha256") == in_hash and all(prev.get(k) == v for k, v in expect.items())
     return prev if same else None
 
 
 def _encode_shards(
-    shards: list[Path],
-    out: Path,
+    shards: list[str],
+    out: Store,
     encoder: TextEncoder | None,
     cond: ConditioningConfig,
     expect: dict[str, Any],
@@ -207,18 +205,20 @@ def _encode_shards(
     """Encode every shard not already finished; returns (one entry per shard, captions encoded)."""
     results, encoded = [], 0
     for src in shards:
-        dst, side = out / src.name, out / f"{src.name}.json"
-        in_hash = sha256_file(src)
-        prev = _finished(side, in_hash, expect) if dst.exists() else None
+        name = _name(src)
+        side = f"{name}.json"
+        in_hash = sha256(src)
+        prev = _finished(out, side, in_hash, expect) if out.exists(name) else None
         if prev is not None:
             bar.update(prev["samples"])
             results.append({**prev, "skipped": True})
             continue
         fmt = expect["format"]
+        dst = (out, name)
         info = encode_shard(src, dst, encoder or _no_encoder, cond, batch_size, bar.update, fmt)
         encoded += info["samples"] - info["nemo_precached"]
-        entry = {**info, "input_sha256": in_hash, "split": src.name.split("-")[0], **expect}
-        _atomic_json(side, entry)
+        entry = {**info, "input_sha256": in_hash, "split": name.split("-")[0], **expect}
+        out.write_json(side, entry)
         results.append({**entry, "skipped": False})
     return results, encoded
 
@@ -235,12 +235,12 @@ def _no_encoder() -> TextEncoder:
     raise ConfigError("precache: a sample without NeMo's pickle needs the T5 encoder")
 
 
-def _remove_stale(out: Path, shards: list[Path]) -> None:
-    names = {s.name for s in shards}
-    for old in out.glob("*.tar"):
-        if old.name not in names:  # shards of an earlier ingest that no longer exist
-            old.unlink()
-            Path(f"{old}.json").unlink(missing_ok=True)
+def _remove_stale(out: Store, shards: list[str]) -> None:
+    names = {_name(s) for s in shards}
+    for old in out.list("*.tar"):
+        if old not in names:  # shards of an earlier ingest that no longer exist
+            out.remove(old)
+            out.remove(f"{old}.json")
 
 
 def _manifest(
@@ -268,10 +268,10 @@ def _manifest(
 
 def _shard_sizes(data: DataConfig) -> dict[str, int]:
     """Samples per ingested shard from ingest's manifest (for the progress bar's total)."""
-    path = Path(data.shards_dir) / "manifest.json"
-    if not path.exists():
+    folder = Store(data.shards_dir, "data.shards_dir")
+    if not folder.exists("manifest.json"):
         return {}
-    return {s["name"]: s["samples"] for s in json.loads(path.read_text())["shards"]}
+    return {s["name"]: s["samples"] for s in folder.read_json("manifest.json")["shards"]}
 
 
 def _nemo_record(cond: ConditioningConfig) -> dict[str, Any]:
@@ -294,17 +294,17 @@ def _nemo_message(
         f"precache: {nemo} of {shards} shards carry NeMo's precached embeddings "
         f"({PICKLE_MEMBER} member, key {cond.precached_key!r}): not encoded, kept as they "
         f"are ({manifest['nemo_precached']} records); {manifest['bad_records']} bad records "
-        f"left out {manifest['bad_records_by_reason'] or ''} (see {out / 'manifest.json'})"
+        f"left out {manifest['bad_records_by_reason'] or ''} (see {out.path('manifest.json')})"
     )
 
 
-def _online(params: Params, out: Path, log: Callable[[str], Any]) -> dict[str, Any]:
+def _online(params: Params, out: Store, log: Callable[[str], Any]) -> dict[str, Any]:
     cond = params.conditioning
     encoder = load_text_encoder(cond)  # builds the embedded default on first use
     record = _encoder_record(cond, encoder)
-    _atomic_json(out / "encoder.json", record)
+    out.write_json("encoder.json", record)
     manifest = {"online_encoding": True, "encoder": record, "shards": []}
-    _atomic_json(out / "manifest.json", manifest)
+    out.write_json("manifest.json", manifest)
     log(
         "precache: skipped (model.conditioning.online_encoding is true: the loader encodes "
         f"captions on the fly from {params.data.shards_dir} with the encoder at {encoder.path})"
@@ -318,18 +318,21 @@ def precache(
     progress: bool = True,
     log: Callable[[str], Any] = print,
     fmt: str = "project",
+    part: Part | None = None,
 ) -> dict[str, Any]:
     """Encode every ingested caption (skipping finished shards); returns the manifest.
 
     ``fmt`` is ``project`` (``<precached_key>.npy``) or ``nemo`` (NeMo's ``pickle`` member).
+    With ``part`` only that part's share of the shards is encoded, and no manifest is written:
+    a run without ``part`` afterwards finds every shard finished and writes it.
     """
     from tqdm import tqdm
 
     if fmt not in FORMATS:
         raise ConfigError(f"precache --format: {fmt!r}; allowed: {list(FORMATS)}")
     cond, data = params.conditioning, params.data
-    out = Path(data.encoded_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Store(data.encoded_dir, "data.encoded_dir")
+    out.mkdir()
     if cond.online_encoding:
         return _online(params, out, log)
     shards = input_shards(data)
@@ -338,7 +341,7 @@ def precache(
     if encoder is not None and encoder.built and data.source != "embedded":
         log(_STAND_IN_NOTE)
     record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
-    _atomic_json(out / "encoder.json", record)
+    out.write_json("encoder.json", record)
     expect = {
         "encoder_sha256": record["sha256"],
         "token_length": cond.token_length,
@@ -347,17 +350,20 @@ def precache(
         "format": fmt,
     }
     sizes = _shard_sizes(data)
-    total = sum(sizes.get(s.name, 0) for s in shards) or None
+    todo = shards if part is None else shards[slice(*part.bounds(len(shards)))]
+    total = sum(sizes.get(_name(s), 0) for s in todo) or None
     bar = tqdm(total=total, desc="precache", unit="caption", disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        results, encoded = _encode_shards(shards, out, encoder, cond, expect, batch_size, bar)
+        results, encoded = _encode_shards(todo, out, encoder, cond, expect, batch_size, bar)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
+    if part is not None:
+        return _part_message(part, results, encoded, elapsed, out, log)
     _remove_stale(out, shards)
     manifest = _manifest(cond, record, results)
-    _atomic_json(out / "manifest.json", manifest)
+    out.write_json("manifest.json", manifest)
     rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
     skipped = sum(r["skipped"] for r in results)
     if nemo:
@@ -374,9 +380,33 @@ def precache(
     return manifest
 
 
+def _part_message(
+    part: Part,
+    results: list[dict[str, Any]],
+    encoded: int,
+    elapsed: float,
+    out: Store,
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    skipped = sum(r["skipped"] for r in results)
+    log(
+        f"precache: part {part}: {len(results)} shards ({skipped} already finished, skipped) "
+        f"-> {out}; {encoded} captions encoded in {elapsed:.1f} s; `imagen precache` writes "
+        "the manifest once every part is finished"
+    )
+    return {"part": [part.index, part.count], "shards": results, "encoded": encoded}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="captions per T5 forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="encode only part K (from 0) of N of the shards (no manifest); `imagen precache` "
+        "without --part then skips the finished shards and writes the manifest",
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -389,6 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, params: Params) -> int:
     from imagen.mlops.tracking import stage_run
 
+    if args.part is not None:  # one share of the shards: no manifest, no MLflow run
+        part = Part.parse(args.part)
+        precache(params, args.batch_size, not args.no_progress, fmt=args.format, part=part)
+        return 0
     # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
     with stage_run(params, "precache") as run:
         manifest = precache(
@@ -401,7 +435,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
                 if isinstance(v, int | float) and not isinstance(v, bool)
             }
         )
-        run.log_artifact(Path(params.data.encoded_dir) / "manifest.json")
+        with local_file(Store(params.data.encoded_dir, "data.encoded_dir"), "manifest.json") as f:
+            run.log_artifact(f)
     # dvc.yaml's output data/encoder: the built default, or else a record of the encoder used
     record = manifest.get("encoder", {})
     if "sha256" in record:

@@ -11,7 +11,10 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imagen.data.storage import Store
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -53,10 +56,17 @@ def write_tar(path: str | os.PathLike[str], samples: Iterable[dict[str, Any]]) -
     }
 
 
-class ShardSetWriter:
-    """Rolls samples into ``<prefix>-000000.tar, ...`` of ``per_shard`` samples each."""
+def store_tar(store: Store, name: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`write_tar` into ``name`` of a local folder or a URL (written whole, then moved
+    or uploaded); the same return value."""
+    return store.write_with(name, lambda tmp: {**write_tar(tmp, samples), "name": name})
 
-    def __init__(self, out_dir: Path, prefix: str, per_shard: int) -> None:
+
+class ShardSetWriter:
+    """Rolls samples into ``<prefix>-000000.tar, ...`` of ``per_shard`` samples each, in a
+    local folder or at a URL (:class:`imagen.data.storage.Store`)."""
+
+    def __init__(self, out_dir: Path | Store, prefix: str, per_shard: int) -> None:
         self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
         self.buffer: list[dict[str, Any]] = []
         self.shards: list[dict[str, Any]] = []
@@ -70,8 +80,9 @@ class ShardSetWriter:
         if not self.buffer:
             return
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        info = write_tar(self.out_dir / name, self.buffer)
+        if isinstance(self.out_dir, Path):
+            info = write_tar(self.out_dir / name, self.buffer)
+        else:
+            info = store_tar(self.out_dir, name, self.buffer)
         self.shards.append({**info, "split": self.prefix})
         self.buffer = []
-
-

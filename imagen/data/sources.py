@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from imagen.config import ConfigError, DataConfig
+from imagen.data.parts import Part
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
@@ -49,10 +50,16 @@ def clean_key(key: str) -> str:
     return _KEY_CHARS.sub("_", key).strip("_") or "_"
 
 
-def _embedded_records(cfg: DataConfig) -> Iterator[RawRecord]:
+def _embedded_records(cfg: DataConfig, part: Part | None = None) -> Iterator[RawRecord]:
+    lo, hi = part.bounds(cfg.num_train + cfg.num_holdout) if part else (0, None)
+    n = 0
     for split, num in (("train", cfg.num_train), ("holdout", cfg.num_holdout)):
         for i in range(num):
-            yield RawRecord(key="", origin=f"embedded:{split}/{i}", split=split, embedded_index=i)
+            if lo <= n and (hi is None or n < hi):
+                yield RawRecord(
+                    key="", origin=f"embedded:{split}/{i}", split=split, embedded_index=i
+                )
+            n += 1
 
 
 def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
@@ -77,14 +84,17 @@ def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
     return index
 
 
-def _folder_records(cfg: DataConfig) -> Iterator[RawRecord]:
+def _folder_records(cfg: DataConfig, part: Part | None = None) -> Iterator[RawRecord]:
     if isinstance(cfg.source_path, list):
         raise ConfigError("data.source_path: the folder source takes one folder, not a list")
     folder = Path(cfg.source_path or "")
     if not cfg.source_path or not folder.is_dir():
         raise ConfigError(f"data.source_path: {cfg.source_path!r} is not a folder of images")
     index = _read_caption_index(folder)
-    for path in shuffled_files(folder, cfg.seed):
+    files = shuffled_files(folder, cfg.seed)
+    if part is not None:  # this part's share of the order one process visits
+        files = files[slice(*part.bounds(len(files)))]
+    for path in files:
         rel = path.relative_to(folder).as_posix()
         caption: bytes | str | None = index.get(rel)
         if caption is None:
@@ -164,7 +174,9 @@ def expand_source(source: str | list[str], root: str | None = None) -> list[str]
     return source
 
 
-def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Iterator[RawRecord]:
+def _webdataset_records(
+    cfg: DataConfig, errors: list[tuple[str, str]], part: Part | None = None
+) -> Iterator[RawRecord]:
     import webdataset as wds
 
     if not cfg.source_path:
@@ -172,6 +184,11 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
     urls = expand_source(cfg.source_path, cfg.source_root)
     if isinstance(urls, list) and not urls:
         raise ConfigError(f"data.source_path: no tar shards match {cfg.source_path!r}")
+    if part is not None:  # this part's share of the shards
+        urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else urls
+        urls = urls[slice(*part.bounds(len(urls)))]
+        if not urls:
+            return
 
     def handler(exn: Exception) -> bool:
         errors.append((type(exn).__name__, str(exn)[:300]))
@@ -210,16 +227,19 @@ def _webdataset_records(cfg: DataConfig, errors: list[tuple[str, str]]) -> Itera
 
 
 def records(
-    cfg: DataConfig, errors: list[tuple[str, str]]
+    cfg: DataConfig, errors: list[tuple[str, str]], part: Part | None = None
 ) -> tuple[Iterator[RawRecord], int | None]:
-    """The source's records and their count when known beforehand."""
+    """The source's records (``part``'s share only, when given) and the count of all of the
+    source's records when known beforehand."""
     if cfg.source == "embedded":
-        return _embedded_records(cfg), cfg.num_train + cfg.num_holdout
+        return _embedded_records(cfg, part), cfg.num_train + cfg.num_holdout
     if cfg.source == "folder":
         folder = Path(cfg.source_path if isinstance(cfg.source_path, str) else "")
         total = None
-        if cfg.source_path and folder.is_dir():  # image files only, so the held-out spacing is known up front
+        if (
+            cfg.source_path and folder.is_dir()
+        ):  # image files only, so the held-out spacing is known up front
             exts = {f".{e}" for e in IMAGE_EXTS}
             total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
-        return _folder_records(cfg), total
-    return _webdataset_records(cfg, errors), None
+        return _folder_records(cfg, part), total
+    return _webdataset_records(cfg, errors, part), None
