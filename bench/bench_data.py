@@ -4,6 +4,11 @@ Runs the real stages on the embedded data set in a temporary folder (about a min
 CPU cores):
 
     .venv/bin/python bench/bench_data.py [--num 96] [--workers 2]
+
+First it prints the precache table of a T5 of real architecture (t5-v1_1-base shape, random
+weights built from a config): captions/s with fixed vs dynamic padding, fp32 vs bf16, 1 vs 2
+processes, and the encoder's memory in fp32 / bf16 (base and XXL). ``--only t5`` prints only
+that table, ``--only stages`` only the stages'.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -52,11 +58,99 @@ def loader_rate(params: Params, stage: str, batches: int) -> tuple[float, tuple[
     return n / (time.perf_counter() - t0), tuple(first["image"].shape)
 
 
+# ---- precache at scale: a T5 of real architecture (t5-v1_1-base shape, random weights) ----
+T5_BASE = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12)
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+
+
+def t5_encoder(shape: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> Any:
+    """A T5 v1.1 encoder of ``shape`` (random weights, seed 0) with the installed MiniLM's
+    WordPiece tokenizer (T5's own SentencePiece vocabulary is not installable offline; both
+    split English into subwords, about 1.3 tokens a word); ``device`` meta: no memory."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from imagen.config.encoders import expand_alias
+    from imagen.text import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(expand_alias("minilm"))
+    config = T5Config(
+        vocab_size=len(tok), feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False, **shape,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T5EncoderModel(config).to(dtype).eval().requires_grad_(False)
+    return TextEncoder(
+        model, tok, 128, "t5-v1_1-base-shape", torch.device(device), shape["d_model"]
+    )
+
+
+def _encode_rate(captions: list[str], padding: str, dtype: str, batch: int, threads: int) -> float:
+    """Captions/s of one process: fixed (every caption padded to 128) or dynamic (sorted by
+    length, each batch padded to its longest), after one warm-up batch."""
+    torch.set_num_threads(threads)
+    enc = t5_encoder(T5_BASE, getattr(torch, dtype))
+    enc.encode_sorted(captions[:batch], batch)  # warm-up
+    t0 = time.perf_counter()
+    if padding == "dynamic":
+        enc.encode_sorted(captions, batch)
+    else:
+        for i in range(0, len(captions), batch):
+            enc.encode_unpadded(captions[i : i + batch], padding="max_length")
+    return len(captions) / (time.perf_counter() - t0)
+
+
+def _encode_star(job: tuple[list[str], str, str, int, int]) -> float:
+    return _encode_rate(*job)
+
+
+def precache_scale_rows(n: int, batch: int) -> list[tuple[str, float]]:
+    """Captions/s of the t5-v1_1-base-shaped encoder on ``n`` embedded captions: fixed vs
+    dynamic padding, fp32 vs bf16, 1 process of 2 threads vs 2 processes of 1 thread (each
+    half of the captions, as two precache ranks with their shards), and the encoder's memory
+    (what online_encoding holds on every rank) in fp32 and bf16, base and XXL shapes."""
+    import multiprocessing as mp
+
+    from imagen.embedded.dataset import holdout_captions
+
+    captions = [c for c, _ in holdout_captions(n, seed=1)]
+    enc = t5_encoder(T5_BASE, torch.float32)
+    lengths = enc.token_lengths(captions)
+    print(f"T5 table: {n} embedded captions, {sum(lengths) / n:.1f} tokens on average (max "
+          f"{max(lengths)}; fixed padding: 128), batch {batch}", flush=True)  # fmt: skip
+    rows = []
+    for padding, dtype in (("fixed", "float32"), ("dynamic", "float32"), ("dynamic", "bfloat16")):
+        rate = _encode_rate(captions, padding, dtype, batch, 2)
+        rows.append((f"t5-base captions/s, {padding} padding, {dtype}, 1 process", rate))
+    halves = [captions[: n // 2], captions[n // 2 :]]
+    with mp.get_context("spawn").Pool(2) as pool:
+        jobs = [(h, "dynamic", "float32", batch, 1) for h in halves]
+        done = pool.map(_encode_star, jobs)
+    # the encoding time of the slower rank (model build excluded, as in the 1-process rows)
+    slowest = max(len(h) / r for h, r in zip(halves, done, strict=True))
+    rows.append(("t5-base captions/s, dynamic padding, float32, 2 processes", n / slowest))
+    for name, shape in (("t5-v1_1-base", T5_BASE), ("t5-v1_1-xxl", T5_XXL)):
+        meta = t5_encoder(shape, torch.float32, device="meta").model
+        count = sum(p.numel() for p in meta.parameters())
+        for dtype, size in (("float32", 4), ("bfloat16", 2)):
+            rows.append((f"{name} encoder weights, {dtype} (MiB)", count * size / 2**20))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=96, help="training samples per resolution")
     ap.add_argument("--workers", type=int, default=2, help="ingest processes / loader workers")
+    ap.add_argument("--captions", type=int, default=256, help="captions for the T5 table")
+    ap.add_argument("--only", choices=("all", "stages", "t5"), default="all")
     args = ap.parse_args()
+    if args.only in ("all", "t5"):
+        rows = precache_scale_rows(args.captions, batch=64)
+        width = max(len(r[0]) for r in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value:10.1f}", flush=True)
+    if args.only == "t5":
+        return
     torch.set_num_threads(2)
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -187,8 +188,12 @@ def test_holdout_from_ingest_shards(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the stage
 @pytest.mark.slow
-def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) -> None:
+def test_evaluate_writes_reports_logs_to_mlflow_and_registers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mlflow import MlflowClient
+
+    monkeypatch.setenv("IMAGEN_PROGRESS_SECONDS", "0.001")  # a line each batch (not a terminal)
 
     evaluate_cfg = {
         "guidance_scales": [1, 4],
@@ -203,6 +208,11 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(tmp_path: Path) ->
     }
     params = make_tiny_cascade(tmp_path, overrides={"evaluate": evaluate_cfg})
     metrics = evaluate(params, log=None)
+    # 2 scales + the untrained reference, 8 images each, in batches of 8
+    lines = re.findall(
+        r"imagen evaluate: (\d+)/24 image, [\d.]+ image/s, \dm\d\ds left", capsys.readouterr().err
+    )
+    assert lines == ["8", "16", "24"]
     reports = Path(params.evaluate.reports_dir)
     saved = json.loads((reports / "metrics.json").read_text())
     assert saved["fidelity_metric"] == FD_EMBEDDED and saved["alignment_metric"] == AGREEMENT

@@ -67,6 +67,18 @@ class ConditioningConfig(_Strict):
     )
     encoder: EncoderConfig = EncoderConfig()
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    encoder_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="the text encoder's weights and compute (precache, online_encoding): "
+        "auto is bfloat16 on an accelerator and float32 on the CPU (CPUs without bf16 "
+        "instructions run bf16 matmuls slower, and float32 keeps the stored features as before)",
+    )
+    encode_batch_size: int = Field(
+        64,
+        gt=0,
+        description="captions per encoder forward in precache (sorted by length, each batch "
+        "padded to its longest caption)",
+    )
 
     @field_validator("encoder_path")
     @classmethod

@@ -14,9 +14,10 @@ Sources (``data.source``):
   (``pipe:``, ``http://``, ``file://``). The caption is ``key.txt`` or the json's ``caption``.
   NeMo's shards (``key.jpg``, ``key.txt``, ``key.pickle`` with precached T5 encodings) are read
   the same way, also through NeMo's wdinfo ``.pkl`` indexes (``data.source_path``, relative to
-  ``data.source_root``), and their ``pickle`` member is carried over unchanged, after a check with the
-  allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import anything but
-  containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never executed.
+  ``data.source_root``), and their ``pickle`` member is carried over unchanged, after a check
+  with the allowlist unpickler (:mod:`imagen.data.nemo_format`): a pickle that would import
+  anything but containers, scalars and numpy arrays is rejected (``unsafe_pickle``) and never
+  executed.
   Records keep the shards' order (tools such as img2dataset already write them in random
   order, and NeMo's prepared shards map one to one); training mixes shards and samples again
   (``trainer.shuffle_buffer``).
@@ -46,7 +47,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +72,7 @@ from imagen.data.parts import KeySet, Part
 from imagen.data.shards import ShardSetWriter
 from imagen.data.sources import RawRecord, records
 from imagen.data.storage import Store, iter_samples, local_file
+from imagen.progress import progress as progress_bar
 
 SPLITS: tuple[str, ...] = ("train", "holdout")
 MAX_RECORDS_PER_REASON = 1000  # the manifest lists at most this many records per reason
@@ -242,8 +243,6 @@ def ingest(
     When every part of a parted ingest (:func:`ingest_part`) is finished for the same params,
     this puts them together instead of reading the source again.
     """
-    from tqdm import tqdm
-
     out = _check(cfg)
     parts = finished_parts(cfg)
     if parts is not None:
@@ -251,7 +250,7 @@ def ingest(
     reader_errors: list[tuple[str, str]] = []
     recs, total = records(cfg, reader_errors)
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar("ingest", total, "img", enabled=progress)
     try:
         with _processed(recs, cfg, workers) as results:
             tally, shards = _write_shards(cfg, out, results, total, bar)
@@ -304,8 +303,6 @@ def ingest_part(
     finished); a finished part with the same params is skipped. Returns the part's record."""
     import tempfile
 
-    from tqdm import tqdm
-
     _check(cfg)
     store = parts_store(cfg)
     store.mkdir()
@@ -316,7 +313,7 @@ def ingest_part(
     reader_errors: list[tuple[str, str]] = []
     recs, total = records(cfg, reader_errors, part)
     t0 = time.perf_counter()
-    bar = tqdm(desc=f"ingest {part}", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(f"ingest part {part}", None, "img", enabled=progress)
     with tempfile.TemporaryDirectory(prefix="imagen-part-") as tmp:
         tar, lines = Path(tmp) / "samples.tar", Path(tmp) / "results.jsonl"
         try:
@@ -386,15 +383,13 @@ def merge_parts(
 ) -> dict[str, Any]:
     """Write the shards and manifest from finished parts, in order: the same bytes one process
     writes. The parts are deleted afterwards."""
-    from tqdm import tqdm
-
     out, store = _check(cfg), parts_store(cfg)
     records_ = [_part_record(store, p) or {} for p in parts]
     total = records_[0].get("total")
     reader_errors = [tuple(e) for r in records_ for e in r.get("reader_errors", [])]
     t0 = time.perf_counter()
     n = sum(r.get("records", 0) for r in records_)
-    bar = tqdm(total=n, desc="ingest merge", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar("ingest merge", n, "img", enabled=progress)
     results = (res for p in parts for res in _part_results(store, p))
     try:
         tally, shards = _write_shards(cfg, out, results, total, bar)
@@ -413,7 +408,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=max(1, os.cpu_count() or 1),
         help="processes that decode/normalise/encode images (default: all cores)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (a log that is not a terminal still gets a line every 30 s)",
+    )
     parser.add_argument(
         "--part",
         default=None,

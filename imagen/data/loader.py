@@ -365,7 +365,9 @@ def make_dataset(
 
 
 class OnlineEncoding:
-    """Adds ``text_embed`` / ``text_mask`` to batches that carry only captions."""
+    """Adds ``text_embed`` / ``text_mask`` to batches that carry only captions: one encoder
+    forward a batch, on the batch's device, in ``model.conditioning.encoder_dtype`` (bfloat16
+    on an accelerator by default), frozen and without gradients; the features are float32."""
 
     def __init__(self, params: Params) -> None:
         self.cond = params.conditioning
@@ -375,7 +377,7 @@ class OnlineEncoding:
         if "text_embed" in batch:
             return batch
         if self.encoder is None or self.encoder.device != torch.device(device):
-            self.encoder = load_text_encoder(self.cond, device=device)
+            self.encoder = load_text_encoder(self.cond, device=device, dtype=None)
         batch["text_embed"], batch["text_mask"] = self.encoder.encode(batch["caption"])
         return batch
 

@@ -24,6 +24,19 @@ webdataset source) are not encoded: each pickle is read with the allowlist unpic
 lacks ``precached_key`` or has the wrong width is left out and listed in the manifest with its
 reason. When every shard is such a shard the T5 encoder is not even loaded.
 
+How it encodes: on ``--device`` (default: CUDA when present, else the CPU) in
+``model.conditioning.encoder_dtype`` (auto: bfloat16 on an accelerator, float32 on the CPU),
+``encode_batch_size`` captions a forward, each shard's captions sorted by token count and each
+batch padded to its longest caption, never to ``token_length`` (padding is masked out, so the
+features are those of fixed padding within float rounding; the stored format is unchanged).
+
+Across processes and machines: under ``torchrun`` (``RANK`` / ``WORLD_SIZE``) or ``srun``
+(``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS``) rank r encodes shards r, r + world, ... (of the
+``--part`` when one is given; each rank resumes its own from the per-shard side-cars), reports
+them in ``.ranks/<launch>/`` and exits; rank 0 waits for every rank's report and writes the
+manifest. All ranks need the same ``encoded_dir``. A rank that dies leaves rank 0 waiting:
+torchrun stops the others itself; with srun use ``--kill-on-bad-exit=1``.
+
 With ``online_encoding: true`` nothing is encoded: the loader encodes the raw captions on the
 fly; precache still builds/checks the encoder and records it, so training finds it ready.
 """
@@ -32,22 +45,28 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
 from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, encodings_pickle, read_encodings
 from imagen.data.parts import Part
 from imagen.data.shards import store_tar
 from imagen.data.storage import Store, iter_samples, local_file, sha256
+from imagen.progress import interval as progress_interval
+from imagen.progress import progress as progress_bar
 from imagen.text import (
     TextEncoder,
+    default_device,
+    encoder_dtype,
     encoder_fingerprint,
     load_text_encoder,
     record_external_encoder,
@@ -147,21 +166,20 @@ def encode_shard(
     """
     kept, todo, stats = _check_nemo(_read_samples(src), cond)
     on_batch(len(kept) - len(todo) + len(stats["bad"]))
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        captions = []
-        for s in chunk:
-            if "txt" not in s:
-                raise ConfigError(f"{src}: sample {s['__key__']!r} has no caption (.txt)")
-            captions.append(s["txt"].decode("utf-8"))
-        if callable(encoder) and not isinstance(encoder, TextEncoder):
-            encoder = encoder()
-        for s, emb in zip(chunk, encoder.encode_unpadded(captions), strict=True):
-            name, blob = _store(emb, cond, fmt)
-            s[name] = blob
-            stats["tokens"] += emb.shape[0]
-            stats["embedding_bytes"] += len(blob)
-        on_batch(len(chunk))
+    captions = []
+    for s in todo:
+        if "txt" not in s:
+            raise ConfigError(f"{src}: sample {s['__key__']!r} has no caption (.txt)")
+        captions.append(s["txt"].decode("utf-8"))
+    if todo and callable(encoder) and not isinstance(encoder, TextEncoder):
+        encoder = encoder()
+    # sorted by length, each batch padded to its longest caption; results in sample order
+    embs = encoder.encode_sorted(captions, batch_size, on_batch) if todo else []  # type: ignore[union-attr]
+    for s, emb in zip(todo, embs, strict=True):
+        name, blob = _store(emb, cond, fmt)
+        s[name] = blob
+        stats["tokens"] += emb.shape[0]
+        stats["embedding_bytes"] += len(blob)
     info = store_tar(*dst, kept)
     info.update(
         tokens=stats["tokens"],
@@ -184,43 +202,117 @@ def _encoder_record(cond: ConditioningConfig, encoder: TextEncoder) -> dict[str,
     }
 
 
+# keys an older side-car lacks, and the value it was made with
+_LEGACY = {"encoder_dtype": "float32"}
+
+
 def _finished(out: Store, side: str, in_hash: str, expect: dict[str, Any]) -> dict[str, Any] | None:
     """The side-car of an encoded shard made from the same input with the same settings."""
     if not out.exists(side):
         return None
     prev = out.read_json(side)
-    same = prev.get("input_sha256") == in_hash and all(prev.get(k) == v for k, v in expect.items())
+    same = prev.get("input_sha256") == in_hash and all(
+        prev.get(k, _LEGACY.get(k)) == v for k, v in expect.items()
+    )
     return prev if same else None
 
 
-def _encode_shards(
-    shards: list[str],
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's ``RANK`` / ``WORLD_SIZE``, or SLURM's
+    ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` (a task of ``srun``); else (0, 1)."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
+        if not os.environ.get(w):
+            continue
+        try:
+            rank, world = int(os.environ.get(r, "0")), int(os.environ[w])
+        except ValueError as e:
+            raise ConfigError(f"{r} / {w}: not integers ({e})") from e
+        if not 0 <= rank < world:
+            raise ConfigError(f"{r}: {rank} is not a rank of {w} {world}")
+        return rank, world
+    return 0, 1
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: auto (None) is CUDA when present, else the CPU; a bare ``cuda`` is the
+    local rank's GPU under torchrun / srun. A device this machine lacks is a ConfigError."""
+    if name in (None, "auto"):
+        return torch.device(default_device())
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"precache --device: {name!r} is not a torch device ({e})") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"precache --device: {name!r}, but no CUDA device is visible")
+        if dev.index is None:
+            dev = torch.device(default_device())
+    return dev
+
+
+@dataclass
+class _Shard:
+    """An input shard, its hash, and its side-car when it was finished before this run."""
+
+    src: str
+    in_hash: str
+    prev: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        return _name(self.src)
+
+
+def _plan(shards: list[str], out: Store, expect: dict[str, Any]) -> list[_Shard]:
+    plan = []
+    for src in shards:
+        name, in_hash = _name(src), sha256(src)
+        prev = _finished(out, f"{name}.json", in_hash, expect) if out.exists(name) else None
+        plan.append(_Shard(src, in_hash, prev))
+    return plan
+
+
+def _encode_one(
+    sh: _Shard,
     out: Store,
     encoder: TextEncoder | None,
     cond: ConditioningConfig,
     expect: dict[str, Any],
     batch_size: int,
     bar: Any,
-) -> tuple[list[dict[str, Any]], int]:
-    """Encode every shard not already finished; returns (one entry per shard, captions encoded)."""
-    results, encoded = [], 0
-    for src in shards:
-        name = _name(src)
-        side = f"{name}.json"
-        in_hash = sha256(src)
-        prev = _finished(out, side, in_hash, expect) if out.exists(name) else None
-        if prev is not None:
-            bar.update(prev["samples"])
-            results.append({**prev, "skipped": True})
-            continue
-        fmt = expect["format"]
-        dst = (out, name)
-        info = encode_shard(src, dst, encoder or _no_encoder, cond, batch_size, bar.update, fmt)
-        encoded += info["samples"] - info["nemo_precached"]
-        entry = {**info, "input_sha256": in_hash, "split": name.split("-")[0], **expect}
-        out.write_json(side, entry)
-        results.append({**entry, "skipped": False})
-    return results, encoded
+) -> dict[str, Any]:
+    """Encode one shard and write its side-car; returns the side-car's entry."""
+    fmt = expect["format"]
+    dst = (out, sh.name)
+    info = encode_shard(sh.src, dst, encoder or _no_encoder, cond, batch_size, bar.update, fmt)
+    entry = {**info, "input_sha256": sh.in_hash, "split": sh.name.split("-")[0], **expect}
+    out.write_json(f"{sh.name}.json", entry)
+    return entry
+
+
+def _ranks_dir(out: Store) -> Store:
+    """Where the ranks of one launch report their shards to rank 0 (removed after it)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run and os.environ.get("SLURM_JOB_ID"):
+        run = f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return out.sub(".ranks").sub(run or "run")
+
+
+def _wait_for_ranks(out: Store, world: int, log: Callable[[str], Any]) -> dict[str, Any]:
+    """Rank 0: the shard entries of every other rank of this launch, once each has reported."""
+    folder = _ranks_dir(out)
+    files = [f"rank-{r}.json" for r in range(1, world)]
+    if not all(folder.exists(f) for f in files):
+        log(f"precache rank 0/{world}: waiting for the other ranks to finish their shards")
+    while not all(folder.exists(f) for f in files):
+        time.sleep(0.5)
+    done: dict[str, Any] = {}
+    for f in files:
+        done.update(folder.read_json(f))
+    folder.remove_all()
+    if not out.sub(".ranks").list():
+        out.sub(".ranks").remove_all()
+    return done
 
 
 _STAND_IN_NOTE = (
@@ -312,70 +404,115 @@ def _online(params: Params, out: Store, log: Callable[[str], Any]) -> dict[str, 
     return manifest
 
 
-def precache(
-    params: Params,
-    batch_size: int = 64,
-    progress: bool = True,
-    log: Callable[[str], Any] = print,
-    fmt: str = "project",
-    part: Part | None = None,
+def _expect(
+    cond: ConditioningConfig, record: dict[str, Any], fmt: str, dtype: str
 ) -> dict[str, Any]:
-    """Encode every ingested caption (skipping finished shards); returns the manifest.
-
-    ``fmt`` is ``project`` (``<precached_key>.npy``) or ``nemo`` (NeMo's ``pickle`` member).
-    With ``part`` only that part's share of the shards is encoded, and no manifest is written:
-    a run without ``part`` afterwards finds every shard finished and writes it.
-    """
-    from tqdm import tqdm
-
-    if fmt not in FORMATS:
-        raise ConfigError(f"precache --format: {fmt!r}; allowed: {list(FORMATS)}")
-    cond, data = params.conditioning, params.data
-    out = Store(data.encoded_dir, "data.encoded_dir")
-    out.mkdir()
-    if cond.online_encoding:
-        return _online(params, out, log)
-    shards = input_shards(data)
-    nemo = [s for s in shards if is_nemo_shard(s)]
-    encoder = None if len(nemo) == len(shards) else load_text_encoder(cond)
-    if encoder is not None and encoder.built and data.source != "embedded":
-        log(_STAND_IN_NOTE)
-    record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
-    out.write_json("encoder.json", record)
-    expect = {
+    """The settings a finished shard's side-car must match to be kept."""
+    return {
         "encoder_sha256": record["sha256"],
         "token_length": cond.token_length,
         "storage_dtype": cond.storage_dtype,
         "precached_key": cond.precached_key,
         "format": fmt,
+        "encoder_dtype": dtype,
     }
-    sizes = _shard_sizes(data)
-    todo = shards if part is None else shards[slice(*part.bounds(len(shards)))]
-    total = sum(sizes.get(_name(s), 0) for s in todo) or None
-    bar = tqdm(total=total, desc="precache", unit="caption", disable=not progress, file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        results, encoded = _encode_shards(todo, out, encoder, cond, expect, batch_size, bar)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - t0
-    if part is not None:
-        return _part_message(part, results, encoded, elapsed, out, log)
-    _remove_stale(out, shards)
-    manifest = _manifest(cond, record, results)
-    out.write_json("manifest.json", manifest)
-    rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
-    skipped = sum(r["skipped"] for r in results)
-    if nemo:
-        log(_nemo_message(cond, len(nemo), len(shards), manifest, out))
-    log(
-        f"precache: {manifest['samples']} samples in {len(results)} shards "
+
+
+def _summary(
+    cond: ConditioningConfig, manifest: dict[str, Any], out: Store, encoded: int, rate: float
+) -> str:
+    skipped = sum(r["skipped"] for r in manifest["shards"])
+    return (
+        f"precache: {manifest['samples']} samples in {len(manifest['shards'])} shards "
         f"({skipped} already finished, skipped) -> {out}; embeddings "
         f"{manifest['bytes_per_sample']:.0f} bytes/sample ({cond.storage_dtype}, "
         f"{manifest['mean_tokens']:.1f} tokens of {cond.embed_dim}; padded float32 would be "
         f"{manifest['padded_float32_bytes_per_sample']}); {encoded} captions encoded at "
         f"{rate:.1f} captions/s"
     )
+
+
+def precache(
+    params: Params,
+    batch_size: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    fmt: str = "project",
+    part: Part | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Encode every ingested caption (skipping finished shards); returns the manifest.
+
+    ``fmt`` is ``project`` (``<precached_key>.npy``) or ``nemo`` (NeMo's ``pickle`` member).
+    With ``part`` only that part's share of the shards is encoded, and no manifest is written:
+    a run without ``part`` afterwards finds every shard finished and writes it.
+    ``batch_size`` (default ``model.conditioning.encode_batch_size``) captions per forward,
+    sorted by length; ``device`` (default: CUDA when present, else the CPU). Under torchrun or
+    srun (:func:`world_from_env`) each rank encodes every world-th shard and rank 0 writes the
+    manifest once all are done; other ranks return their own share.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"precache --format: {fmt!r}; allowed: {list(FORMATS)}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"precache --batch-size: {batch_size}; must be at least 1")
+    progress_interval()  # a bad IMAGEN_PROGRESS_SECONDS is an error before any work
+    cond, data = params.conditioning, params.data
+    batch_size = batch_size or cond.encode_batch_size
+    rank, world = world_from_env()
+    dev = resolve_device(device)
+    out = Store(data.encoded_dir, "data.encoded_dir")
+    out.mkdir()
+    if cond.online_encoding:
+        return _online(params, out, log) if rank == 0 else {"online_encoding": True}
+    shards = input_shards(data)
+    nemo = [s for s in shards if is_nemo_shard(s)]
+    encoder = None if len(nemo) == len(shards) else load_text_encoder(cond, dev, dtype=None)
+    record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
+    if rank == 0:
+        if encoder is not None and encoder.built and data.source != "embedded":
+            log(_STAND_IN_NOTE)
+        out.write_json("encoder.json", record)
+    dtype = str(encoder_dtype(cond, dev)).removeprefix("torch.") if encoder else "float32"
+    expect = _expect(cond, record, fmt, dtype)
+    selected = shards if part is None else shards[slice(*part.bounds(len(shards)))]
+    plan = _plan(selected[rank::world], out, expect)
+    todo = [sh for sh in plan if sh.prev is None]
+    sizes = _shard_sizes(data)
+    label = (
+        "precache"
+        + (f" part {part}" if part else "")
+        + (f" rank {rank}/{world}" if world > 1 else "")
+    )
+    total = sum(sizes.get(sh.name, 0) for sh in todo) or None
+    bar = progress_bar(label, total, "caption", enabled=progress)
+    done = {sh.name: {**sh.prev, "skipped": True} for sh in plan if sh.prev is not None}
+    t0, encoded = time.perf_counter(), 0
+    try:
+        for sh in todo:
+            entry = _encode_one(sh, out, encoder, cond, expect, batch_size, bar)
+            encoded += entry["samples"] - entry["nemo_precached"]
+            done[sh.name] = {**entry, "skipped": False}
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = encoded / elapsed if elapsed > 0 and encoded else 0.0
+    if world > 1:
+        log(f"{label}: {len(todo)} shards, {encoded} captions encoded at {rate:.1f} captions/s")
+    if rank != 0:
+        _ranks_dir(out).mkdir()
+        _ranks_dir(out).write_json(f"rank-{rank}.json", done)
+        return {"rank": rank, "world": world, "shards": sorted(done), "captions_per_s": rate}
+    if world > 1:
+        done.update(_wait_for_ranks(out, world, log))
+    results = [done[_name(s)] for s in selected]
+    if part is not None:
+        return _part_message(part, results, encoded, elapsed, out, log)
+    _remove_stale(out, shards)
+    manifest = _manifest(cond, record, results)
+    out.write_json("manifest.json", manifest)
+    if nemo:
+        log(_nemo_message(cond, len(nemo), len(shards), manifest, out))
+    log(_summary(cond, manifest, out, encoded, rate) + (" on rank 0" if world > 1 else ""))
     manifest["captions_per_s"] = rate
     return manifest
 
@@ -398,8 +535,22 @@ def _part_message(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per T5 forward")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="captions per encoder forward (default: model.conditioning.encode_batch_size)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the encoder runs: auto (CUDA when present, else cpu), cpu, cuda, cuda:1",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (a log that is not a terminal still gets a line every 30 s)",
+    )
     parser.add_argument(
         "--part",
         default=None,
@@ -419,15 +570,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, params: Params) -> int:
     from imagen.mlops.tracking import stage_run
 
-    if args.part is not None:  # one share of the shards: no manifest, no MLflow run
-        part = Part.parse(args.part)
-        precache(params, args.batch_size, not args.no_progress, fmt=args.format, part=part)
+    part = Part.parse(args.part) if args.part is not None else None
+
+    def run_precache() -> dict[str, Any]:
+        return precache(
+            params,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            fmt=args.format,
+            part=part,
+            device=args.device,
+        )
+
+    # one share of the shards (a part, or another rank's): no manifest, no MLflow run
+    if part is not None or world_from_env()[0] != 0:
+        run_precache()
         return 0
     # the stage's MLflow run (nested under the pipeline's parent run): sizes + the manifest
     with stage_run(params, "precache") as run:
-        manifest = precache(
-            params, batch_size=args.batch_size, progress=not args.no_progress, fmt=args.format
-        )
+        manifest = run_precache()
         run.log_metrics(
             {
                 k: v

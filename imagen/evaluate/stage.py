@@ -20,6 +20,7 @@ from imagen.data.holdout import load_holdout
 from imagen.evaluate.metrics import FD_DUAL, Alignment, Fidelity
 from imagen.evaluate.report import write_reports
 from imagen.evaluate.sweep import best_tradeoff, sweep, untrained_reference
+from imagen.progress import log_lines
 
 
 def trained_cascade(params: Params, models_dir: Path) -> Any:
@@ -241,6 +242,8 @@ def evaluate(
     )
     if register_models is None:
         register_models = params.mlflow.register_models
+    sweeps = len(cfg.guidance_scales) + (cfg.depth == "base64")  # + the untrained reference
+    lines = log_lines("imagen evaluate", sweeps * len(holdout), "image")
     with stage_run(params, "evaluate", parent_run_id=parent_run_id) as run:
         common = dict(
             steps=cfg.steps,
@@ -248,6 +251,7 @@ def evaluate(
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             extra_fidelity=extra_fidelity,
+            on_batch=lines.update if lines else None,
         )
         result = sweep(
             cascade,

@@ -48,6 +48,7 @@ def sweep(
     keep: int = 16,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> SweepResult:
     """Generate ``holdout``'s captions at every guidance scale; fidelity + alignment each (and
     every ``extra_fidelity`` distance beside the sweep's own)."""
@@ -72,6 +73,7 @@ def sweep(
             seed=seed,
             batch_size=batch_size,
             progress=progress,
+            on_batch=on_batch,
         )[depth]
         fake = to_uint8(images)  # (N, 3, R, R)
         row = {"guidance_scale": float(w), fidelity.name: fidelity.compute(fake, batch_size)}
@@ -138,6 +140,7 @@ def untrained_reference(
     sampler: str | None = None,
     seed: int,
     batch_size: int,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> dict[str, float]:
     """The same metrics for a freshly initialised base UNet of the same config: the yardstick
     that says how much training moved the fidelity and alignment numbers."""
@@ -163,6 +166,7 @@ def untrained_reference(
         seed=seed,
         batch_size=batch_size,
         keep=0,
+        on_batch=on_batch,
     )
     row = result.rows[0]
     return {k: float(v) for k, v in row.items() if k not in ("guidance_scale", "seconds")}

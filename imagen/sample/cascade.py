@@ -23,7 +23,7 @@ generator, seeded by ``(seed, stage)``: an image depends on its seed, not on its
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -369,6 +369,7 @@ class Cascade:
         lowres: torch.Tensor | None = None,
         batch_size: int = 4,
         progress: bool = False,
+        on_batch: Callable[[int], Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate every prompt through the cascade up to ``depth``.
 
@@ -376,7 +377,8 @@ class Cascade:
         ``guidance``, ``sampler`` and ``noise_aug`` are one value for every stage or a mapping
         stage -> value; what is not given comes from each stage's ``sampling`` config.
         ``seeds`` (one per prompt) gives each image its own noise; ``lowres`` (N, 3, h, w) in
-        [-1, 1] starts the cascade at its first SR stage from those images.
+        [-1, 1] starts the cascade at its first SR stage from those images. ``on_batch(n)``
+        is called once each batch of n prompts is through every stage.
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
@@ -413,6 +415,8 @@ class Cascade:
                 out[name].append(images.cpu())
                 if bar is not None:
                     bar.update(1)
+            if on_batch is not None:
+                on_batch(len(text_embed))
         if bar is not None:
             bar.close()
         return {n: torch.cat(v) for n, v in out.items()}

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,16 +208,22 @@ class TextEncoder:
     # features (padding is masked out) for a fraction of the work on short captions.
     built: bool = False
 
-    @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()  # not inference_mode: training feeds the features to autograd ops
+    def encode(
+        self, captions: list[str], padding: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> ``(embeds (B, L, D) float32, mask (B, L) bool)`` with L = token_length.
 
         Captions longer than ``token_length`` tokens are truncated (the end-of-sequence token
-        is kept); padding positions are zero and masked out.
+        is kept); padding positions are zero and masked out. ``padding`` is how the encoder
+        runs: ``longest`` (the batch's longest caption) or ``max_length`` (token_length);
+        None: max_length for the built encoder, longest for any other.
         """
+        if padding is None:
+            padding = "max_length" if self.built else "longest"
         enc = self.tokenizer(
             list(captions),
-            padding="max_length" if self.built else "longest",
+            padding=padding,
             truncation=True,
             max_length=self.token_length,
             return_tensors="pt",
@@ -231,11 +238,35 @@ class TextEncoder:
             mask = torch.nn.functional.pad(mask, (0, short))
         return embeds, mask
 
-    def encode_unpadded(self, captions: list[str]) -> list[np.ndarray]:
+    def encode_unpadded(self, captions: list[str], padding: str | None = None) -> list[np.ndarray]:
         """Per caption, only its real tokens: a list of ``(n_i, D)`` float32 arrays."""
-        embeds, mask = self.encode(captions)
+        embeds, mask = self.encode(captions, padding)
         lengths = mask.sum(1).tolist()
-        return [embeds[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
+        embeds = embeds.cpu().numpy()  # one transfer for the batch
+        return [embeds[i, :n] for i, n in enumerate(lengths)]
+
+    def token_lengths(self, captions: list[str]) -> list[int]:
+        """Tokens each caption encodes to (after truncation to token_length)."""
+        ids = self.tokenizer(list(captions), truncation=True, max_length=self.token_length)
+        return [len(x) for x in ids["input_ids"]]
+
+    def encode_sorted(
+        self, captions: list[str], batch_size: int, on_batch: Callable[[int], Any] | None = None
+    ) -> list[np.ndarray]:
+        """:meth:`encode_unpadded` of every caption in batches of similar length: sorted by
+        token count, each batch padded to its longest caption; results in caption order.
+        ``on_batch(n)`` is called after each batch of n captions."""
+        lengths = self.token_lengths(captions)
+        order = sorted(range(len(captions)), key=lambda i: (lengths[i], i))
+        out: list[np.ndarray] = [np.empty(0)] * len(captions)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            embs = self.encode_unpadded([captions[i] for i in idx], "longest")
+            for i, emb in zip(idx, embs, strict=True):
+                out[i] = emb
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
 
 
 def _load_model(spec: EncoderSpec) -> Any:
@@ -272,8 +303,33 @@ def _check_sizes(cond: ConditioningConfig, spec: EncoderSpec, path: str) -> tupl
     return spec.embed_dim, length
 
 
-def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cpu") -> TextEncoder:
+def default_device() -> str:
+    """``cuda`` when a GPU is visible (the process's local rank's under torchrun), else
+    ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def encoder_dtype(cond: ConditioningConfig, device: str | torch.device) -> torch.dtype:
+    """``model.conditioning.encoder_dtype`` on ``device``: auto is bfloat16 on an
+    accelerator, float32 on the CPU."""
+    name = cond.encoder_dtype
+    if name == "auto":
+        name = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+    return getattr(torch, name)
+
+
+def load_text_encoder(
+    cond: ConditioningConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> TextEncoder:
     """Load the encoder named by ``cond.encoder_path`` (building the embedded default).
+
+    ``dtype``: its weights and compute (None: ``cond.encoder_dtype`` on ``device``); the
+    features are float32 whatever it is.
 
     The folder's ``config.json`` picks how it loads (:data:`imagen.config.encoders.FAMILIES`).
     Raises :class:`ConfigError` when the encoder cannot be found (saying how to provide one),
@@ -303,7 +359,8 @@ def load_text_encoder(cond: ConditioningConfig, device: str | torch.device = "cp
             ) from e
         raise ConfigError(_missing_message(path)) from e
     dev = torch.device(device)
-    model = model.to(dev).eval().requires_grad_(False)
+    dtype = encoder_dtype(cond, dev) if dtype is None else dtype
+    model = model.to(dev, dtype).eval().requires_grad_(False)
     built = (Path(path) / BUILT_MARKER).exists()
     return TextEncoder(
         model, tokenizer, token_length, str(path), dev, embed_dim, spec.family.name, built
