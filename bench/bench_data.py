@@ -141,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=96, help="training samples per resolution")
     ap.add_argument("--workers", type=int, default=2, help="ingest processes / loader workers")
-    ap.add_argument("--captions", type=int, default=256, help="captions for the T5 table")
+    ap.add_argument("--captions", type=int, default=128, help="captions for the T5 table")
     ap.add_argument("--only", choices=("all", "stages", "t5"), default="all")
     args = ap.parse_args()
     if args.only in ("all", "t5"):
