@@ -7,7 +7,15 @@ then with each of them off in turn, and all off. Printed per row: images/s, mode
 utilisation (FLOPs of one step counted with torch.utils.flop_counter, against the bf16 matmul
 rate this device measures on an 8192^3 product), peak memory. NeMo's modules (nemo_toolkit
 2.4.0, through tests/nemo_oracle) run the same steps where they can (their flash attention
-needs flash-attn installed; without it NeMo runs its masked kernel).
+needs flash-attn installed; without it NeMo runs its masked kernel). Each training row also
+counts the host reads of one step (imagen.nn.host_reads: every value the host reads from the
+device, a stall of the GPU's queue).
+
+Then sampling: each stage of the cascade (base64 500m_res_64 at 64 px, sr256 600m_res_256 at
+256 px from 64, sr1024 400m_res_1024 at 1024 px from 256) samples a batch at NeMo's inference
+step counts and guidance (30 / 20 / 20 steps, its EDM Heun sampler: two network evaluations a
+step, each with and without the text) in bf16 autocast, as ``sample.precision: auto`` runs on
+CUDA; printed per stage: images/s and seconds per batch.
 
     python bench/bench_gpu.py                 # one GPU, <= 8 minutes
     python bench/bench_gpu.py --tiny          # tiny models on the CPU (what the tests run)
@@ -31,13 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from imagen.config import SamplingConfig  # noqa: E402
+from imagen.config.run import NEMO_INFERENCE  # noqa: E402
 from imagen.nemo.convert import model_config_from_nemo  # noqa: E402
 from imagen.nn import build_unet, count_parameters  # noqa: E402
+from imagen.nn.host_reads import HostReads  # noqa: E402
 from imagen.presets import PRESETS  # noqa: E402
 
 # (preset, NeMo's micro_batch_size)
 GPU_CASES: tuple[tuple[str, int], ...] = (("500m_res_64", 128), ("600m_res_256", 64))
 TEXT_DIM, TOKENS = 1024, 128
+# stage -> (preset, output size, low-res input size, images a batch)
+SAMPLE_CASES: dict[str, tuple[str, int, int | None, int]] = {
+    "base64": ("500m_res_64", 64, None, 16),
+    "sr256": ("600m_res_256", 256, 64, 8),
+    "sr1024": ("400m_res_1024", 1024, 256, 2),
+}
 TINY_BLOCKS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny_base": (
         "base",
@@ -83,6 +100,21 @@ class Row:
     tflop_per_step: float
     mfu: float
     peak_mem_gib: float
+    note: str = ""
+    host_reads: int = -1  # per training step (forward, backward, AdamW); -1: not counted
+
+
+@dataclass
+class SampleRow:
+    stage: str
+    model: str
+    size: int
+    batch: int
+    steps: int
+    sampler: str
+    bf16: bool
+    images_per_s: float
+    seconds_per_batch: float
     note: str = ""
 
 
@@ -233,7 +265,9 @@ def run_case(
 ) -> Row:
     torch.manual_seed(0)
     net, call = build(impl, unet_type, block, aug, v, text_dim, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    # fused: one kernel over all tensors, no host read of each step count (the project trains
+    # with it; the per-tensor loop reads every parameter's step)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     kw = inputs(unet_type, block, batch, text_dim, tokens, aug, device)
     if v["channels_last"]:
         kw["x"] = kw["x"].contiguous(memory_format=torch.channels_last)
@@ -252,7 +286,7 @@ def run_case(
 
     step()  # warm-up (and compilation)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, HostReads() as reads:
         step()
     flops = counter.get_total_flops()
     _sync(device)
@@ -266,10 +300,102 @@ def run_case(
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     note = f"{count_parameters(net) / 1e6:.1f}M params"
     mfu = flops / dt / 1e12 / peak_tflops
-    return row_of(impl, name, batch, v, batch / dt, flops / 1e12, mfu, peak, note)
+    row = row_of(impl, name, batch, v, batch / dt, flops / 1e12, mfu, peak, note)
+    row.host_reads = reads.count
+    return row
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def sample_case(
+    stage: str,
+    preset: str,
+    block: dict,
+    unet_type: str,
+    aug: bool,
+    size: int,
+    low: int | None,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    text_dim: int,
+    tokens: int,
+) -> SampleRow:
+    """One batch of ``stage`` sampled at NeMo's steps and guidance in bf16 autocast (random
+    weights: the cost does not depend on them), after a one-step warm-up."""
+    from imagen.diffusion import build_denoiser, sample
+    from imagen.diffusion.noise_aug import sr_condition
+
+    torch.manual_seed(0)
+    cfg = model_config_from_nemo(
+        {
+            "unet_type": unet_type,
+            "unet": block,
+            "conditioning": {"embed_dim": text_dim},
+            "preconditioning_type": "EDM",
+            "noise_cond_aug": aug,
+        }
+    )
+    den = build_denoiser(cfg, build_unet(cfg).to(device)).eval()
+    kw = inputs("base", {"image_size": size}, batch, text_dim, tokens, False, device)
+    cond: dict[str, Any] = {"text_embed": kw["text_embed"], "text_mask": kw["text_mask"]}
+    if low is not None:
+        lowres = torch.rand(batch, 3, low, low, device=device) * 2 - 1
+        cond.update(sr_condition(lowres, cfg, training=False))
+    n_steps, scale = NEMO_INFERENCE[stage]
+    n_steps = steps or n_steps
+    sampling = SamplingConfig(sampler="heun", steps=n_steps, guidance_scale=scale)
+    shape = (batch, 3, size, size)
+
+    def run(config: SamplingConfig) -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            sample(den, shape, cond, config, seed=0)
+
+    run(sampling.model_copy(update={"steps": 1}))  # warm-up: kernels, allocator
+    _sync(device)
+    t = time.perf_counter()
+    run(sampling)
+    _sync(device)
+    dt = time.perf_counter() - t
+    note = f"{count_parameters(den.net) / 1e6:.1f}M params, guidance {scale}"
+    return SampleRow(stage, preset, size, batch, n_steps, "heun", True, batch / dt, dt, note)
+
+
+def sampling_rows(args: argparse.Namespace, device: torch.device, start: float) -> list[SampleRow]:
+    """Sampling images/s per stage (tiny: the tiny blocks at 16 px, 2 steps)."""
+    rows: list[SampleRow] = []
+    for stage, (preset, size, low, batch) in SAMPLE_CASES.items():
+        if args.tiny:
+            unet_type = "base" if stage == "base64" else "sr"
+            block = TINY_BLOCKS["tiny_base" if stage == "base64" else "tiny_sr"][1]
+            size, low, batch = 16, None if stage == "base64" else 4, 2
+            name, aug, text_dim, tokens, steps = f"tiny_{stage}", stage != "base64", 32, 8, 2
+        else:
+            p = PRESETS[preset]
+            unet_type, block, name, steps = p["unet_type"], p["unet"], preset, args.sample_steps
+            aug, text_dim, tokens = bool(p.get("noise_cond_aug")), TEXT_DIM, TOKENS
+        if time.perf_counter() - start > args.budget_s:
+            print(f"sampling {stage}: skipped (time budget {args.budget_s:.0f} s)")
+            continue
+        try:
+            row = sample_case(
+                stage, name, block, unet_type, aug, size, low, batch, steps, device, text_dim,
+                tokens,
+            )  # fmt: skip
+        except Exception as e:  # a stage this device cannot sample (memory): say so, go on
+            row = SampleRow(stage, name, size, batch, 0, "heun", True, 0.0, 0.0,
+                            f"failed: {type(e).__name__}: {str(e)[:80]}")  # fmt: skip
+        rows.append(row)
+        print(
+            f"sample   {row.stage:7s} {row.model:14s} {row.size:5d} px b={row.batch:<3d} "
+            f"{row.steps:3d} steps bf16  {row.images_per_s:9.2f} img/s  "
+            f"{row.seconds_per_batch:7.2f} s/batch  {row.note}",
+            flush=True,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> tuple[list[Row], list[SampleRow]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row")
@@ -278,6 +404,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument(
         "--budget-s", type=float, default=450, help="skip rows once this much time has gone"
     )
+    ap.add_argument(
+        "--sample-steps", type=int, default=0, help="sampling steps per stage (0: NeMo's)"
+    )
+    ap.add_argument("--no-sampling", action="store_true", help="skip the sampling rows")
+    ap.add_argument("--no-training", action="store_true", help="skip the training rows")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
@@ -317,7 +448,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     rows: list[Row] = []
     start = time.perf_counter()
-    for v in variants(args.tiny):
+    for v in [] if args.no_training else variants(args.tiny):
         for name, unet_type, block, aug, batch in cases:
             for impl in impls:
                 if time.perf_counter() - start > args.budget_s:
@@ -346,14 +477,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     f"{row.impl:8s} {row.model:14s} b={row.batch:<4d} "
                     f"bf16={row.bf16:d} flash={row.flash:d} cl={row.channels_last:d} "
                     f"compile={row.compile:d}  {row.images_per_s:9.1f} img/s  "
-                    f"MFU {row.mfu * 100:5.1f}%  {row.peak_mem_gib:6.1f} GiB  {row.note}",
+                    f"MFU {row.mfu * 100:5.1f}%  {row.peak_mem_gib:6.1f} GiB  "
+                    f"{row.host_reads:3d} host reads/step  {row.note}",
                     flush=True,
                 )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    samples = [] if args.no_sampling else sampling_rows(args, device, start)
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    return rows
+        out = {"training": [asdict(r) for r in rows], "sampling": [asdict(r) for r in samples]}
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return rows, samples
 
 
 if __name__ == "__main__":

@@ -21,14 +21,23 @@ def _bench():
 
 def test_tiny_bench_measures_every_row(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    rows = _bench().main(["--tiny", "--json", str(out)])
+    rows, samples = _bench().main(["--tiny", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert len(saved) == len(rows) >= 4
+    assert len(saved["training"]) == len(rows) >= 4
     impls = {r.impl for r in rows}
     assert "project" in impls
     for r in rows:
         assert not r.note.startswith("failed"), r
         assert r.images_per_s > 0 and r.tflop_per_step > 0 and 0 < r.mfu < 1
+        assert r.host_reads >= 0
+        if r.impl == "project":  # the project's UNet step reads nothing from the device
+            assert r.host_reads == 0, r
+    # sampling: every stage of the cascade, in bf16, at the tiny step count
+    assert [s.stage for s in samples] == ["base64", "sr256", "sr1024"]
+    assert [s["stage"] for s in saved["sampling"]] == ["base64", "sr256", "sr1024"]
+    for s in samples:
+        assert not s.note.startswith("failed"), s
+        assert s.bf16 and s.steps == 2 and s.images_per_s > 0 and s.seconds_per_batch > 0
     if "nemo" in impls:  # the same model on both sides: about the same FLOPs per step
         # (NeMo's einsum attention and its custom backward count a little differently)
         by = {(r.impl, r.model, r.bf16): r.tflop_per_step for r in rows}

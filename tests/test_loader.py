@@ -81,7 +81,12 @@ def test_batch_shapes_per_stage(in_project: Params, stage: str, image: int, lowr
     st.trainer.batch_size = 3
     dm = ImagenDataModule(params, st)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    raw = next(iter(dm.train_dataloader()))
+    # what crosses the worker boundary: uint8 images, the stored fp16 tokens unpadded
+    assert raw["image"].dtype == torch.uint8 and "text_embed" not in raw
+    assert raw["text_tokens"].dtype == torch.float16
+    assert raw["text_tokens"].shape == (int(raw["text_lens"].sum()), 32)
+    batch = dm.on_after_batch_transfer(raw, 0)  # what the training step reads
     assert batch["image"].shape == (3, 3, image, image) and batch["image"].dtype == torch.float32
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     if lowres is None:
@@ -117,11 +122,48 @@ def test_pad_or_trim() -> None:
     assert torch.equal(trimmed, x[:4]) and mask.all()
 
 
+def first_batch(params: Params, stage: StageConfig) -> dict[str, Any]:
+    """The data module's first training batch, finished as the training step sees it."""
+    dm = ImagenDataModule(params, stage)
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
 def test_sr_pairs_are_aligned(in_project: Params) -> None:
     st = in_project.stage("sr256").model_copy(deep=True)
     st.trainer.batch_size = 6
-    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
-    _assert_aligned(batch)
+    _assert_aligned(first_batch(in_project, st))
+
+
+@pytest.mark.parametrize("stage", ["base64", "sr256"])
+def test_finished_batches_equal_normalising_and_padding_in_the_worker(
+    in_project: Params, stage: str
+) -> None:
+    """uint8 + unpadded fp16 through the loader, finished after the transfer, give exactly the
+    float32 images and zero-padded features that decoding to float and padding gave."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imagen.data.loader import finish_batch, pick_image, resize_image, to_tensor
+    from imagen.text import from_storage
+
+    st = in_project.stage(stage)
+    ds = make_dataset(in_project, st, "train", epochs=1, train=False)  # centre crops
+    pairs = list(ds.decoded())
+    batch = finish_batch(collate([ex for _, ex in pairs]), 16)
+    cond = in_project.conditioning
+    for i, (sample, _) in enumerate(pairs):
+        res = ds.pyramid.res
+        with Image.open(io.BytesIO(pick_image(sample, res))) as im:
+            full = resize_image(im.convert("RGB"), res)
+        c, o = ds.pyramid.crop, (res - ds.pyramid.crop) // 2
+        assert torch.equal(batch["image"][i], to_tensor(full.crop((o, o, o + c, o + c))))
+        stored = np.load(io.BytesIO(sample[f"{cond.precached_key}.npy"]))
+        embed, mask = pad_or_trim(from_storage(stored), 16)
+        assert torch.equal(batch["text_embed"][i], embed)
+        assert torch.equal(batch["text_mask"][i], mask)
+    assert batch["text_embed"].dtype == torch.float32 and "text_tokens" not in batch
 
 
 def _assert_aligned(batch: dict[str, Any]) -> None:
@@ -134,14 +176,27 @@ def _assert_aligned(batch: dict[str, Any]) -> None:
 
 
 def test_several_crops_per_decoded_image(in_project: Params) -> None:
+    """Each decoded image gives crops_per_image random crops, and a crop shuffle spreads
+    them over batches (one image's crops in one batch would be a batch of near-duplicates)."""
     st = in_project.stage("sr256").model_copy(deep=True)
     st.trainer.batch_size, st.trainer.crops_per_image, st.trainer.shuffle_buffer = 6, 3, 0
-    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
-    keys = batch["key"]
-    assert keys[0] == keys[1] == keys[2] and keys[3] == keys[4] == keys[5] != keys[0]
-    crops = batch["image"][:3]  # one image, three random 64 px crops of its 256 px copy
-    assert not (torch.equal(crops[0], crops[1]) and torch.equal(crops[1], crops[2]))
-    assert torch.equal(batch["text_embed"][0], batch["text_embed"][2])
+    dm = ImagenDataModule(in_project, st)
+    loader = [dm.on_after_batch_transfer(b, 0) for b in itertools.islice(dm.train_dataloader(), 3)]
+    keys = [k for b in loader for k in b["key"]]
+    assert {keys.count(k) for k in keys[:6]} & {2, 3, 4, 5, 6}  # each image cropped again
+    batches_of = {k: {i for i, b in enumerate(loader) if k in b["key"]} for k in set(keys)}
+    assert any(len(v) > 1 for v in batches_of.values())  # an image's crops in several batches
+    assert any(len(set(b["key"])) > 2 for b in loader)  # unspread: 2 images x 3 crops a batch
+    batch = loader[0]
+    key = next(k for k in batch["key"] if keys.count(k) > 1)
+    rows = [
+        (b["image"][i], b["text_embed"][i])
+        for b in loader
+        for i, k in enumerate(b["key"])
+        if k == key
+    ]
+    assert not all(torch.equal(rows[0][0], r[0]) for r in rows[1:])  # random crops
+    assert all(torch.equal(rows[0][1], r[1]) for r in rows[1:])  # of one captioned image
     _assert_aligned(batch)  # every crop keeps its low-res partner
     held = holdout_batches(in_project, 2, st, batch_size=2)[0]
     assert len(set(held["key"])) == 2  # evaluation: one centre crop per image
@@ -219,7 +274,7 @@ def test_progressive_steps_train_on_downsampled_images(in_project: Params) -> No
     st.trainer.batch_size = 2
     st.trainer.progressive = ProgressiveConfig(resolution=32, steps=3, batch_size=4)
     st = StageConfig.model_validate(st.model_dump())
-    batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
+    batch = first_batch(in_project, st)
     assert batch["image"].shape == (4, 3, 64, 64)
     low = progressive_batch(st, dict(batch), step=2)
     assert low["image"].shape == (4, 3, 32, 32) and len(low["caption"]) == 4
@@ -271,6 +326,51 @@ def test_lightning_trains_the_progressive_steps_small(in_project: Params, tmp_pa
     trainer = build_trainer(st, tmp_path, [Shapes()], logger=False)
     trainer.fit(ImagenStage(st), datamodule=ImagenDataModule(in_project, st))
     assert seen == [(4, 3, 32, 32)] * 2 + [(2, 3, 64, 64)] * 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_decodes_only_what_each_step_trains_on(in_project: Params, workers: int) -> None:
+    """trainer.progressive: 4 images a step for 3 steps, then 2 (not 4 of which 2 are unused),
+    whatever the number of workers; a resumed run's loader starts at its step."""
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size, st.trainer.num_workers = 2, workers
+    st.trainer.progressive = ProgressiveConfig(resolution=32, steps=3, batch_size=4)
+    st = StageConfig.model_validate(st.model_dump())
+
+    def sizes(start: int) -> list[int]:
+        loader = ImagenDataModule(in_project, st, start_step=start).train_dataloader()
+        return [len(b["key"]) for b in itertools.islice(loader, 5)]
+
+    assert sizes(0) == [4, 4, 4, 2, 2]
+    assert sizes(2) == [4, 2, 2, 2, 2]
+
+
+def test_shuffling_mixes_shards(in_project: Params) -> None:
+    """The default buffer (twice data.samples_per_shard) draws the first batch from both of
+    the two shards (4 + 2 samples); a buffer of 0 reads one shard after the other."""
+    st = in_project.stage("base64").model_copy(deep=True)
+    st.trainer.batch_size = 4
+
+    def shards_in_first_batch(buffer: int | None) -> set[int]:
+        st.trainer.shuffle_buffer = buffer
+        batch = next(iter(ImagenDataModule(in_project, st).train_dataloader()))
+        return {int(k.split("-")[1]) // 4 for k in batch["key"]}
+
+    assert shards_in_first_batch(None) == {0, 1}
+    assert len(shards_in_first_batch(0)) == 1
+
+
+def test_num_workers_default_from_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagen.data.loader import resolve_num_workers
+
+    st = resolve_params(yaml.safe_load((REPO / "params.yaml").read_text())).stage("base64")
+    assert st.trainer.num_workers is None  # the default: resolved at run time
+    for cores, local, workers in [(2, "", 1), (16, "", 8), (16, "4", 3), (1, "", 1)]:
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert resolve_num_workers(st) == workers, (cores, local)
+    st.trainer.num_workers = 3
+    assert resolve_num_workers(st) == 3
 
 
 def test_the_training_order_is_the_same_on_every_run(in_project: Params) -> None:

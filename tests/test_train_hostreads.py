@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import torch
 import yaml
+from host_reads import READ_OPS
 from pytorch_lightning.callbacks import Callback
 from tiny import make_project
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,11 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from imagen.config import Params, deep_merge, resolve_params
 from imagen.train import stage as stage_mod
 
-READS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.item.default,
-}
+READS = READ_OPS
 
 
 class StepReads(TorchDispatchMode):

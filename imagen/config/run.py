@@ -79,8 +79,28 @@ class TrainerConfig(_Strict):
     num_nodes: int = Field(1, gt=0)
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     strategy: str = "auto"
-    num_workers: int = Field(1, ge=0)
-    shuffle_buffer: int = Field(256, ge=0)
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes per rank (null: from the cores this process "
+        "may use, shared by the ranks of a node, at most 8; 0: load in the training process)",
+    )
+    shuffle_buffer: int | None = Field(
+        None,
+        ge=0,
+        description="samples in each loader stream's shuffle buffer (null: twice "
+        "data.samples_per_shard, so consecutive shards mix; 0 or 1: no buffer)",
+    )
+    allow_tf32: bool | None = Field(
+        None,
+        description="TF32 matmuls and convolutions on CUDA (NeMo's top-level allow_tf32, true "
+        "in its configs); null: PyTorch's defaults. No effect on the CPU",
+    )
+    benchmark: bool | None = Field(
+        None,
+        description="cudnn.benchmark: time the convolution kernels per input shape and keep the "
+        "fastest (NeMo's trainer.benchmark); null: PyTorch's default (off)",
+    )
     crops_per_image: int = Field(
         1,
         gt=0,
@@ -353,8 +373,12 @@ class SampleConfig(_Strict):
     precision: Literal["auto", "32", "bf16"] = Field(
         "auto",
         description="sampling, the cascade and evaluate: the networks in bf16 autocast (bf16) or "
-        "fp32 (32); auto: bf16 on CUDA, fp32 elsewhere",
+        "fp32 (32); auto: bf16 on CUDA, fp32 elsewhere (also the training grids)",
     )
+
+    def bf16_on(self, device_type: str) -> bool:
+        """Whether the networks sample in bf16 autocast on a device of this type."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
 
 
 class MlflowConfig(_Strict):

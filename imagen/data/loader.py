@@ -5,8 +5,12 @@ shards of ``data.shards_dir`` when ``online_encoding`` is on) with webdataset:
 
     shard list (reshuffled each epoch, same order on every rank)
       -> split by node (rank) -> split by worker      (webdataset's split_by_node/_worker)
-      -> tar samples -> shuffle buffer (trainer.shuffle_buffer) -> decode
-      -> stage pyramid + text features -> DataLoader batches
+      -> tar samples, each slimmed to the one stored image copy the stage decodes
+      -> shuffle buffer (trainer.shuffle_buffer; default twice a shard, so shards mix)
+      -> decode -> stage pyramid (uint8) + unpadded text features (as stored: fp16/bf16)
+      -> crop shuffle (SR stages with crops_per_image > 1: an image's crops spread over
+         batches) -> batches of the size the optimiser step they feed trains on
+      -> the device: images normalised to [-1, 1], text features padded (:func:`finish_batch`)
 
 Each epoch every sample is read by exactly one (rank, worker): shards are dealt out when there
 are at least ranks x workers of them, and when there are fewer, every stream reads all shards
@@ -27,16 +31,20 @@ NeMo's ``pickle`` member (``{precached_key: {"encodings": (n, D)}}``, read by th
 unpickler of :mod:`imagen.data.nemo_format`); a record whose pickle is unsafe, unreadable or
 lacks the key is skipped with a :class:`BadRecordWarning` naming the shard, key and reason.
 
-Batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) in [-1, 1], ``text_embed``
-(B,token_length,D) float32 zero-padded, ``text_mask`` (B,token_length) bool, ``caption`` and
-``key`` lists; the same two text tensors also under NeMo's names ``<out_key>_embeddings`` and
-``<out_key>_mask`` (``model.conditioning.out_key``, e.g. ``t5_text_embeddings``; added by the
-data module after the device transfer, so the device holds one copy, and by
-:func:`holdout_batches`).
+What crosses the DataLoader's worker boundary and the host-to-device copy is compact: images
+as uint8, text features unpadded in their stored dtype (``text_tokens`` (sum of n, D), all the
+batch's tokens end to end, and ``text_lens`` (B,)). On the device :func:`finish_batch` makes the
+training batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) float32 in [-1, 1], ``text_embed``
+(B,token_length,D) float32 zero-padded, ``text_mask`` (B,token_length) bool (the same values as
+normalising and padding in the worker), ``caption`` and ``key`` lists; the same two text
+tensors also under NeMo's names ``<out_key>_embeddings`` and ``<out_key>_mask``
+(``model.conditioning.out_key``, e.g. ``t5_text_embeddings``; added by the data module after
+the device transfer, so the device holds one copy, and by :func:`holdout_batches`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -53,8 +61,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from imagen.config import ConfigError, Params, StageConfig
+from imagen.data.batches import (
+    StageBatches,
+    _as_is,
+    add_nemo_keys,
+    collate,
+    finish_batch,
+    normalise,
+    progressive_batch,
+    resolve_num_workers,
+    stored_tensor,
+    to_uint8,
+)
 from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, read_encodings
-from imagen.text import TextEncoder, from_storage, load_text_encoder, pad_or_trim
+from imagen.text import TextEncoder, load_text_encoder
 
 Split = str  # "train" | "holdout"
 
@@ -101,6 +121,7 @@ class ShardStream(IterableDataset):
         shuffle: bool = False,
         buffer: int = 0,
         seed: int = 0,
+        select: Any = None,
     ) -> None:
         super().__init__()
         self.shards, self.epochs, self.shuffle, self.buffer, self.seed = (
@@ -110,6 +131,7 @@ class ShardStream(IterableDataset):
             buffer,
             seed,
         )
+        self.select = select  # sample -> the part of it kept (before the shuffle buffer)
 
     def _epoch_urls(self, epoch: int) -> tuple[list[str], bool]:
         """This stream's shards for ``epoch`` and whether samples must be split instead."""
@@ -135,6 +157,8 @@ class ShardStream(IterableDataset):
             src: Any = iter_samples(urls)
             if by_sample:
                 src = (s for i, s in enumerate(src) if i % streams == index)
+            if self.select is not None:
+                src = map(self.select, src)
             if self.buffer > 1:  # seeded per (seed, epoch, stream): a rerun sees the same order
                 seed = (self.seed * 1_000_003 + epoch) * 1009 + index
                 src = wds.shuffle(self.buffer, initial=min(self.buffer, 100), seed=seed)(src)
@@ -191,7 +215,7 @@ class StagePyramid:
 
     def __call__(self, img: Image.Image, crops: int = 1) -> list[dict[str, torch.Tensor]]:
         """``crops`` examples of ``img`` (random crops when training; all the centre crop
-        otherwise), resized once."""
+        otherwise), resized once; uint8 (:func:`normalise` makes them [-1, 1])."""
         img = img.convert("RGB")
         if img.size[0] != img.size[1]:  # ingest stores squares; be lenient with other shards
             s = min(img.size)
@@ -202,7 +226,7 @@ class StagePyramid:
             out = []
             for _ in range(crops):
                 i, j = self._offset(self.res - self.crop), self._offset(self.res - self.crop)
-                out.append({"image": to_tensor(full.crop((j, i, j + self.crop, i + self.crop)))})
+                out.append({"image": to_uint8(full.crop((j, i, j + self.crop, i + self.crop)))})
             return out
         low = resize_image(full, self.lowres)  # downsample the whole image, then crop aligned
         f = self.res // self.lowres
@@ -212,7 +236,7 @@ class StagePyramid:
             i, j = self._offset(span), self._offset(span)
             hi = full.crop((j * f, i * f, j * f + self.crop, i * f + self.crop))
             lo = low.crop((j, i, j + self.low_crop, i + self.low_crop))
-            out.append({"image": to_tensor(hi), "lowres": to_tensor(lo)})
+            out.append({"image": to_uint8(hi), "lowres": to_uint8(lo)})
         return out
 
 
@@ -222,6 +246,23 @@ class StagePyramid:
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
+def _is_image_key(key: str) -> bool:
+    size, _, ext = key.partition(".")
+    return key in IMAGE_KEYS or (size.isdigit() and ext in IMAGE_KEYS)
+
+
+def pick_image_key(sample: dict[str, Any], min_size: int) -> str | None:
+    """The key of :func:`pick_image`'s copy."""
+    sizes = []
+    for k in sample:
+        size, _, ext = k.partition(".")
+        if size.isdigit() and ext in IMAGE_KEYS and int(size) >= min_size:
+            sizes.append((int(size), k))
+    if sizes:
+        return min(sizes)[1]
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
 def pick_image(sample: dict[str, Any], min_size: int) -> bytes | None:
     """The smallest stored copy of a sample's image that still covers ``min_size`` pixels.
 
@@ -229,14 +270,15 @@ def pick_image(sample: dict[str, Any], min_size: int) -> bytes | None:
     copy instead of a 1024 px PNG is what keeps the base stage's loader faster than its
     training step. Falls back to the full image (``png``/``jpg``/...); None when there is none.
     """
-    sizes = []
-    for k in sample:
-        size, _, ext = k.partition(".")
-        if size.isdigit() and ext in IMAGE_KEYS and int(size) >= min_size:
-            sizes.append((int(size), k))
-    if sizes:
-        return sample[min(sizes)[1]]
-    return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    key = pick_image_key(sample, min_size)
+    return None if key is None else sample[key]
+
+
+def slim_sample(sample: dict[str, Any], min_size: int) -> dict[str, Any]:
+    """The sample without the stored image copies :func:`pick_image` passes over: the shuffle
+    buffer holds what the stage decodes (a 64 px PNG for base64, not the 1024 px one too)."""
+    keep = pick_image_key(sample, min_size)
+    return {k: v for k, v in sample.items() if k == keep or not _is_image_key(k)}
 
 
 class BadRecordWarning(UserWarning):
@@ -246,18 +288,27 @@ class BadRecordWarning(UserWarning):
 class StageExamples(IterableDataset):
     """Decoded training examples for one stage: pyramid + padded text features."""
 
-    def __init__(self, params: Params, stage: StageConfig, stream: ShardStream, train: bool):
+    def __init__(
+        self,
+        params: Params,
+        stage: StageConfig,
+        stream: ShardStream,
+        train: bool,
+        crop_buffer: int = 0,
+    ):
         super().__init__()
         self.stream = stream
         self.pyramid = StagePyramid(stage, random_crop=train)
         self.crops = stage.trainer.crops_per_image if train else 1
+        self.crop_buffer = crop_buffer if self.crops > 1 else 0
         self.cond = params.conditioning
         self.npy_key = f"{self.cond.precached_key}.npy"
 
-    def _text_features(self, s: dict[str, Any], where: str) -> np.ndarray:
-        """The unpadded (n, D) features: the project's .npy, else NeMo's pickle member."""
+    def _text_features(self, s: dict[str, Any], where: str) -> torch.Tensor:
+        """The unpadded (n, D) features in their stored dtype (fp16, bf16 or fp32): the
+        project's .npy, else NeMo's pickle member."""
         if self.npy_key in s:
-            emb = from_storage(np.load(io.BytesIO(s[self.npy_key]), allow_pickle=False))
+            emb = stored_tensor(np.load(io.BytesIO(s[self.npy_key]), allow_pickle=False))
         elif PICKLE_MEMBER in s:
             emb = read_encodings(s[PICKLE_MEMBER], self.cond.precached_key)
         else:
@@ -267,10 +318,10 @@ class StageExamples(IterableDataset):
             )
         if emb.ndim != 2 or emb.shape[1] != self.cond.embed_dim:
             raise ConfigError(
-                f"{where}: embedding shape {emb.shape} does not match "
+                f"{where}: embedding shape {tuple(emb.shape)} does not match "
                 f"model.conditioning.embed_dim {self.cond.embed_dim}; re-run `imagen precache`"
             )
-        return emb
+        return torch.as_tensor(emb)
 
     def examples(self, s: dict[str, Any]) -> list[dict[str, Any]]:
         """A sample's training examples (``trainer.crops_per_image`` crops of its image when
@@ -282,9 +333,8 @@ class StageExamples(IterableDataset):
             raise ConfigError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
         text: dict[str, Any] = {"caption": s["txt"].decode("utf-8") if "txt" in s else ""}
         text["key"] = key
-        if not self.cond.online_encoding:
-            emb = self._text_features(s, where)
-            text["text_embed"], text["text_mask"] = pad_or_trim(emb, self.cond.token_length)
+        if not self.cond.online_encoding:  # unpadded, as stored: padded on the device
+            text["text"] = self._text_features(s, where)[: self.cond.token_length]
         with Image.open(io.BytesIO(data)) as im:
             return [{**crop, **text} for crop in self.pyramid(im, self.crops)]
 
@@ -305,43 +355,14 @@ class StageExamples(IterableDataset):
                 yield s, ex
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for _, ex in self.decoded():
-            yield ex
+        examples: Iterator[dict[str, Any]] = (ex for _, ex in self.decoded())
+        if self.crop_buffer > 1:  # an image's crops land in different batches (seeded)
+            import webdataset as wds
 
-
-def collate(examples: list[dict[str, Any]], out_key: str | None = None) -> dict[str, Any]:
-    """Stack tensors, keep strings as lists; with ``out_key`` the text features are also
-    under NeMo's names ``<out_key>_embeddings`` / ``<out_key>_mask`` (the same tensors)."""
-    batch: dict[str, Any] = {}
-    for k in examples[0]:
-        vals = [e[k] for e in examples]
-        batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else list(vals)
-    if out_key:
-        add_nemo_keys(batch, out_key)
-    return batch
-
-
-def progressive_batch(stage: StageConfig, batch: dict[str, Any], step: int) -> dict[str, Any]:
-    """The part of a training batch that optimiser step ``step`` trains on
-    (``trainer.progressive``): its first batch-size examples, and during the progressive steps
-    the images downsampled (area average) to the progressive resolution."""
-    if stage.trainer.progressive is None:
-        return batch
-    low, n = stage.progressive_resolution(step), stage.step_batch_size(step)
-    if len(batch["image"]) > n:
-        batch = {k: v[:n] for k, v in batch.items()}
-    if low:
-        img = batch["image"]
-        batch["image"] = torch.nn.functional.interpolate(img, size=(low, low), mode="area")
-    return batch
-
-
-def add_nemo_keys(batch: dict[str, Any], out_key: str) -> dict[str, Any]:
-    """``<out_key>_embeddings`` / ``<out_key>_mask`` beside ``text_embed`` / ``text_mask``."""
-    if "text_embed" in batch:
-        batch[f"{out_key}_embeddings"] = batch["text_embed"]
-        batch[f"{out_key}_mask"] = batch["text_mask"]
-    return batch
+            index, _ = stream_position()
+            seed = (self.stream.seed * 1_000_003 + 7) * 1009 + index
+            examples = wds.shuffle(self.crop_buffer, initial=self.crop_buffer, seed=seed)(examples)
+        yield from examples
 
 
 def make_dataset(
@@ -354,14 +375,24 @@ def make_dataset(
     """The example stream of ``split`` for ``stage``. Training (``train``: shuffled shards,
     shuffle buffer, random crops) is the default for the train split."""
     train = split == "train" if train is None else train
+    pyramid = StagePyramid(stage)
     stream = ShardStream(
         shard_paths(params, split),
         epochs=epochs,
         shuffle=train,
-        buffer=stage.trainer.shuffle_buffer if train else 0,
+        buffer=shuffle_buffer(params, stage) if train else 0,
         seed=stage.trainer.seed + params.data.seed,
+        select=functools.partial(slim_sample, min_size=pyramid.res),
     )
-    return StageExamples(params, stage, stream, train)
+    crop_buffer = stage.trainer.crops_per_image * stage.loader_batch_size if train else 0
+    return StageExamples(params, stage, stream, train, crop_buffer=crop_buffer)
+
+
+def shuffle_buffer(params: Params, stage: StageConfig) -> int:
+    """``trainer.shuffle_buffer``, or by default twice ``data.samples_per_shard``: a buffer
+    larger than a shard mixes each shard with the next one of the (shuffled) shard order."""
+    t = stage.trainer.shuffle_buffer
+    return 2 * params.data.samples_per_shard if t is None else t
 
 
 class OnlineEncoding:
@@ -385,9 +416,11 @@ class OnlineEncoding:
 class ImagenDataModule(pl.LightningDataModule):
     """Lightning data for one cascade stage, streamed from the (encoded) shards."""
 
-    def __init__(self, params: Params, stage: StageConfig, split: Split = "train") -> None:
+    def __init__(
+        self, params: Params, stage: StageConfig, split: Split = "train", start_step: int = 0
+    ) -> None:
         super().__init__()
-        self.params, self.stage, self.split = params, stage, split
+        self.params, self.stage, self.split, self.start_step = params, stage, split, start_step
         self.online = OnlineEncoding(params) if params.conditioning.online_encoding else None
 
     def setup(self, stage: str | None = None) -> None:
@@ -399,14 +432,15 @@ class ImagenDataModule(pl.LightningDataModule):
             os.environ.setdefault("WORLD_SIZE", str(trainer.world_size))
 
     def _loader(self, split: Split, epochs: int | None, train: bool) -> DataLoader:
-        t = self.stage.trainer
         ds = make_dataset(self.params, self.stage, split, epochs=epochs, train=train)
+        fixed = None if train else self.stage.trainer.batch_size
+        workers = resolve_num_workers(self.stage)
         return DataLoader(
-            ds,
-            batch_size=self.stage.loader_batch_size if train else t.batch_size,
-            num_workers=t.num_workers,
-            collate_fn=collate,
-            persistent_workers=t.num_workers > 0 and epochs is None,
+            StageBatches(ds, self.stage, self.start_step, fixed),
+            batch_size=None,  # StageBatches batches
+            num_workers=workers,
+            collate_fn=_as_is,
+            persistent_workers=workers > 0 and epochs is None,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -417,6 +451,7 @@ class ImagenDataModule(pl.LightningDataModule):
         return self._loader("holdout", epochs=1, train=False)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        batch = finish_batch(batch, self.params.conditioning.token_length)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
             batch = progressive_batch(self.stage, batch, trainer.global_step)
@@ -444,7 +479,26 @@ def holdout_batches(
         ex["attributes"] = meta.get("attributes", {})
         examples.append(ex)
     out_key = params.conditioning.out_key
-    batches = [collate(examples[i : i + size], out_key) for i in range(0, len(examples), size)]
+    length = params.conditioning.token_length
+    batches = [
+        collate(examples[i : i + size], out_key, length) for i in range(0, len(examples), size)
+    ]
     if online:
         batches = [add_nemo_keys(online(b), out_key) for b in batches]
     return batches
+
+
+__all__ = [
+    "ImagenDataModule",
+    "StageBatches",
+    "add_nemo_keys",
+    "collate",
+    "finish_batch",
+    "holdout_batches",
+    "make_dataset",
+    "normalise",
+    "progressive_batch",
+    "resolve_num_workers",
+    "stored_tensor",
+    "to_uint8",
+]

@@ -290,7 +290,8 @@ def sample(
     The sampler, step count, schedule (``sampling.schedule``; auto: Karras for EDM, uniform t
     for DDPM), guidance and thresholding all come from ``sampling``; ``guidance_scale``
     overrides its guidance (evaluation sweeps). All noise is drawn from ``generator`` or, when
-    none is given, a CPU generator seeded with ``seed``: the same seed gives the same samples.
+    none is given, a generator on ``device`` seeded with ``seed``: the same seed gives the same
+    samples on the same device.
     """
     sampling = sampling or SamplingConfig()
     if sampling.sampler == "auto":  # NeMo's: Heun for EDM, ancestral DDPM for DDPM
@@ -301,8 +302,8 @@ def sample(
     mod_device, mod_dtype = _module_device_dtype(denoiser)
     device = torch.device(device) if device is not None else mod_device
     dtype = dtype or mod_dtype
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed)
+    if generator is None:  # drawn where the network runs: no host randn and copy per step
+        generator = torch.Generator(device).manual_seed(seed)
     sigmas = denoiser.sigmas(
         sampling.steps,
         sampling.schedule,

@@ -67,7 +67,7 @@ _SCHED = "the schedule is linear warm-up then constant (NeMo's WarmupPolicy); no
 
 TRAINING: dict[str, Rule] = {
     "name": Unmapped("NeMo's run name; MLflow names each run by its stage"),
-    "allow_tf32": Unmapped("no params key: TF32 matmuls follow PyTorch's default"),
+    "allow_tf32": Map("stages.{s}.trainer.allow_tf32", bool),
     "trainer.devices": SPECIAL,
     "trainer.num_nodes": Map("stages.{s}.trainer.num_nodes", int),
     "trainer.max_epochs": Same(-1, "training is step-based: max_steps decides", "set max_steps"),
@@ -87,7 +87,7 @@ TRAINING: dict[str, Rule] = {
         "NeMo derives accumulation from model.global_batch_size; this value is not used",
     ),
     "trainer.gradient_clip_val": Map("stages.{s}.trainer.gradient_clip_val", float),
-    "trainer.benchmark": Unmapped("cudnn.benchmark is not a params key"),
+    "trainer.benchmark": Map("stages.{s}.trainer.benchmark", bool),
     "trainer.enable_model_summary": Unmapped(
         "Lightning's model summary; the stage run logs its parameter count"
     ),

@@ -15,7 +15,7 @@ The cascade may also start at an SR stage from images the caller has (NeMo's low
 ``generate(prompts, lowres=images)`` super-resolves them through sr256 (and sr1024).
 
 Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
-same on the same machine (every random draw comes from a generator seeded by
+same on the same machine (every random draw comes from a generator on the sampling device seeded by
 ``(seed, stage, batch)``). With ``seeds`` (one per image) each image's noise comes from its own
 generator, seeded by ``(seed, stage)``: an image depends on its seed, not on its batch.
 """
@@ -165,20 +165,23 @@ class CascadeStage:
             raise ConfigError(f"sampling override for {self.name}: {e}") from e
 
 
-def _image_generators(seeds: Sequence[int], stage_index: int) -> Any:
-    """One generator per image, seeded by (its seed, the stage)."""
+def _image_generators(seeds: Sequence[int], stage_index: int, device: torch.device) -> Any:
+    """One generator per image on ``device``, seeded by (its seed, the stage)."""
     from imagen.diffusion import SampleGenerators
 
     return SampleGenerators(
-        torch.Generator().manual_seed((int(s) * 1_000_003 + stage_index * 10_007) % (2**63))
+        torch.Generator(device).manual_seed((int(s) * 1_000_003 + stage_index * 10_007) % (2**63))
         for s in seeds
     )
 
 
-def _batch_generator(seed: int, stage_index: int, batch_index: int) -> torch.Generator:
-    # One CPU generator per (seed, stage, batch): noise is drawn on the CPU and moved, so the
-    # same seed gives the same images on any device.
-    return torch.Generator().manual_seed(
+def _batch_generator(
+    seed: int, stage_index: int, batch_index: int, device: torch.device
+) -> torch.Generator:
+    # One generator per (seed, stage, batch) on the sampling device: the noise is drawn where
+    # the networks run (no host randn and copy per step); a seed gives the same images on the
+    # same kind of device.
+    return torch.Generator(device).manual_seed(
         (int(seed) * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
     )
 
@@ -404,9 +407,9 @@ class Cascade:
                     bar.set_description(f"{name} batch {bi + 1}/{len(starts)}")
                 k = STAGES.index(name)
                 gen = (
-                    _batch_generator(seed, k, bi)
+                    _batch_generator(seed, k, bi, self.device)
                     if seeds is None
-                    else _image_generators(seeds[i : i + batch_size], k)
+                    else _image_generators(seeds[i : i + batch_size], k, self.device)
                 )
                 images = self.sample_stage(
                     name, text_embed, text_mask, images, sampling=samplings[name],

@@ -81,14 +81,16 @@ class SampleGrid:
         }
         if self.stage.model.is_sr:
             assert self.lowres is not None
-            g = torch.Generator().manual_seed(seed)
-            sr = sr_condition(self.lowres, self.stage.model, training=False, generator=g)
-            cond.update({k: v.to(device) for k, v in sr.items()})
+            g = torch.Generator(device).manual_seed(seed)  # noise drawn where the net runs
+            sr = sr_condition(self.lowres.to(device), self.stage.model, training=False, generator=g)
+            cond.update(sr)
         size = self.stage.model.unet.image_size
         shape = (len(self.captions), self.stage.model.unet.channels, size, size)
-        return (
-            sample(module.ema_denoiser(), shape, cond, self.stage.sampling, seed=seed).float().cpu()
-        )
+        # sample.precision: bf16 autocast on CUDA (auto), fp32 on the CPU, like `imagen sample`
+        bf16 = self.params.sample.bf16_on(device.type)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = sample(module.ema_denoiser(), shape, cond, self.stage.sampling, seed=seed)
+        return x.float().cpu()
 
     def write(self, module: ImagenStage, step: int, out: Path, run: StageRun) -> Path | None:
         """Sample, save ``samples/step_<step>.png`` (captions under the images), log it."""

@@ -191,6 +191,11 @@ class ImagenStage(pl.LightningModule):
         self._read_at = -1
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        from imagen.data.loader import finish_batch
+
+        # the data module finishes its batches after the device copy; any other loader's
+        # uint8 images / unpadded text are finished here (a finished batch passes unchanged)
+        batch = finish_batch(batch, self.stage.model.conditioning.token_length)
         x0 = batch["image"]
         if self.stage.model.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)

@@ -25,7 +25,7 @@ from imagen.train.logger import NullRun, StageRunLogger
 from imagen.train.module import ImagenStage, NonFiniteLossError
 from imagen.train.preempt import EXIT_PREEMPTED, Preempted
 from imagen.train.resume import ResumeChoice, choose_resume, resume_note
-from imagen.train.trainer import build_trainer
+from imagen.train.trainer import build_trainer, tf32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _data(params: Params, stage: StageConfig, resume_step: int) -> Any:
     if resume_step:
         t = stage.trainer.model_copy(update={"seed": stage.trainer.seed + resume_step})
         stage = stage.model_copy(update={"trainer": t})
-    return ImagenDataModule(params, stage, split="train")
+    return ImagenDataModule(params, stage, split="train", start_step=resume_step)
 
 
 def _run_context(
@@ -141,7 +141,10 @@ def train_stage(
     resume = choose_resume(out / "checkpoints", stage, apply=is_zero, report=is_zero)
     _seed(stage, resume.step)
     wall0 = time.perf_counter()
-    with _run_context(params, stage_name, out, parent_run_id, is_zero) as run:
+    with (
+        _run_context(params, stage_name, out, parent_run_id, is_zero) as run,
+        tf32(stage.trainer.allow_tf32),
+    ):
         module = ImagenStage(stage)
         _start(module, resume, params, run)
         progress, callbacks = _callbacks(params, stage, out, run, record_keys)

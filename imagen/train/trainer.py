@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers.logger import Logger
 
@@ -20,6 +23,23 @@ from imagen.train.quiet import quiet_lightning
 def lightning_precision(precision: str) -> str:
     """NeMo's ``trainer.precision`` -> Lightning's: bf16 trains in bf16 autocast."""
     return {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}.get(precision, precision)
+
+
+@contextmanager
+def tf32(allow: bool | None) -> Iterator[None]:
+    """``trainer.allow_tf32`` (NeMo's ``allow_tf32``): TF32 in CUDA matmuls and cuDNN
+    convolutions while the block runs, PyTorch's settings restored after; None changes nothing.
+    TF32 keeps fp32's range with a 10-bit mantissa; the CPU has no TF32 and is unaffected."""
+    if allow is None:
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def build_trainer(
@@ -52,6 +72,7 @@ def build_trainer(
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
+        benchmark=t.benchmark,  # NeMo's trainer.benchmark (cudnn.benchmark); None: unchanged
         callbacks=[
             *keeping_callbacks(stage, folder),
             *callbacks,
