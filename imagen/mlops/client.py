@@ -108,6 +108,19 @@ def enable_wal(uri: str, attempts: int = 20) -> None:
             time.sleep(0.2 * (i + 1))
 
 
+def retry_locked(fn: Any, attempts: int = 5) -> Any:
+    """``fn()``, tried again (with a growing pause) while a SQLite store says it is locked:
+    parallel experiments write one database, and MLflow's own busy timeout can run out."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(1.0 + 2.0 * i)
+    raise AssertionError("unreachable")
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps artifacts: ``mlartifacts/`` beside a SQLite database; the
     server's own default otherwise (None)."""

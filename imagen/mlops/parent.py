@@ -38,6 +38,7 @@ from imagen.mlops.client import (
     client_and_experiment,
     dvc_experiment,
     reachable,
+    retry_locked,
     run_tags,
     tracking_uri,
 )
@@ -211,17 +212,7 @@ def execution_parent_run(params: Params | None) -> str | None:
     if reachable(tracking_uri(params)) is not None:
         return None  # the stage itself reports the unreachable server
     try:
-        client, exp_id = client_and_experiment(params)
-        found = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = create_parent_run(params, command, execution=key)
+        run_id = retry_locked(lambda: _find_or_create(params, key, command))
     except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
         print(f"imagen: no MLflow parent run for this DVC execution ({e})", file=sys.stderr)
         return None
@@ -229,6 +220,18 @@ def execution_parent_run(params: Params | None) -> str | None:
         _closing.add(run_id)
         atexit.register(_end_quietly, params, run_id)
     return run_id
+
+
+def _find_or_create(params: Params, key: str, command: str) -> str:
+    client, exp_id = client_and_experiment(params)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    return create_parent_run(params, command, execution=key)
 
 
 def _end_quietly(params: Params, run_id: str) -> None:

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from imagen.config import Params, flatten
-from imagen.mlops.client import client_and_experiment, reachable, run_tags, tracking_uri
+from imagen.mlops.client import (
+    client_and_experiment,
+    reachable,
+    retry_locked,
+    run_tags,
+    tracking_uri,
+)
 from imagen.mlops.parent import resolve_parent_run_id
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -312,7 +318,9 @@ def stage_run(
         )
     else:
         try:
-            run, resumed = _open_run(params, stage_name, uri, parent, resume_file, tags)
+            run, resumed = retry_locked(
+                lambda: _open_run(params, stage_name, uri, parent, resume_file, tags)
+            )
             verb = "resumed" if resumed else "started"
             print(f"imagen: MLflow run {run.run_id} {verb} ({uri})", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
