@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("imagen.evaluate.stage", "FID-CLIP sweep over guidance scales; register models"),
     "pipeline": ("imagen.mlops.pipeline", "pipeline helpers: MLflow parent run, UI, status"),
+    "registry": (
+        "imagen.mlops.promote",
+        "the model registry: show the cascade's versions, promote one to champion",
+    ),
     "import-nemo": ("imagen.nemo.load", "turn a NeMo .nemo / .ckpt into a stage model"),
 }
 

@@ -193,6 +193,7 @@ def test_fine_tune_from_a_registered_model(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from imagen.mlops.registry import register_stage_models
+    from imagen.text import build_default_encoder
 
     source = ImagenStage(tiny_stage())
     save_stage(tmp_path / "m", source.stage, source.ema_state_dict(), step=5)
@@ -200,7 +201,8 @@ def test_fine_tune_from_a_registered_model(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id
-    register_stage_models(run_id, {"base64": tmp_path / "m"}, tracking_uri=uri)
+    encoder = build_default_encoder(source.stage.model.conditioning, tmp_path / "encoder")
+    register_stage_models(run_id, {"base64": tmp_path / "m"}, encoder, tracking_uri=uri)
     module = ImagenStage(tiny_stage())
     info = init_weights(module, "models:/imagen-base64@champion", tracking_uri=uri)
     assert info["kind"] == "model" and info["step"] == 5

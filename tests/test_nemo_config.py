@@ -150,6 +150,19 @@ def test_global_batch_becomes_gradient_accumulation(tmp_path: Path) -> None:
     assert any("model.global_batch_size" in e and "accumulate_grad_batches" in e for e in errors)
 
 
+@pytest.mark.parametrize(
+    ("monitor", "ours"), [("reduced_train_loss", "train/loss_avg"), ("val_loss", "heldout/loss")]
+)
+def test_nemos_checkpoint_monitor_is_mapped(monitor: str, ours: str, tmp_path: Path) -> None:
+    cfg = yaml.safe_load((CONF / "base64-500m-edm.yaml").read_text())
+    cfg["exp_manager"]["checkpoint_callback_params"]["monitor"] = monitor
+    src = tmp_path / "monitor.yaml"
+    src.write_text(yaml.safe_dump(cfg))
+    imp = import_config(src)
+    assert imp.values["stages.base64.trainer.keep.monitor"] == ours
+    assert validate(imp, None).stage("base64").trainer.keep.monitor == ours
+
+
 def test_inference_pipeline_imports_nemos_sampling_settings() -> None:
     imp = import_config(CONF / "inference_pipeline.yaml")
     assert imp.errors == [] and imp.kind == "inference"

@@ -193,3 +193,93 @@ def test_dvc_exp_run_reruns_exactly_what_a_base64_change_affects(project: dict[s
     shown = run(["dvc", "exp", "show", "--json"], root)
     assert shown.returncode == 0, shown.stdout
     assert "stages.base64" in shown.stdout or "max_steps" in shown.stdout
+
+
+def _experiments(shown: Any) -> dict[str, dict[str, Any]]:
+    """name -> the `data` of each experiment in `dvc exp show --json` (any nesting)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict):
+                found[node["name"]] = node["data"]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(shown)
+    return found
+
+
+def _steps(data: dict[str, Any], path: str) -> int:
+    return data["metrics"][path]["data"]["steps"]
+
+
+def test_queued_experiments_run_in_parallel_and_keep_everything(project: dict[str, Any]) -> None:
+    """`dvc exp run --queue` x 2 + `dvc queue start -j 2`: each experiment's MLflow runs land in
+    the project's store under one parent tagged with its name and baseline, `dvc exp show` has
+    both experiments' metrics, only what the change touches re-runs, and `dvc exp apply` leaves
+    checkpoints that agree with the model and a clean `dvc status`."""
+    from imagen.train.checkpoints import read_info
+
+    root = project["root"]
+    # a clean baseline: the workspace as the earlier tests left it (dvc.lock too), committed
+    assert run(["git", "add", "-A"], root).returncode == 0
+    assert run(["git", "commit", "-qm", "baseline"], root).returncode == 0
+    baseline = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    before = {r.info.run_id for r in _runs(root)}
+    names = {"sr-a": 3, "sr-b": 4}
+    for name, steps in names.items():
+        q = run(["dvc", "exp", "run", "--queue", "-n", name,
+                 "-S", f"stages.sr256.trainer.max_steps={steps}"], root)  # fmt: skip
+        assert q.returncode == 0, q.stdout
+    start = time.monotonic()
+    try:
+        assert run(["dvc", "queue", "start", "-j", "2"], root).returncode == 0
+        while time.monotonic() - start < 900:
+            status = run(["dvc", "queue", "status"], root).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(3)
+        seconds = time.monotonic() - start
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], root)
+    assert re.findall(r"\bSuccess\b", status) == ["Success"] * 2, status
+    for name in names:  # each re-ran what its change touches, and nothing else
+        logs = run(["dvc", "queue", "logs", name], root).stdout
+        assert _ran(logs) == {"train@sr256", "evaluate"}, logs[-3000:]
+    # every MLflow run is in the project's store, one parent per experiment
+    new = [r for r in _runs(root) if r.info.run_id not in before]
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
+    parents = {p.data.tags.get("imagen.dvc.exp_name"): p for p in _parents(new)}
+    assert set(parents) == set(names), [p.data.tags for p in _parents(new)]
+    spans = []
+    for name, parent in parents.items():
+        assert parent.data.tags["imagen.dvc.baseline_rev"] == baseline
+        assert parent.data.tags["imagen.pipeline.trigger"] == "dvc exp run"
+        children = _children(new, parent.info.run_id)
+        assert sorted(r.data.tags["imagen.stage"] for r in children) == ["evaluate", "sr256"]
+        assert all(r.info.status == "FINISHED" for r in children), name
+        assert all(r.data.tags["imagen.dvc.exp_name"] == name for r in children)
+        spans.append((min(r.info.start_time for r in children),
+                      max(r.info.end_time for r in children)))  # fmt: skip
+    assert len(new) == 2 * 3  # nothing unparented
+    overlap = min(e for _, e in spans) - max(s for s, _ in spans)
+    # `dvc exp show` has both experiments' metrics (read from the cache by the exp commits)
+    shown = run(["dvc", "exp", "show", "--json"], root)
+    assert shown.returncode == 0, shown.stdout
+    exps = _experiments(json.loads(shown.stdout))
+    for name, steps in names.items():
+        assert _steps(exps[name], "models/sr256/metrics.json") == steps, exps.get(name)
+        assert "reports/metrics.json" in exps[name]["metrics"]
+    # apply one: its model, metrics and checkpoints come back together, nothing is stale
+    applied = run(["dvc", "exp", "apply", "sr-b"], root)
+    assert applied.returncode == 0, applied.stdout
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout) == {}
+    metrics = json.loads((root / "models/sr256/metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert read_info(root / "models/sr256/checkpoints/last.ckpt").step == 4
+    print(f"two queued experiments (-j 2): {seconds:.0f} s, stage runs overlapped "
+          f"{overlap / 1000:.0f} s; runs {len(before)} -> {len(before) + len(new)}")  # fmt: skip

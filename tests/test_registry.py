@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from tiny import make_tiny_cascade
+from tiny import imagen, make_tiny_cascade, shrink, write_params
 
 from imagen.checkpoint import read_stage
 from imagen.images import to_pil
@@ -70,10 +70,38 @@ def test_stage_models_are_registered_with_the_alias(registered, tracking, tmp_pa
     mv = client.get_model_version_by_alias("imagen-sr256", "champion")
     assert mv.run_id == run_id
     local = mlflow.artifacts.download_artifacts("models:/imagen-sr256@champion", dst_path=tmp_path)
-    stage, state, _ = read_stage(Path(local) / "model.pt")
+    stage, state, _ = read_stage(Path(local) / "artifacts" / "sr256" / "model.pt")
     assert stage.name == "sr256" and stage.resolution == 32
     original = torch.load(Path(params.models_dir) / "sr256" / "model.pt", weights_only=True)
     assert all(torch.equal(state[k], original["state_dict"][k]) for k in state)
+
+
+def test_stage_models_are_pyfunc_models_with_a_signature(registered, tracking) -> None:
+    """imagen-base64 turns prompts into 16 px images; imagen-sr256 super-resolves a low-res
+    image given beside its prompt, the same pixels as the cascade from those files."""
+    import mlflow
+
+    from imagen.mlops.registry import encode_png
+
+    _, params, *_ = registered
+    base = mlflow.pyfunc.load_model("models:/imagen-base64@champion")
+    assert base.metadata.get_input_schema() is not None
+    low = base.predict(PROMPTS[:1], params={"seed": 1, "steps": 2})
+    assert (low["stage"][0], low["width"][0]) == ("base64", 16)
+    sr = mlflow.pyfunc.load_model("models:/imagen-sr256@champion")
+    assert sr.metadata.get_input_schema().input_names() == ["prompt", "lowres"]
+    frame = pd.DataFrame({"prompt": PROMPTS[:1], "lowres": [low["image"][0]]})
+    out = sr.predict(frame, params={"seed": 2, "steps": 1})
+    assert (out["stage"][0], out["width"][0]) == ("sr256", 32)
+    pixels = torch.tensor(list(decode_png(low["image"][0]).getdata()), dtype=torch.float32)
+    lowres = pixels.T.reshape(1, 3, 16, 16) / 127.5 - 1.0
+    files = {"sr256": Path(params.models_dir) / "sr256"}
+    direct = Cascade.from_files(files, encoder_path=params.conditioning.encoder_path)
+    same = direct.generate(PROMPTS[:1], seed=2, steps=1, lowres=lowres, depth="sr256")
+    assert list(decode_png(out["image"][0]).getdata()) == list(to_pil(same["sr256"][0]).getdata())
+    with pytest.raises(Exception, match="lowres"):
+        sr.predict(pd.DataFrame({"prompt": PROMPTS[:1], "lowres": ["not a png"]}))
+    assert encode_png(decode_png(low["image"][0])) == low["image"][0]
 
 
 def test_pyfunc_loads_from_the_registry_and_generates_pngs(registered, tracking) -> None:
@@ -167,3 +195,58 @@ def test_mlflow_models_serve_generates_images(registered, tmp_path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_the_champion_moves_only_on_evidence(tmp_path: Path) -> None:
+    """New versions are challengers; champion moves when the selection metric is at least as
+    good under the same evaluation settings, or by `imagen registry promote`."""
+    from mlflow import MlflowClient
+
+    from imagen.config import ConfigError, resolve_params
+    from imagen.mlops.promote import Evidence, promote, promote_on_evidence, show
+
+    raw = shrink(tmp_path)
+    params = resolve_params(raw)
+    uri = params.mlflow.tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("test", artifact_location=(tmp_path / "art").as_uri())
+    names = ("imagen-base64", "imagen-cascade")
+    for name in names:
+        client.create_registered_model(name)
+
+    def evaluated(value: float, settings: str = "s1") -> tuple[dict[str, str], bool, str]:
+        run = client.create_run(exp).info
+        ev = Evidence("caption_agreement_embedded", value, True, settings)
+        versions = {
+            n: str(
+                client.create_model_version(n, run.artifact_uri, run.run_id, tags=ev.tags()).version
+            )
+            for n in names
+        }
+        return versions, *promote_on_evidence(params, versions, ev, uri=uri)
+
+    def at(alias: str) -> list[str]:
+        return [str(client.get_model_version_by_alias(n, alias).version) for n in names]
+
+    _, first, text = evaluated(0.60)
+    assert first and "no champion before" in text and at("champion") == ["1", "1"]
+    worse, promoted, text = evaluated(0.55)  # a worse model stays challenger
+    assert not promoted and at("champion") == ["1", "1"] and at("challenger") == ["2", "2"]
+    assert "0.5500" in text and "0.6000" in text and ">=" in text
+    assert client.get_model_version("imagen-base64", worse["imagen-base64"]).description == text
+    _, tie, _ = evaluated(0.60)  # at least as good: moves
+    assert tie and at("champion") == ["3", "3"]
+    _, other, text = evaluated(0.95, settings="s2")  # not comparable: stays challenger
+    assert not other and "other settings" in text and at("champion") == ["3", "3"]
+    print(text)
+    # by hand: `imagen registry promote` moves champion to the challenger and its stage models
+    write_params(raw, tmp_path / "params.yaml")
+    res = imagen(tmp_path, "registry", "promote", timeout=120)
+    assert res.returncode == 0, res.stdout
+    assert at("champion") == ["4", "4"]
+    assert "promoted by hand" in client.get_model_version("imagen-cascade", "4").description
+    rows = show(params)
+    assert rows[0]["version"] == "4" and "champion" in rows[0]["aliases"].split(",")
+    assert rows[1]["selection"] == "caption_agreement_embedded 0.6000"
+    with pytest.raises(ConfigError, match="--version 99"):
+        promote(params, "99")

@@ -31,6 +31,7 @@ def _params(uri: str | None, experiment: str = "imagen-test"):
 def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     assert client.tracking_uri(_params(None)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert client.artifact_location(client.tracking_uri(None)) == (
         (tmp_path.resolve() / "mlartifacts").as_uri()
@@ -153,3 +154,68 @@ def test_what_a_server_never_got_is_queued_then_reported_and_listed(
         ("train/loss_avg", 2), ("train/loss_avg", 4), ("train/lr", 4)
     ]  # fmt: skip
     assert unlogged[-1] == {"call": "set_terminated", "args": ["FINISHED"]}
+
+
+def test_a_dvc_experiment_logs_to_the_projects_store_tagged_with_its_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In DVC's temporary executor (cwd .dvc/tmp/exps/...) the store is the repository's
+    ($DVC_ROOT), a relative SQLite path is anchored there, and every run carries DVC's
+    experiment name and baseline revision."""
+    root = tmp_path / "repo"
+    executor = root / ".dvc" / "tmp" / "exps" / "tmpabc"
+    executor.mkdir(parents=True)
+    monkeypatch.chdir(executor)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-low")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert client.tracking_uri(None) == f"sqlite:///{root.resolve()}/mlflow.db"
+    assert client.tracking_uri(_params("sqlite:///db/x.db")) == (
+        f"sqlite:///{root.resolve()}/db/x.db"
+    )
+    params = _params(None)
+    tags = client.run_tags(params, "x")
+    assert tags["imagen.dvc.exp_name"] == "lr-low"
+    assert tags["imagen.dvc.baseline_rev"] == tags["mlflow.source.git.commit"] == "a" * 40
+    key, trigger = parent.execution_key()
+    assert key.endswith(f"|exp:lr-low@{'a' * 40}") and trigger == "dvc exp run"
+    with tracking.stage_run(params, "sr256") as run:
+        run.log_metrics({"x": 1.0})
+    assert (root / "mlflow.db").is_file() and not (executor / "mlflow.db").exists()
+    import sqlite3
+
+    with sqlite3.connect(root / "mlflow.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    (found,) = parent.experiment_parent_runs(params, "lr-low")
+    runs = parent.stage_runs(params, found.info.run_id)
+    assert [r.data.tags["imagen.stage"] for r in runs] == ["sr256"]
+    assert "lr-low" in found.info.run_name
+
+
+def test_parallel_writers_share_one_sqlite_store(tmp_path: Path) -> None:
+    """Two writers starting runs and logging metrics to one SQLite file at once both get
+    through (the queued experiments' processes do this in tests/test_pipeline.py)."""
+    import threading
+
+    params = _params(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.client_and_experiment(params)  # the tables, as the first stage makes them
+    problems: list[str] = []
+
+    def writer(w: int) -> None:
+        for i in range(3):
+            with tracking.stage_run(params, f"w{w}-{i}") as run:
+                for step in range(3):
+                    run.log_metrics({f"m{k}": k for k in range(10)}, step=step)
+                if not run.active or run.pending or run.lost:
+                    problems.append(f"w{w}-{i}")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not problems
+    c, exp_id = client.client_and_experiment(params)
+    runs = c.search_runs([exp_id], max_results=100)
+    assert len(runs) == 6 and all(len(r.data.metrics) == 10 for r in runs)

@@ -4,12 +4,14 @@ end to end on shards made by the real ingest/precache and logs it to MLflow."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from tiny import imagen, make_project, shrink
+from tiny import run as run_cmd
 
 from imagen.checkpoint import load_stage, read_stage
 from imagen.config import StageConfig, deep_merge, resolve_params
@@ -140,16 +142,14 @@ def test_cli_trains_base_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     from imagen.nn import build_unet
 
     params = make_project(tmp_path)
-    res = imagen(
-        tmp_path,
-        "train",
-        "--stage",
-        "base64",
-        "-S",
-        "stages.base64.trainer.max_steps=30",
-        "-S",
-        "stages.base64.trainer.optim.warmup_steps=20",
-    )
+    res = run_cmd(
+        [sys.executable, "-m", "imagen.cli", "train", "--stage", "base64",
+         "-S", "stages.base64.trainer.max_steps=30",
+         "-S", "stages.base64.trainer.optim.warmup_steps=20",
+         # rank the kept checkpoints by the held-out loss (NeMo's default: the training loss)
+         "-S", "stages.base64.trainer.keep.monitor=heldout/loss"],
+        tmp_path, 300, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:]
     out = tmp_path / "models" / "base64"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -188,6 +188,26 @@ def test_cli_trains_base_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     assert lr[0] < lr[-1] == pytest.approx(2e-3)  # linear warm-up to the configured lr
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"model.pt", "metrics.json", "samples", "checkpoints"} <= names
+    # the held-out loss at fixed noise levels, at every best-k candidate step (10, 20, 30)
+    heldout = {m.step: m.value for m in client.get_metric_history(run_id, "heldout/loss")}
+    assert sorted(heldout) == [10, 20, 30]
+    sigmas = params.stages["base64"].trainer.heldout_loss.sigmas
+    bands = [client.get_metric_history(run_id, f"heldout/loss_sigma_{s:g}") for s in sigmas]
+    for step, value in heldout.items():
+        per = [next(m.value for m in band if m.step == step) for band in bands]
+        assert value == pytest.approx(sum(per) / len(per))
+    assert metrics["heldout_loss"] == pytest.approx(heldout[30])
+    # ... which ranked the kept checkpoints: the two lowest of the three
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (kept,) = [v for k, v in state.items() if "'role': 'best'" in k]
+    kept_steps = {int(Path(p).name.split("-")[0][len("step=") :]) for p in kept["best_k_models"]}
+    assert kept_steps == set(sorted(heldout, key=heldout.get)[:2])
+    # the data set it trained on, and the machine it ran on
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    manifest = json.loads((tmp_path / "data" / "shards" / "manifest.json").read_text())
+    assert dataset.name == "embedded" and json.loads(dataset.profile) == manifest["counts"]
+    assert len(dataset.digest) == 16
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
 
 
 def resolve_params_at(root: Path):

@@ -35,14 +35,36 @@ class KeepConfig(_Strict):
     """
 
     top_k: int = Field(2, ge=0, description="keep the best k checkpoints by monitor (0: none)")
-    monitor: Literal["train/loss_avg", "train/loss"] = Field(
+    monitor: Literal["train/loss_avg", "train/loss", "heldout/loss"] = Field(
         "train/loss_avg",
         description="ranks the kept checkpoints (loss_avg: mean of the last "
-        "log_every_n_steps steps over all ranks; loss: this step's)",
+        "log_every_n_steps steps over all ranks, NeMo's rule; loss: this step's; heldout/loss: "
+        "the held-out denoising loss at fixed noise levels, trainer.heldout_loss)",
     )
     mode: Literal["min", "max"] = "min"
     every_n_steps: int | None = Field(None, gt=0, description="default: checkpoint_every_n_steps")
     archive_every_n_steps: int = Field(0, ge=0, description="also keep every n-th step (0: off)")
+
+
+class HeldoutLossConfig(_Strict):
+    """The held-out denoising loss: the stage's training loss on ``num`` held-out samples (the
+    holdout split ingest wrote) at fixed noise levels ``sigmas`` with fixed noise, by the EMA
+    weights, no text dropped; logged as ``heldout/loss`` (the mean over the levels) and
+    ``heldout/loss_sigma_<s>`` at every best-k candidate step (``keep.every_n_steps``), where
+    ``keep.monitor: heldout/loss`` ranks checkpoints by it. Measuring draws nothing from the
+    training random streams, so training is the same with it on or off."""
+
+    num: int = Field(16, ge=0, description="held-out samples (0: off)")
+    sigmas: list[float] = Field(
+        [0.05, 0.2, 1.0, 5.0, 20.0], min_length=1, description="the fixed noise levels (bands)"
+    )
+
+    @field_validator("sigmas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not s > 0 for s in v):
+            raise ValueError(f"every noise level must be > 0, got {v}")
+        return v
 
 
 class ProgressiveConfig(_Strict):
@@ -131,6 +153,7 @@ class TrainerConfig(_Strict):
     seed: int = 0
     optim: OptimConfig = OptimConfig()
     keep: KeepConfig = KeepConfig()
+    heldout_loss: HeldoutLossConfig = HeldoutLossConfig()
     init_from: str | None = Field(
         None,
         description="fine-tune: start from these weights (a stage .ckpt or model.pt, a folder "
@@ -141,6 +164,14 @@ class TrainerConfig(_Strict):
     @classmethod
     def _str_precision(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _heldout_monitor(self) -> TrainerConfig:
+        if self.keep.monitor == "heldout/loss" and self.heldout_loss.num == 0:
+            raise ValueError(
+                "keep.monitor heldout/loss needs the held-out loss: heldout_loss.num is 0"
+            )
+        return self
 
 
 # NeMo's inference defaults per stage (conf/inference_pipeline.yaml): (steps, guidance scale)
@@ -385,7 +416,24 @@ class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite")
     experiment: str = "imagen"
     register_models: bool = True
-    model_alias: str = Field("champion", description="alias set on the registered versions")
+    model_alias: str = Field(
+        "champion",
+        description="the champion alias: moved to a new cascade only on evidence (promote); "
+        "every new version is 'challenger'",
+    )
+    promote: Literal["evidence", "always", "never"] = Field(
+        "evidence",
+        description="evidence: champion moves when the new cascade is at least as good on "
+        "`selection` under the same evaluation settings; always / never",
+    )
+    selection: Literal["alignment", "fidelity"] = Field(
+        "alignment",
+        description="the selection metric at the sweep's best point: alignment (higher is "
+        "better) or fidelity distance (lower is better)",
+    )
+    system_metrics: bool = Field(
+        True, description="MLflow system metrics (CPU, memory, GPU) on training runs"
+    )
 
 
 class StageOverride(_Strict):

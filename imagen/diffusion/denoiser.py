@@ -303,18 +303,22 @@ class DDPMDenoiser(Denoiser):
         *,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """mean(loss(net(alpha x0 + s eps, log_snr), target)) per sample, target by objective.
 
         ``t`` (B,) and ``noise`` may be given explicitly; by default t ~ U(0, 1) and eps ~ N(0, I)
-        are drawn from ``generator``. Returns (loss (B,), sigma (B,)).
+        are drawn from ``generator``. ``sigma`` (B,) instead of ``t`` gives the noise level
+        directly (log-SNR = -2 ln sigma). Returns (loss (B,), sigma (B,)).
         """
-        if t is None:
-            t = rand((x0.shape[0],), x0, generator)
-        t = batch_sigma(t, x0)
+        if sigma is not None:
+            log_snr = log_snr_from_sigma(batch_sigma(sigma, x0))
+        else:
+            if t is None:
+                t = rand((x0.shape[0],), x0, generator)
+            log_snr = self.log_snr(batch_sigma(t, x0))
         if noise is None:
             noise = randn(x0.shape, x0, generator)
-        log_snr = self.log_snr(t)
         alpha = expand_like(torch.sigmoid(log_snr).sqrt(), x0)
         s = expand_like(torch.sigmoid(-log_snr).sqrt(), x0)
         x_vp = alpha * x0 + s * noise

@@ -192,26 +192,31 @@ def log_sweep(run: Any, result: Any, best: dict[str, Any], out: Path) -> None:
 
 
 def register(
-    params: Params, run: Any, cascade: Any, models_dir: Path, result: Any, best: dict[str, Any]
-) -> Any:
-    """Register the stage models and the imagen-cascade pyfunc under the configured alias."""
+    params: Params, run: Any, cascade: Any, models_dir: Path, metrics: dict[str, Any]
+) -> tuple[dict[str, str], str]:
+    """Register the stage models and the imagen-cascade pyfunc as ``challenger``; the champion
+    alias moves on evidence (:mod:`imagen.mlops.promote`). Returns (versions, the decision)."""
     from imagen.mlops.client import tracking_uri
+    from imagen.mlops.promote import evidence, promote_on_evidence, version_tags
     from imagen.mlops.registry import register_models
     from imagen.text import resolve_encoder_path
 
     encoder = resolve_encoder_path(cascade.stages["base64"].config.model.conditioning)
-    return register_models(
+    uri = tracking_uri(params)
+    ev = evidence(params, metrics)
+    versions = register_models(
         run.run_id,
         models_dir,
         encoder,
-        tracking_uri=tracking_uri(params),
-        alias=params.mlflow.model_alias,
+        tracking_uri=uri,
+        alias=None,
         tags={
-            "imagen.best_guidance_scale": best["guidance_scale"],
-            f"imagen.best_{result.fidelity}": f"{best[result.fidelity]:.4f}",
-            f"imagen.best_{result.alignment}": f"{best[result.alignment]:.4f}",
+            "imagen.best_guidance_scale": metrics["best"]["guidance_scale"],
+            **version_tags(params, metrics, ev),
         },
     )
+    _, decision = promote_on_evidence(params, versions, ev, uri=uri)
+    return versions, decision
 
 
 def evaluate(
@@ -309,10 +314,10 @@ def evaluate(
         best = metrics["best"]
         log_sweep(run, result, best, out)
         if register_models and run.active:
-            versions = register(params, run, cascade, models_dir, result, best)
+            versions, decision = register(params, run, cascade, models_dir, metrics)
             metrics["registered"] = versions
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            say(f"imagen evaluate: registered {versions} (alias {params.mlflow.model_alias!r})")
+            say(f"imagen evaluate: registered {versions}; {decision}")
     say(
         f"imagen evaluate: best guidance {best['guidance_scale']:g} "
         f"({result.fidelity} {best[result.fidelity]:.3f}, "

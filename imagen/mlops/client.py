@@ -1,16 +1,28 @@
 """Where MLflow is and how every run of the project is tagged: the pieces all MLflow code shares.
 
 :func:`tracking_uri` picks the tracking server: ``mlflow.tracking_uri`` in params.yaml, else
-``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the working directory (MLflow's
-file store is deprecated); with a SQLite store the artifacts go to ``mlartifacts/`` beside the
-database file. The experiment is created on first use and marked as model training, so the
-MLflow UI opens on runs, metrics and artifacts.
+``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` at the project root (MLflow's file
+store is deprecated); with a SQLite store the artifacts go to ``mlartifacts/`` beside the
+database file. The project root (:func:`project_root`) is the DVC repository a stage runs for
+(``$DVC_ROOT``, which DVC sets for every stage command, and to the *parent* repository inside
+``dvc exp run --temp`` / ``--queue`` executors), else the working directory; a relative SQLite
+path is anchored there, so an experiment run in a temporary copy logs to the project's store,
+never to a copy DVC deletes afterwards. A SQLite store is switched to write-ahead logging
+(WAL) on first use, so parallel experiments write one database without "database is locked".
+The experiment is created on first use and marked as model training, so the MLflow UI opens
+on runs, metrics and artifacts.
+
+:func:`dvc_experiment` reads which DVC experiment a stage runs for (``$DVC_EXP_NAME``,
+``$DVC_EXP_BASELINE_REV``); :func:`run_tags` puts it on every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -26,14 +38,87 @@ EXPERIMENT_KIND = "custom_model_development"
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+# What DVC puts in a stage command's environment (DVC 3: dvc/env.py, dvc/stage/run.py).
+DVC_ROOT_ENV = "DVC_ROOT"
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+DVC_EXP_BASELINE_ENV = "DVC_EXP_BASELINE_REV"
+EXP_NAME_TAG = "imagen.dvc.exp_name"
+EXP_BASELINE_TAG = "imagen.dvc.baseline_rev"
+
+
+def project_root() -> Path:
+    """The project the stage runs for: ``$DVC_ROOT`` (the repository DVC runs the stage for, the
+    parent repository inside an experiment's temporary executor), else the working directory."""
+    env = os.environ.get(DVC_ROOT_ENV)
+    if env and Path(env).is_dir():
+        return Path(env).resolve()
+    return Path.cwd().resolve()
+
+
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs a stage for, as run tags (empty outside one)."""
+    out = {}
+    name, base = os.environ.get(DVC_EXP_NAME_ENV), os.environ.get(DVC_EXP_BASELINE_ENV)
+    if name:
+        out[EXP_NAME_TAG] = name
+    if base:
+        out[EXP_BASELINE_TAG] = base
+    return out
+
+
+def _anchor(uri: str) -> str:
+    """A relative ``sqlite:///file.db`` made absolute under :func:`project_root`."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel, sep, query = uri[len("sqlite:///") :].partition("?")
+        if rel and rel != ":memory:" and not Path(rel).is_absolute():
+            return f"sqlite:///{project_root() / rel}" + sep + query
+    return uri
+
+
 def tracking_uri(params: Params | None = None) -> str:
-    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else
+    sqlite:///<project root>/mlflow.db; a relative SQLite path is anchored at the project root."""
     if params is not None and params.mlflow.tracking_uri:
-        return params.mlflow.tracking_uri
+        return _anchor(params.mlflow.tracking_uri)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        return _anchor(env)
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+_wal_done: set[str] = set()
+
+
+def enable_wal(uri: str, attempts: int = 20) -> None:
+    """Switch an existing SQLite tracking database to write-ahead logging (once per process;
+    the mode is stored in the file): readers no longer block the writer, so the stages of
+    parallel experiments log to one database. A busy database is retried, never fatal."""
+    if not uri.startswith("sqlite:///") or uri in _wal_done:
+        return
+    db = Path(uri[len("sqlite:///") :].partition("?")[0])
+    if not db.is_file():
+        return
+    for i in range(attempts):
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+            _wal_done.add(uri)
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.2 * (i + 1))
+
+
+def retry_locked(fn: Any, attempts: int = 5) -> Any:
+    """``fn()``, tried again (with a growing pause) while a SQLite store says it is locked:
+    parallel experiments write one database, and MLflow's own busy timeout can run out."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(1.0 + 2.0 * i)
+    raise AssertionError("unreachable")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -46,7 +131,12 @@ def artifact_location(uri: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the working directory, or None outside a git checkout."""
+    """The git revision the code runs at: inside a DVC experiment its baseline revision
+    (``$DVC_EXP_BASELINE_REV``: an executor's own HEAD is a stash commit that DVC drops), else
+    ``git rev-parse HEAD`` of the working directory, or None outside a git checkout."""
+    baseline = os.environ.get(DVC_EXP_BASELINE_ENV)
+    if baseline:
+        return baseline
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
@@ -78,6 +168,7 @@ def run_tags(
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
+    all_tags.update(dvc_experiment())
     all_tags.update({k: v for k, v in tags.items() if v is not None})
     all_tags.update({k: str(v) for k, v in (extra or {}).items()})
     return all_tags
@@ -93,7 +184,8 @@ def client_and_experiment(params: Params, uri: str | None = None) -> tuple[Any, 
     uri = uri or tracking_uri(params)
     client = MlflowClient(tracking_uri=uri)
     name = params.mlflow.experiment
-    exp = client.get_experiment_by_name(name)
+    exp = client.get_experiment_by_name(name)  # creates the tables of a new SQLite store
+    enable_wal(uri)
     if exp is None:
         try:
             exp_id = client.create_experiment(

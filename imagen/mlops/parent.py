@@ -8,7 +8,12 @@ one pipeline execution hang under one parent run:
 - a bare ``dvc repro`` or ``dvc exp run`` passes nothing, so the first stage that runs finds
   the ``dvc`` process it runs under (walking up the process tree), names the execution by that
   process's host, pid and start time, and creates a parent run tagged with that name; the later
-  stages of the same execution find it by the tag (:func:`execution_parent_run`).
+  stages of the same execution find it by the tag (:func:`execution_parent_run`);
+- a DVC experiment (``dvc exp run``, ``--temp``, ``--queue`` + ``dvc queue start -j N``) adds
+  DVC's own experiment name and baseline revision (``$DVC_EXP_NAME``,
+  ``$DVC_EXP_BASELINE_REV``) to that name, so one queue worker running several experiments, or
+  several workers at once, give one parent per experiment, tagged ``imagen.dvc.exp_name`` and
+  ``imagen.dvc.baseline_rev`` (:func:`experiment_parent_runs` finds them by name).
 
 :func:`resolve_parent_run_id` consults these in order: an explicit id, ``$IMAGEN_PARENT_RUN_ID``,
 the enclosing DVC execution, the file ``.imagen/parent_run``.
@@ -28,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from imagen.config import Params
-from imagen.mlops.client import client_and_experiment, reachable, run_tags, tracking_uri
+from imagen.mlops.client import (
+    EXP_NAME_TAG,
+    client_and_experiment,
+    dvc_experiment,
+    reachable,
+    retry_locked,
+    run_tags,
+    tracking_uri,
+)
 
 PARENT_ENV = "IMAGEN_PARENT_RUN_ID"
 PARENT_RUN_FILE = Path(".imagen/parent_run")
@@ -102,7 +115,9 @@ def create_parent_run(
     the params hash and, for a DVC-started execution, the execution key.
     """
     client, exp_id = client_and_experiment(params)
-    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({trigger})"
+    exp_name = dvc_experiment().get(EXP_NAME_TAG)
+    what = f"{trigger} {exp_name}" if exp_name and exp_name not in trigger else trigger
+    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({what})"
     all_tags = run_tags(
         params, name, tags, **{KIND_TAG: "pipeline", TRIGGER_TAG: trigger, EXECUTION_TAG: execution}
     )
@@ -141,6 +156,36 @@ def end_parent_run(params: Params, parent_run_id: str, status: str | None = None
     return status
 
 
+def experiment_parent_runs(params: Params, exp_name: str) -> list[Any]:
+    """The parent runs of DVC experiment ``exp_name`` (``dvc exp run -n NAME`` or DVC's
+    generated name), newest first: where a caller that queued an experiment finds its runs."""
+    return [
+        r
+        for r in _runs_tagged(params, EXP_NAME_TAG, exp_name, "DESC", 100)
+        if r.data.tags.get(KIND_TAG) == "pipeline"
+    ]
+
+
+def execution_key() -> tuple[str, str] | None:
+    """(key, trigger) of the DVC execution this process runs under, or None outside DVC.
+
+    The key is the ``dvc`` process (host, pid, start time) and, inside a DVC experiment, the
+    experiment's name and baseline revision: a queue worker runs several experiments in one
+    process, and they must not share a parent.
+    """
+    execution = find_dvc_execution()
+    exp = dvc_experiment()
+    if execution is None and not exp:
+        return None
+    key = execution.key if execution is not None else socket.gethostname()
+    if exp:
+        name = exp.get(EXP_NAME_TAG, "")
+        base = exp.get("imagen.dvc.baseline_rev", "")
+        return f"{key}|exp:{name}@{base}", "dvc exp run"
+    assert execution is not None
+    return key, execution.command
+
+
 def latest_parent_run(params: Params) -> Any | None:
     """The most recently started parent run of the experiment, or None."""
     runs = _runs_tagged(params, KIND_TAG, "pipeline", "DESC", 1)
@@ -160,23 +205,14 @@ def execution_parent_run(params: Params | None) -> str | None:
     """
     if params is None:
         return None
-    execution = find_dvc_execution()
-    if execution is None:
+    found_key = execution_key()
+    if found_key is None:
         return None
+    key, command = found_key
     if reachable(tracking_uri(params)) is not None:
         return None  # the stage itself reports the unreachable server
     try:
-        client, exp_id = client_and_experiment(params)
-        found = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{EXECUTION_TAG}` = '{execution.key}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = create_parent_run(params, execution.command, execution=execution.key)
+        run_id = retry_locked(lambda: _find_or_create(params, key, command))
     except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
         print(f"imagen: no MLflow parent run for this DVC execution ({e})", file=sys.stderr)
         return None
@@ -184,6 +220,18 @@ def execution_parent_run(params: Params | None) -> str | None:
         _closing.add(run_id)
         atexit.register(_end_quietly, params, run_id)
     return run_id
+
+
+def _find_or_create(params: Params, key: str, command: str) -> str:
+    client, exp_id = client_and_experiment(params)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    return create_parent_run(params, command, execution=key)
 
 
 def _end_quietly(params: Params, run_id: str) -> None:

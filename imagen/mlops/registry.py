@@ -5,18 +5,18 @@ registry (the SQLite backend by default):
 
 - ``imagen-base64``, ``imagen-sr256``, ``imagen-sr1024``: each stage model file
   (``models/<stage>/model.pt``: EMA weights + resolved stage config, loaded with
-  ``weights_only=True``) as a model version whose source is the evaluate run's artifact folder
-  ``stages/<stage>``.
-- ``imagen-cascade``: an MLflow ``pyfunc`` model (:class:`CascadePyfunc`) whose artifacts are
-  those same stage files plus the T5 text encoder folder. No torch module is pickled: the
-  python model object holds no weights, and :meth:`CascadePyfunc.load_context` rebuilds the
-  networks from the state dicts. The model carries the ``imagen`` package in its
-  ``code_paths`` (``code/imagen``), so it loads wherever its pip requirements are installed,
-  with or without this repository; when the package is also installed, MLflow puts the bundled
-  copy first on ``sys.path``, so the code that logged the model is the code that runs it.
+  ``weights_only=True``) as an MLflow ``pyfunc`` model with a signature (the stage and the text
+  encoder; an SR stage takes a ``lowres`` column of base64 PNGs beside the prompts), at the
+  evaluate run's artifacts ``stages/<stage>``.
+- ``imagen-cascade``: the same :class:`CascadePyfunc` over all stages plus the T5 text encoder
+  folder. No torch module is pickled: the python model object holds no weights, and
+  :meth:`CascadePyfunc.load_context` rebuilds the networks from the state dicts. The model
+  carries the ``imagen`` package in its ``code_paths`` (``code/imagen``), so it loads wherever
+  its pip requirements are installed, with or without this repository; when the package is
+  also installed, MLflow puts the bundled copy first on ``sys.path``.
 
-Every version gets the alias ``mlflow.model_alias`` (default ``champion``) and the evaluation
-summary as tags. Then::
+Which version is ``champion`` is :mod:`imagen.mlops.promote`'s business (new versions are
+``challenger``; the champion moves on evidence). Then::
 
     model = mlflow.pyfunc.load_model("models:/imagen-cascade@champion")
     out = model.predict(pd.DataFrame({"prompt": ["a red circle on the left"]}),
@@ -121,11 +121,34 @@ def _prompts(model_input: Any) -> list[str]:
     )
 
 
-class CascadePyfunc(mlflow.pyfunc.PythonModel):
-    """``imagen-cascade``: prompts -> base64 PNG images through the cascade.
+def _lowres(model_input: Any) -> torch.Tensor | None:
+    """The ``lowres`` column (base64 PNGs) of an input DataFrame -> (N, 3, h, w) in [-1, 1],
+    every image at the first one's size; None without such a column."""
+    import numpy as np
+    import pandas as pd
 
-    The artifacts (``base64``, ``sr256``, ``sr1024`` stage folders with a model.pt, and
-    ``encoder``) are loaded in :meth:`load_context`; the object itself holds no weights.
+    if not isinstance(model_input, pd.DataFrame) or "lowres" not in model_input.columns:
+        return None
+    cells = [c for c in model_input["lowres"] if isinstance(c, str) and c]
+    if not cells:
+        return None
+    try:
+        images = [decode_png(c) for c in cells]
+    except Exception as e:
+        raise ValueError(f"input column 'lowres': not base64-encoded images ({e})") from e
+    size = images[0].size
+    arrays = [np.asarray(im.resize(size) if im.size != size else im) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+class CascadePyfunc(mlflow.pyfunc.PythonModel):
+    """``imagen-cascade`` and the stage models: prompts -> base64 PNG images.
+
+    The artifacts (stage folders ``base64``, ``sr256``, ``sr1024`` with a model.pt, and
+    ``encoder``) are loaded in :meth:`load_context`; the object itself holds no weights. A
+    model holding only super-resolution stages (``imagen-sr256``, ``imagen-sr1024``) takes a
+    ``lowres`` column of base64 PNGs beside the prompts and super-resolves them.
     """
 
     # MLflow inspects predict's type hints when a subclass is created and, finding none, warns
@@ -153,6 +176,12 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
         steps = int(p.get("steps") or 0) or None
         guidance = p.get("guidance_scale")
         guidance = None if guidance is None or float(guidance) < 0 else float(guidance)
+        lowres = _lowres(model_input)
+        if lowres is None and "base64" not in self.cascade.stages:
+            raise ValueError(
+                "this model starts at a super-resolution stage: give a 'lowres' column of "
+                "base64 PNG images beside 'prompt'"
+            )
         images = self.cascade.generate(
             prompts,
             depth=p.get("depth") or self.cascade.depth,
@@ -160,6 +189,7 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
             guidance=guidance,
             seed=int(p.get("seed") or 0),
             batch_size=int(p.get("batch_size") or 4),
+            lowres=lowres,
         )
         stages = list(images) if p.get("all_stages") else [list(images)[-1]]
         rows = []
@@ -178,18 +208,24 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["prompt", "stage", "width", "height", "image"])
 
 
-def pyfunc_signature(depth: str) -> Any:
+def pyfunc_signature(depth: str, lowres: bool = False) -> Any:
     """The pyfunc's signature.
 
-    Input: one string column (a DataFrame "prompt" column or a list of strings). Output:
-    prompt, stage, width, height, image (base64 PNG). Params: depth, seed, steps,
+    Input: one string column (a DataFrame "prompt" column or a list of strings); with
+    ``lowres`` (a model of SR stages only) the columns "prompt" and "lowres" (base64 PNG).
+    Output: prompt, stage, width, height, image (base64 PNG). Params: depth, seed, steps,
     guidance_scale, batch_size, all_stages.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    inputs = (
+        Schema([ColSpec("string", "prompt"), ColSpec("string", "lowres")])
+        if lowres
+        else Schema([ColSpec("string")])
+    )
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        inputs=inputs,
         outputs=Schema(
             [
                 ColSpec("string", "prompt"),
@@ -276,21 +312,25 @@ def _new_version(
 def register_stage_models(
     run_id: str,
     files: Mapping[str, str | Path],
+    encoder_path: str | Path,
     *,
     tracking_uri: str | None = None,
     alias: str | None = "champion",
     tags: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Upload each stage model file to ``run_id``'s artifacts ``stages/<stage>/model.pt`` and
-    register it as ``imagen-<stage>``; returns stage -> version."""
+    """Log each stage model file as an MLflow pyfunc model (the stage and the text encoder,
+    with a signature) at ``run_id``'s artifacts ``stages/<stage>`` and register it as
+    ``imagen-<stage>``; returns stage -> version. ``mlflow.pyfunc.load_model`` opens it:
+    base64 takes prompts, an SR stage prompts and a ``lowres`` column of base64 PNGs."""
     client = _client(tracking_uri)
     versions: dict[str, str] = {}
     for stage, path in files.items():
         file = _stage_file(path)
         if not file.exists():
             raise FileNotFoundError(f"{file}: stage model to register not found")
-        client.log_artifact(run_id, str(file), f"stages/{stage}")
-        source = f"{client.get_run(run_id).info.artifact_uri}/stages/{stage}"
+        artifact = f"stages/{stage}"
+        _log_pyfunc(client, run_id, {stage: file}, encoder_path, artifact)
+        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact}"
         versions[stage] = _new_version(
             client,
             STAGE_MODELS[stage],
@@ -298,9 +338,56 @@ def register_stage_models(
             run_id,
             alias,
             {"imagen.stage": stage, **dict(tags or {})},
-            f"Imagen {stage} stage model (imagen-stage/1 file: EMA weights + stage config)",
+            f"Imagen {stage} stage model (pyfunc; artifacts/{stage}/model.pt: EMA weights + "
+            "stage config)",
         )
     return versions
+
+
+def _log_pyfunc(
+    client: Any,
+    run_id: str,
+    files: Mapping[str, Path],
+    encoder_path: str | Path,
+    artifact_path: str,
+) -> None:
+    """Save a :class:`CascadePyfunc` of ``files`` (stage -> model.pt) and the encoder, and
+    upload it to ``run_id``'s artifacts ``artifact_path``."""
+    import imagen
+
+    stages = [s for s in STAGES if s in files]
+    with tempfile.TemporaryDirectory(prefix="imagen-pyfunc-") as tmp:
+        staged = Path(tmp) / "inputs"
+        artifacts: dict[str, str] = {}
+        for stage in stages:  # one folder per stage so the three model.pt files do not clash
+            (staged / stage).mkdir(parents=True)
+            shutil.copy2(_stage_file(files[stage]), staged / stage / MODEL_FILE)
+            artifacts[stage] = str(staged / stage)
+        encoder = Path(encoder_path)
+        if not (encoder / "config.json").exists():
+            raise FileNotFoundError(f"{encoder}: not a text encoder folder (no config.json)")
+        artifacts[ENCODER_ARTIFACT] = str(encoder)
+        code = Path(tmp) / "code" / "imagen"
+        shutil.copytree(
+            Path(imagen.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        script = Path(tmp) / "imagen_cascade_model.py"
+        script.write_text(MODEL_SCRIPT)
+        model_dir = Path(tmp) / "model"
+        with warnings.catch_warnings():
+            # MLflow suggests type hints and an input example; the explicit signature serves
+            # instead (an input example would run the whole cascade at logging time).
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir),
+                python_model=str(script),
+                artifacts=artifacts,
+                code_paths=[str(code)],
+                signature=pyfunc_signature(stages[-1], lowres="base64" not in stages),
+                pip_requirements=pip_requirements(),
+                metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},
+            )
+        client.log_artifacts(run_id, str(model_dir), artifact_path)
 
 
 def log_cascade_model(
@@ -315,44 +402,10 @@ def log_cascade_model(
 ) -> str | None:
     """Save the ``imagen-cascade`` pyfunc model, upload it to ``run_id``'s artifacts
     (``imagen-cascade/``) and register it; returns the version (None when not registering)."""
-    import imagen
-
     stages = [s for s in STAGES if s in files]
     client = _client(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="imagen-pyfunc-") as tmp:
-        staged = Path(tmp) / "inputs"
-        artifacts: dict[str, str] = {}
-        for stage in stages:  # one folder per stage so the three model.pt files do not clash
-            (staged / stage).mkdir(parents=True)
-            shutil.copy2(_stage_file(files[stage]), staged / stage / MODEL_FILE)
-            artifacts[stage] = str(staged / stage)
-        encoder = Path(encoder_path)
-        if not (encoder / "config.json").exists():
-            raise FileNotFoundError(f"{encoder}: not a text encoder folder (no config.json)")
-        artifacts[ENCODER_ARTIFACT] = str(encoder)
-        # The package travels with the model (code/imagen), without byte-code caches.
-        code = Path(tmp) / "code" / "imagen"
-        shutil.copytree(
-            Path(imagen.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
-        )
-        # Models from code: MLflow runs this file to get the model, so nothing is pickled.
-        script = Path(tmp) / "imagen_cascade_model.py"
-        script.write_text(MODEL_SCRIPT)
-        model_dir = Path(tmp) / PYFUNC_ARTIFACT
-        with warnings.catch_warnings():
-            # MLflow suggests type hints and an input example; the explicit signature serves
-            # instead (an input example would run the whole cascade at logging time).
-            warnings.simplefilter("ignore", UserWarning)
-            mlflow.pyfunc.save_model(
-                path=str(model_dir),
-                python_model=str(script),
-                artifacts=artifacts,
-                code_paths=[str(code)],
-                signature=pyfunc_signature(stages[-1]),
-                pip_requirements=pip_requirements(),
-                metadata={"stages": stages, "output": "base64 PNG per prompt (column image)"},
-            )
-        client.log_artifacts(run_id, str(model_dir), PYFUNC_ARTIFACT)
+    _log_pyfunc(client, run_id, {s: _stage_file(files[s]) for s in stages}, encoder_path,
+                PYFUNC_ARTIFACT)  # fmt: skip
     if not register:
         return None
     source = f"{client.get_run(run_id).info.artifact_uri}/{PYFUNC_ARTIFACT}"
@@ -386,7 +439,7 @@ def register_models(
     out = {
         STAGE_MODELS[s]: v
         for s, v in register_stage_models(
-            run_id, files, tracking_uri=tracking_uri, alias=alias, tags=tags
+            run_id, files, encoder_path, tracking_uri=tracking_uri, alias=alias, tags=tags
         ).items()
     }
     out[CASCADE_MODEL] = log_cascade_model(

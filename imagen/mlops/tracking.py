@@ -14,6 +14,8 @@ is reported at the end and listed in ``mlflow_unlogged.json`` beside the run fil
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -25,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from imagen.config import Params, flatten
-from imagen.mlops.client import client_and_experiment, reachable, run_tags, tracking_uri
+from imagen.mlops.client import (
+    client_and_experiment,
+    reachable,
+    retry_locked,
+    run_tags,
+    tracking_uri,
+)
 from imagen.mlops.parent import resolve_parent_run_id
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -138,6 +146,10 @@ class StageRun:
         """End the run (``set_terminated``); report and record whatever MLflow never got."""
         if not self.active:
             return
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
         self._call("set_terminated", self.run_id, status)
         self.flush(force=True)
         unlogged = self.lost + [_describe_call(*c) for c in self.pending]
@@ -193,6 +205,44 @@ class StageRun:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Log a dict as a JSON (or YAML, by the file's suffix) artifact."""
         self._call("log_dict", self.run_id, dict(data), artifact_file)
+
+    def log_dataset(self, manifest: str | Path, name: str, context: str = "training") -> None:
+        """Log the data set an ingest ``manifest.json`` describes as the run's input
+        (``mlflow.log_input``): its name, the manifest's sha256 as digest, its counts as the
+        profile, the shard folder as source. A missing or unreadable manifest logs nothing."""
+        if not self.active:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        manifest = Path(manifest)
+        try:
+            raw = manifest.read_bytes()
+            counts = json.loads(raw).get("counts", {})
+        except (OSError, ValueError, AttributeError) as e:
+            _warn(f"no data set logged: {manifest} unreadable ({e})")
+            return
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        source = json.dumps({"uri": str(manifest.parent.resolve())})
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=source,
+                          profile=json.dumps(counts))  # fmt: skip
+        tags = [InputTag("mlflow.data.context", context)]
+        self._call("log_inputs", self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU when present) on this
+        run, sampled every ``interval`` seconds until :meth:`close`."""
+        if not self.active or getattr(self, "_monitor", None) is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                           tracking_uri=self.uri)  # fmt: skip
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
+            _warn(f"MLflow system metrics not started ({type(e).__name__}: {e})")
+            return
+        self._monitor = monitor
 
 
 def _resumable(client: Any, resume_file: Path | None) -> str | None:
@@ -268,7 +318,9 @@ def stage_run(
         )
     else:
         try:
-            run, resumed = _open_run(params, stage_name, uri, parent, resume_file, tags)
+            run, resumed = retry_locked(
+                lambda: _open_run(params, stage_name, uri, parent, resume_file, tags)
+            )
             verb = "resumed" if resumed else "started"
             print(f"imagen: MLflow run {run.run_id} {verb} ({uri})", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - tracking must never stop the stage

@@ -122,8 +122,11 @@ def _keep(imp: Imported, cfg: dict[str, Any], s: str) -> None:
         elif key == "monitor" and value == "reduced_train_loss":
             note = "NeMo's reduced_train_loss: the training loss averaged over ranks"
             imp.put(f"stages.{s}.trainer.keep.monitor", "train/loss_avg", path, note)
+        elif key == "monitor" and value in ("val_loss", "validation_loss"):
+            note = f"NeMo's {value}: the held-out denoising loss (trainer.heldout_loss)"
+            imp.put(f"stages.{s}.trainer.keep.monitor", "heldout/loss", path, note)
         else:
-            imp.skip(path, f"{value!r}: checkpoints are ranked by the training loss only")
+            imp.skip(path, f"{value!r}: checkpoints are ranked by the training or held-out loss")
 
 
 def map_trainer(imp: Imported, cfg: dict[str, Any]) -> None:

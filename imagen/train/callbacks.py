@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from imagen.config import StageConfig
 from imagen.mlops.tracking import StageRun
 from imagen.train.grids import SampleGrid
+from imagen.train.heldout import HeldoutLoss
 from imagen.train.module import ImagenStage
 
 
@@ -69,9 +70,13 @@ class Progress(Callback):
         grid: SampleGrid | None,
         run: StageRun,
         monitor_every: int = 0,
+        heldout: HeldoutLoss | None = None,
     ) -> None:
         self.stage, self.out, self.grid, self.run = stage, out, grid, run
         self.monitor_every = monitor_every
+        self.heldout = heldout
+        self._heldout_pending: list[tuple[int, torch.Tensor]] = []  # measured, not yet read
+        self.heldout_last: dict[str, float] = {}  # the last held-out losses read
         self.history: list[tuple[int, float]] = []  # (step, loss)
         self._mean = DeviceMean()
         self._window: torch.Tensor | None = None  # (2, log_every_n_steps): losses, finite
@@ -117,6 +122,7 @@ class Progress(Callback):
                 self._window[1, i] = torch.isfinite(loss).float()
             self._steps += 1
         if self.monitor_every and step % self.monitor_every == 0:
+            self.measure_heldout(trainer, pl_module, step)
             self.publish_monitor(trainer)
         every = self.stage.trainer.log_every_n_steps
         if step % every == 0 or step == trainer.max_steps:
@@ -133,9 +139,36 @@ class Progress(Callback):
                 if "train/loss_avg" in metrics:
                     self.history.append((step, avg))
                 self.run.log_metrics(metrics, step=step)
+            self.log_heldout(trainer)
             self._images, self._t_last = 0, now
         if self.grid is not None and step % self.stage.trainer.sample_every_n_steps == 0:
             self.sample(trainer, pl_module)
+
+    def measure_heldout(self, trainer: pl.Trainer, pl_module: ImagenStage, step: int) -> None:
+        """The held-out loss per noise level, kept on the device until the next log step; as
+        ``heldout/loss`` (its mean) where the checkpoint callbacks read their monitor."""
+        if self.heldout is None:
+            return
+        t0 = time.perf_counter()
+        losses = self.heldout.measure(pl_module)
+        self._t_last += time.perf_counter() - t0  # measuring is not training time
+        if losses is None:
+            return
+        self._heldout_pending.append((step, losses))
+        trainer.callback_metrics["heldout/loss"] = losses.mean()
+
+    def log_heldout(self, trainer: pl.Trainer) -> None:
+        """Read the pending held-out losses (one host read each) and log them to the run."""
+        if self.heldout is None:
+            return
+        for step, losses in self._heldout_pending:
+            values = losses.tolist()
+            metrics = dict(zip(self.heldout.names, values, strict=True))
+            metrics["heldout/loss"] = sum(values) / len(values)
+            self.heldout_last = {"step": step, **metrics}
+            if trainer.is_global_zero:
+                self.run.log_metrics(metrics, step=step)
+        self._heldout_pending = []
 
     def publish_monitor(self, trainer: pl.Trainer) -> None:
         """``train/loss_avg`` for the best-k rule: the same value on every rank (a collective,
@@ -159,6 +192,7 @@ class Progress(Callback):
         now = time.perf_counter()
         self.train_seconds += now - self._t_last
         self._t_last = now
+        self.log_heldout(trainer)
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -12,6 +12,8 @@ _IGNORED = (
     r".*does not have many workers.*",  # num_workers is the user's choice (0 on small CPUs)
     r".*`training_step` returned `None`.*",  # trainer.nan_policy=skip skips a batch on purpose
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning vs. torch internals
+    # a `dvc exp run --temp` / queued experiment resumes in another folder: the files are kept
+    r".*The dirpath has changed from .*",
 )
 
 

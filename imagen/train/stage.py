@@ -20,6 +20,7 @@ from imagen.mlops.tracking import StageRun, stage_run
 from imagen.train.callbacks import GridFromFirstBatch, KeyRecorder, LogLines, Progress
 from imagen.train.checkpoints import LAST_CKPT, CheckpointWriteError, read_info
 from imagen.train.grids import SampleGrid
+from imagen.train.heldout import HeldoutLoss
 from imagen.train.keep import keep_interval, keeping_rule
 from imagen.train.logger import NullRun, StageRunLogger
 from imagen.train.module import ImagenStage, NonFiniteLossError
@@ -80,6 +81,9 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
     stage = module.stage
     rule = keeping_rule(stage)
     run.set_tags({"imagen.keep_rule": rule})
+    run.log_dataset(Path(params.data.shards_dir) / "manifest.json", _dataset_name(params))
+    if params.mlflow.system_metrics:
+        run.start_system_metrics()
     if resume.path is not None:
         _say(f"resuming {stage.name} from {resume.path} (step {resume.step})")
         note = resume_note(resume.saved, stage)
@@ -105,6 +109,12 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
                  f"images a step (trainer.progressive); the rest at {size} px")  # fmt: skip
 
 
+def _dataset_name(params: Params) -> str:
+    """The training data's name in MLflow: the source kind and, for a user's data, its path."""
+    data = params.data
+    return data.source if not data.source_path else f"{data.source}:{data.source_path}"
+
+
 def _say(text: str) -> None:
     if rank_zero_only.rank == 0:
         print(f"imagen train: {text}", file=sys.stderr, flush=True)
@@ -114,7 +124,8 @@ def _callbacks(
     params: Params, stage: StageConfig, out: Path, run: StageRun, record_keys: bool
 ) -> tuple[Progress, list[Callback]]:
     grid = SampleGrid(params, stage) if rank_zero_only.rank == 0 else None
-    progress = Progress(stage, out, grid, run, monitor_every=keep_interval(stage))
+    heldout = HeldoutLoss(params, stage) if stage.trainer.heldout_loss.num else None
+    progress = Progress(stage, out, grid, run, monitor_every=keep_interval(stage), heldout=heldout)
     callbacks: list[Callback] = [progress]
     if grid is not None:
         callbacks.append(GridFromFirstBatch(grid))
@@ -196,6 +207,9 @@ def _finish(
         "world_size": trainer.world_size,
         "precision": str(trainer.precision),
     }
+    if progress.heldout_last:
+        metrics["heldout_loss"] = progress.heldout_last["heldout/loss"]
+        metrics["heldout_loss_step"] = int(progress.heldout_last["step"])
     extra = {"metrics": metrics, "mlflow_run_id": run.run_id}
     save_stage(out, stage, module.ema_state_dict(), step=trainer.global_step, extra=extra)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
