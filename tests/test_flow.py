@@ -100,10 +100,18 @@ def _children(runs: list[Any], parent: Any) -> set[str]:
     }
 
 
-def _artifact(server: dict[str, Any], key: str) -> str:
-    shown = run(["prefect", "artifact", "inspect", key], server["root"], **server["env"])
+def _tables(server: dict[str, Any], key: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The table artifacts under ``key``, newest first: (description, rows)."""
+    cmd = ["prefect", "artifact", "inspect", key, "--output", "json"]
+    shown = run(cmd, server["root"], **server["env"])
     assert shown.returncode == 0, shown.stdout
-    return shown.stdout
+    found = json.loads(shown.stdout[shown.stdout.index("[") :])
+    assert found and all(a["type"] == "table" for a in found), found
+    out = []
+    for a in found:
+        rows = json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
+        out.append((a["description"] or "", rows))
+    return out
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -181,13 +189,16 @@ def test_make_prefect_serves_the_flow_which_runs_in_the_checkout(server: dict[st
     assert "Running stage 'train@sr1024'" in log.read_text()
 
     # the artifacts are tables: each stage with its MLflow run and report files, the metrics
-    table = _artifact(server, "imagen-cascade")
-    assert "'type': 'table'" in table or '"type": "table"' in table, table[:2000]
-    for stage in STAGES:
-        assert stage in table
-    assert parent.info.run_id in table
-    assert (root / "reports" / "metrics.json").as_uri() in table
-    assert "evaluate/" in _artifact(server, "imagen-cascade-metrics")
+    description, rows = _tables(server, "imagen-cascade")[0]
+    assert [r["stage"] for r in rows] == STAGES
+    assert {r["dvc"] for r in rows} == {"ran"}
+    assert parent.info.run_id in description
+    assert all(r["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/") for r in rows)
+    evaluate = rows[-1]["files"].split()
+    assert (root / "reports" / "metrics.json").as_uri() in evaluate
+    assert all(Path(f.removeprefix("file://")).is_file() for f in evaluate)
+    metrics = {r["metric"]: r["value"] for r in _tables(server, "imagen-cascade-metrics")[0][1]}
+    assert metrics["train@base64/steps"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +287,15 @@ def test_overrides_run_as_concurrent_dvc_experiments_on_a_work_pool(
         assert parent.info.status == "FINISHED"
         assert parent.data.tags["imagen.dvc.baseline_rev"]
 
-    table = _artifact(worker, "imagen-cascade")
-    assert "dvc exp apply sr1024-steps" in table and "dvc exp apply two-scales" in table
-    assert f"{a.info.run_id}" in table
+    tables = {
+        d.split("dvc exp apply ")[-1].strip("`"): rows
+        for d, rows in _tables(worker, "imagen-cascade")[:2]
+    }
+    assert set(tables) == set(runs), tables.keys()
+    ran = {r["stage"]: r for r in tables["sr1024-steps"] if r["dvc"] == "ran"}
+    assert set(ran) == {"train@sr1024", "evaluate"}
+    assert ran["evaluate"]["files"].endswith("/artifacts")
+    assert ran["train@sr1024"]["mlflow_run"] in ran["train@sr1024"]["files"]
 
 
 def test_a_bad_override_fails_before_any_work_naming_the_key(worker: dict[str, Any]) -> None:
