@@ -123,7 +123,7 @@ def _stage_paths(root: Path) -> tuple[list[Path], list[Path]]:
     with Repo(str(root)) as repo:
         outs = [Path(o.fs_path) for o in repo.index.outs if o.protocol == "local"]
         deps = [Path(d.fs_path) for d in repo.index.deps if d.protocol == "local"]
-        cache = repo.cache.local.path
+        cache = repo.cache.local_cache_dir
     return outs, deps + [Path(cache)]
 
 
