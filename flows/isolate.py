@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,9 +48,15 @@ def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return res
 
 
+def _dvc_bin() -> str:
+    """The dvc command of this environment (beside its Python), else the one on PATH."""
+    here = Path(sys.executable).parent / "dvc"
+    return str(here) if here.is_file() else "dvc"
+
+
 def _dvc(root: Path, *args: str) -> str:
     res = subprocess.run(
-        ["dvc", *args], cwd=root, capture_output=True, text=True, check=False, env=_dvc_env()
+        [_dvc_bin(), *args], cwd=root, capture_output=True, text=True, check=False, env=_dvc_env()
     )
     if res.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {root}:\n{res.stdout}{res.stderr}")
