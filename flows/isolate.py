@@ -150,6 +150,16 @@ def isolated_copy(root: Path, name: str) -> Path:
         raise ConfigError(f"experiment: {dest} exists (a kept copy of a failed run?)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _git(root, "worktree", "add", "--detach", "-q", str(dest), "HEAD")
+    try:
+        _fill_copy(root, dest)
+    except BaseException:
+        remove_copy(root, dest)
+        raise
+    return dest
+
+
+def _fill_copy(root: Path, dest: Path) -> None:
+    """Bring ``root``'s working-tree state, outputs and DVC cache into the worktree ``dest``."""
     # the checkout's uncommitted edits, untracked files (dvc.lock) and deletions
     changed = _git(root, "ls-files", "-z", "--modified", "--others", "--exclude-standard")
     for rel in filter(None, changed.stdout.split("\0")):
@@ -170,7 +180,6 @@ def isolated_copy(root: Path, name: str) -> Path:
         inside = str(rel) in tracked or any(t.startswith(f"{rel}/") for t in tracked)
         if path in outs or not inside:  # outputs, and dependencies git does not carry
             _copy(path, dest / rel)
-    return dest
 
 
 def save_experiment(copy: Path, name: str, include: list[Path]) -> str:

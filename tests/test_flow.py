@@ -269,6 +269,7 @@ def test_overrides_run_as_concurrent_dvc_experiments_on_a_work_pool(
     assert sr["metrics"]["models/sr1024/metrics.json"]["steps"] == 3
     assert exps["two-scales"]["params"]["evaluate"]["guidance_scales"] == [1, 2]
     assert "reports/metrics.json" in exps["two-scales"]["metrics"]
+    print(run(["dvc", "exp", "show", "--no-pager", "--keep", "--drop", "Created"], root).stdout)
 
     # their MLflow runs are in the checkout's store, and overlapped in time; each experiment
     # re-ran only the stages its change touches
@@ -292,6 +293,7 @@ def test_overrides_run_as_concurrent_dvc_experiments_on_a_work_pool(
         for d, rows in _tables(worker, "imagen-cascade")[:2]
     }
     assert set(tables) == set(runs), tables.keys()
+    print(json.dumps(tables["sr1024-steps"], indent=1))
     ran = {r["stage"]: r for r in tables["sr1024-steps"] if r["dvc"] == "ran"}
     assert set(ran) == {"train@sr1024", "evaluate"}
     assert ran["evaluate"]["files"].endswith("/artifacts")
