@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from tiny import env as project_env
 from tiny import run
 
 from flows import isolate
@@ -113,3 +115,23 @@ def test_experiment_names_and_a_checkout_without_a_commit_are_refused(tmp_path: 
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with pytest.raises(ConfigError, match="git commit"):
         isolate.baseline_rev(tmp_path)
+
+
+def test_a_second_flow_run_on_the_checkout_waits_for_the_first(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from flows.isolate import workspace_lock\n"
+        "with workspace_lock(Path(sys.argv[1])):\n    print('holds it', flush=True)\n"
+    )
+    with isolate.workspace_lock(tmp_path):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            env=project_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert "waiting for it" in proc.stdout.readline()  # type: ignore[union-attr]
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting while this one holds the checkout
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "holds it" in out
