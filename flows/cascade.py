@@ -325,7 +325,7 @@ def imagen_flow(
     baseline = isolate.baseline_rev(root)
     isolate.check_new_experiment(root, name)
     with _inside(root):  # the checkout's store, wherever the stages run
-        uri = tracking_uri(params)
+        uri = isolate.anchored(tracking_uri(params), root)
     with isolate.workspace_lock(root, logger.info):  # a consistent snapshot of the checkout
         copy = isolate.isolated_copy(root, name)
     logger.info("DVC experiment %s runs in %s (baseline %s)", name, copy, baseline[:7])

@@ -69,6 +69,16 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
+def anchored(uri: str, root: Path) -> str:
+    """A relative ``sqlite:///file.db`` tracking URI made absolute under ``root``: the copy's
+    stages log to the checkout's store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel, sep, query = uri[len("sqlite:///") :].partition("?")
+        if rel and rel != ":memory:":
+            return f"sqlite:///{root / rel}{sep}{query}"
+    return uri
+
+
 def experiment_name(name: str | None, flow_run_name: str | None) -> str:
     """The DVC experiment name: ``name``, else ``prefect-<flow run name>``, else a timestamp.
 

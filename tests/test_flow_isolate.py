@@ -107,6 +107,10 @@ def test_an_isolated_run_comes_back_as_an_experiment_and_leaves_the_checkout_alo
 
 
 def test_experiment_names_and_a_checkout_without_a_commit_are_refused(tmp_path: Path) -> None:
+    # a relative SQLite store is the checkout's, not the copy's
+    assert isolate.anchored("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert isolate.anchored("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert isolate.anchored("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
     assert isolate.experiment_name(None, "crafty lemur") == "prefect-crafty-lemur"
     assert isolate.experiment_name("steps50", "x") == "steps50"
     for bad in ("../up", "-x", "a b", "x.lock", "a..b"):
