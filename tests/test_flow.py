@@ -269,7 +269,7 @@ def test_overrides_run_as_concurrent_dvc_experiments_on_a_work_pool(
     assert sr["metrics"]["models/sr1024/metrics.json"]["steps"] == 3
     assert exps["two-scales"]["params"]["evaluate"]["guidance_scales"] == [1, 2]
     assert "reports/metrics.json" in exps["two-scales"]["metrics"]
-    for name, e in sorted(exps.items()):
+    for name, e in sorted((n, exps[n]) for n in runs):
         sr1024 = e["params"]["stages"]["sr1024"]["trainer"]["max_steps"]
         steps = e["metrics"]["models/sr1024/metrics.json"]["steps"]
         scales = e["params"]["evaluate"]["guidance_scales"]
