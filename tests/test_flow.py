@@ -1,6 +1,9 @@
-"""The Prefect deployment imagen/cascade-train on a real Prefect server on 127.0.0.1: served with
-the documented command (`python -m flows.serve`, what `make prefect` runs), triggered with the
-Prefect CLI, the whole tiny cascade run through DVC under one MLflow parent run."""
+"""The Prefect flow imagen/cascade-train on one real Prefect server on 127.0.0.1 (started here
+with flows/serve.py's own functions, stopped by pid): served with the documented command
+(`python -m flows.serve`, what `make prefect` runs) for a run in the checkout, then deployed
+from prefect.yaml to a process work pool (`prefect deploy`, `prefect worker start`) for two
+concurrent runs with overrides, each a DVC experiment in an isolated copy that leaves the
+checkout's params.yaml byte-identical."""
 
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import pytest
 from tiny import BIN, copy_project, run
 from tiny import env as project_env
 
+from flows.serve import prefect_env, start_server, stop, wait_healthy
 from imagen.mlops.pipeline import DVC_STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
 STAGES = list(DVC_STAGES)
+POOL = "imagen"
 
 
 def _free_port() -> int:
@@ -31,51 +36,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("flow")
-    root = copy_project(base / "repo")
-    port = _free_port()
-    env = {
-        "PREFECT_HOME": str(base / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-    }
-    log = (base / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "python"), "-m", "flows.serve", "--port", str(port)],
+def _spawn(cmd: list[str], root: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
         cwd=root,
         env=project_env(root, **env),
-        stdout=log,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One Prefect server for the module, and a tiny project (a git copy of the repository)."""
+    base = tmp_path_factory.mktemp("flow")
+    root = copy_project(base / "repo")
+    port = _free_port()
+    env = prefect_env(port, base / "prefect-home") | {"PREFECT_UI_ENABLED": "false"}
+    proc = start_server(port, env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            found = run(["prefect", "deployment", "inspect", "imagen/cascade-train"], root, **env)
-            if found.returncode == 0:
-                break
-            assert proc.poll() is None, (base / "serve.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the deployment was not served within 180 s"
-            time.sleep(2)
-        yield {"root": root, "env": env, "proc": proc, "log": base / "serve.log"}
+        wait_healthy(env["PREFECT_API_URL"], proc=proc)
+        client_env = {
+            "PREFECT_HOME": env["PREFECT_HOME"],
+            "PREFECT_API_URL": env["PREFECT_API_URL"],
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+        yield {"root": root, "base": base, "env": client_env}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # flows.serve stops its Prefect server
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        stop(proc)
 
 
-def _trigger(served: dict[str, Any], *params: str) -> subprocess.CompletedProcess:
+def _trigger(server: dict[str, Any], *params: str) -> subprocess.CompletedProcess:
     cmd = ["prefect", "deployment", "run", "imagen/cascade-train", "--watch"]
     for p in params:
         cmd += ["--param", p]
-    return run(cmd, served["root"], timeout=1200, **served["env"])
+    return run(cmd, server["root"], timeout=1200, **server["env"])
 
 
 def _mlflow_runs(root: Path) -> list[Any]:
@@ -87,40 +93,91 @@ def _mlflow_runs(root: Path) -> list[Any]:
     return list(client.search_runs([exp.experiment_id], max_results=1000))
 
 
-def _artifact(served: dict[str, Any]) -> str:
-    shown = run(
-        ["prefect", "artifact", "inspect", "imagen-cascade"], served["root"], **served["env"]
-    )
+def _children(runs: list[Any], parent: Any) -> set[str]:
+    pid = parent.info.run_id
+    return {
+        r.data.tags["imagen.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == pid
+    }
+
+
+def _tables(server: dict[str, Any], key: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The table artifacts under ``key``, newest first: (description, rows)."""
+    cmd = ["prefect", "artifact", "inspect", key, "--output", "json"]
+    shown = run(cmd, server["root"], **server["env"])
     assert shown.returncode == 0, shown.stdout
-    return shown.stdout
+    found = json.loads(shown.stdout[shown.stdout.index("[") :])
+    assert found and all(a["type"] == "table" for a in found), found
+    out = []
+    for a in found:
+        rows = json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
+        out.append((a["description"] or "", rows))
+    return out
 
 
-def test_the_deployment_runs_the_cascade_through_dvc(served: dict[str, Any]) -> None:
-    root = served["root"]
-    start = time.monotonic()
-    result = _trigger(served, 'overrides={"stages.base64.trainer.max_steps": 3}')
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stdout[-3000:] + served["log"].read_text()[-6000:]
-    assert "Completed" in result.stdout
-    print(f"deployment run of the tiny cascade: {seconds:.0f} s")
+def _snapshot(root: Path) -> dict[str, bytes]:
+    files = ["params.yaml", "dvc.lock", "models/sr1024/metrics.json", "reports/metrics.json"]
+    return {f: (root / f).read_bytes() for f in files}
 
-    # the override went into params.yaml, and DVC recorded the stages it ran with it
-    assert "max_steps: 3" in (root / "params.yaml").read_text()
-    assert json.loads((root / "models/base64/metrics.json").read_text())["steps"] == 3
-    assert (root / "reports" / "metrics.json").is_file()
+
+def _experiments(root: Path) -> dict[str, dict[str, Any]]:
+    """``dvc exp show --json``: experiment name -> its params and metrics (flattened files)."""
+    shown = run(["dvc", "exp", "show", "--json"], root)
+    assert shown.returncode == 0, shown.stdout
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict):
+                data = node["data"]
+                found[node["name"]] = {
+                    "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                    "metrics": {k: v.get("data", {}) for k, v in data.get("metrics", {}).items()},
+                }
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(shown.stdout[shown.stdout.index("[") :]))
+    return found
+
+
+def test_make_prefect_serves_the_flow_which_runs_in_the_checkout(server: dict[str, Any]) -> None:
+    root, env = server["root"], server["env"]
+    log = server["base"] / "serve.log"
+    before = (root / "params.yaml").read_bytes()
+    proc = _spawn([str(BIN / "python"), "-m", "flows.serve", "--no-server"], root, log, env)
+    try:
+        deadline = time.monotonic() + 120
+        while run(
+            ["prefect", "deployment", "inspect", "imagen/cascade-train"], root, **env
+        ).returncode:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the deployment was not served within 120 s"
+            time.sleep(1)
+        start = time.monotonic()
+        result = _trigger(server)
+        seconds = time.monotonic() - start
+        assert result.returncode == 0, result.stdout[-3000:] + log.read_text()[-6000:]
+        assert "Completed" in result.stdout
+        print(f"served deployment run of the tiny cascade in the checkout: {seconds:.0f} s")
+    finally:
+        _stop_group(proc)
+
+    # the checkout's pipeline ran in the checkout: outputs and dvc.lock agree, params untouched
+    assert (root / "params.yaml").read_bytes() == before
+    assert json.loads((root / "models/base64/metrics.json").read_text())["steps"] == 2
     status = run(["dvc", "status", "--json"], root)
     assert json.loads(status.stdout) == {}, status.stdout
 
-    # one MLflow parent run created by the flow, one child per stage
     runs = _mlflow_runs(root)
     parents = [r for r in runs if r.data.tags.get("imagen.kind") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.tags["imagen.pipeline.trigger"] == "prefect"
-    assert parent.data.tags["prefect.flow_run_id"]
     assert parent.info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert {r.data.tags["imagen.stage"] for r in children} == {
+    assert _children(runs, parent) == {
         "ingest",
         "precache",
         "base64",
@@ -129,24 +186,131 @@ def test_the_deployment_runs_the_cascade_through_dvc(served: dict[str, Any]) -> 
         "evaluator",
         "evaluate",
     }
+    assert "Running stage 'train@sr1024'" in log.read_text()
 
-    # the stage output reached the Prefect run log, the summary artifact links the runs
-    log = served["log"].read_text()
-    assert "Running stage 'train@sr1024'" in log
-    artifact = _artifact(served)
-    for stage in STAGES:
-        assert stage in artifact
-    assert parent.info.run_id in artifact
-    assert "evaluate/best" in artifact or "evaluate/" in artifact
+    # the artifacts are tables: each stage with its MLflow run and report files, the metrics
+    description, rows = _tables(server, "imagen-cascade")[0]
+    assert [r["stage"] for r in rows] == STAGES
+    assert {r["dvc"] for r in rows} == {"ran"}
+    assert parent.info.run_id in description
+    assert all(r["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/") for r in rows)
+    evaluate = rows[-1]["files"].split()
+    assert (root / "reports" / "metrics.json").as_uri() in evaluate
+    assert all(Path(f.removeprefix("file://")).is_file() for f in evaluate)
+    metrics = {r["metric"]: r["value"] for r in _tables(server, "imagen-cascade-metrics")[0][1]}
+    assert metrics["train@base64/steps"] == 2
 
 
-def test_a_second_deployment_run_reuses_the_cached_stages(served: dict[str, Any]) -> None:
-    root = served["root"]
-    before = _mlflow_runs(root)
-    result = _trigger(served)
-    assert result.returncode == 0, result.stdout[-3000:]
-    new = [r for r in _mlflow_runs(root) if r.info.run_id not in {b.info.run_id for b in before}]
-    # the flow's own parent run, and no stage ran again
-    assert [r.data.tags.get("imagen.kind") for r in new] == ["pipeline"]
-    artifact = _artifact(served)
-    assert artifact.count("| cached |") == len(STAGES)
+@pytest.fixture(scope="module")
+def worker(server: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """prefect.yaml deployed to a process work pool, and a worker of that pool."""
+    root, env = server["root"], server["env"]
+    made = run(["prefect", "work-pool", "create", POOL, "--type", "process"], root, **env)
+    assert made.returncode == 0, made.stdout
+    # `prefect deploy` records the directory it runs from ({{ $PWD }} in prefect.yaml)
+    deployed = run(
+        ["prefect", "--no-prompt", "deploy", "--name", "cascade-train"], root, PWD=str(root), **env
+    )
+    assert deployed.returncode == 0, deployed.stdout[-3000:]
+    log = server["base"] / "worker.log"
+    wenv = env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
+    proc = _spawn(["prefect", "worker", "start", "--pool", POOL], root, log, wenv)
+    try:
+        yield {**server, "worker_log": log}
+    finally:
+        _stop_group(proc)
+
+
+def test_overrides_run_as_concurrent_dvc_experiments_on_a_work_pool(
+    worker: dict[str, Any],
+) -> None:
+    root, env = worker["root"], worker["env"]
+    shown = run(["prefect", "deployment", "inspect", "imagen/cascade-train"], root, **env)
+    assert POOL in shown.stdout and "set_working_directory" in shown.stdout, shown.stdout
+    before_files = _snapshot(root)
+    before_runs = {r.info.run_id for r in _mlflow_runs(root)}
+
+    cmd = ["prefect", "deployment", "run", "imagen/cascade-train", "--watch", "--param"]
+    runs = {
+        "sr1024-steps": 'overrides={"stages.sr1024.trainer.max_steps": 3}',
+        "two-scales": 'overrides={"evaluate.guidance_scales": [1, 2]}',
+    }
+    start = time.monotonic()
+    procs = {
+        name: subprocess.Popen(
+            [*cmd, p, "--param", f"experiment={name}"],
+            cwd=root,
+            env=project_env(root, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, p in runs.items()
+    }
+    outputs = {name: p.communicate(timeout=1200)[0] for name, p in procs.items()}
+    seconds = time.monotonic() - start
+    wlog = worker["worker_log"].read_text()
+    for name, p in procs.items():
+        assert p.returncode == 0, outputs[name][-3000:] + wlog[-6000:]
+        assert "Completed" in outputs[name]
+    print(f"two concurrent experiment runs on the work pool: {seconds:.0f} s")
+
+    # the checkout is byte-identical, and no copy is left behind
+    assert _snapshot(root) == before_files
+    assert (root / ".dvc/tmp/flows").is_dir() and not list((root / ".dvc/tmp/flows").iterdir())
+    worktrees = run(["git", "worktree", "list", "--porcelain"], root).stdout
+    assert worktrees.count("worktree ") == 1, worktrees
+
+    # both came back as DVC experiments with their params and metrics
+    exps = _experiments(root)
+    assert set(runs) <= set(exps), exps.keys()
+    sr = exps["sr1024-steps"]
+    assert sr["params"]["stages"]["sr1024"]["trainer"]["max_steps"] == 3
+    assert sr["metrics"]["models/sr1024/metrics.json"]["steps"] == 3
+    assert exps["two-scales"]["params"]["evaluate"]["guidance_scales"] == [1, 2]
+    assert "reports/metrics.json" in exps["two-scales"]["metrics"]
+    for name, e in sorted((n, exps[n]) for n in runs):
+        sr1024 = e["params"]["stages"]["sr1024"]["trainer"]["max_steps"]
+        steps = e["metrics"]["models/sr1024/metrics.json"]["steps"]
+        scales = e["params"]["evaluate"]["guidance_scales"]
+        print(f"dvc exp show: {name}: sr1024 max_steps {sr1024}, steps {steps}, scales {scales}")
+
+    # their MLflow runs are in the checkout's store, and overlapped in time; each experiment
+    # re-ran only the stages its change touches
+    new = [r for r in _mlflow_runs(root) if r.info.run_id not in before_runs]
+    parents = {
+        r.data.tags.get("imagen.dvc.exp_name"): r
+        for r in new
+        if r.data.tags.get("imagen.kind") == "pipeline"
+    }
+    assert set(parents) == set(runs), [r.data.tags for r in new]
+    a, b = parents["sr1024-steps"], parents["two-scales"]
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+    assert _children(new, a) == {"sr1024", "evaluate"}
+    assert _children(new, b) == {"evaluate"}
+    for parent in (a, b):
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["imagen.dvc.baseline_rev"]
+
+    tables = {
+        d.split("dvc exp apply ")[-1].strip("`"): rows
+        for d, rows in _tables(worker, "imagen-cascade")[:2]
+    }
+    assert set(tables) == set(runs), tables.keys()
+    print(json.dumps(tables["sr1024-steps"], indent=1))
+    ran = {r["stage"]: r for r in tables["sr1024-steps"] if r["dvc"] == "ran"}
+    assert set(ran) == {"train@sr1024", "evaluate"}
+    assert ran["evaluate"]["files"].endswith("/artifacts")
+    assert ran["train@sr1024"]["mlflow_run"] in ran["train@sr1024"]["files"]
+
+
+def test_a_bad_override_fails_before_any_work_naming_the_key(worker: dict[str, Any]) -> None:
+    root = worker["root"]
+    before = _snapshot(root)
+    result = _trigger(worker, 'overrides={"stages.base64.trainer.max_stepz": 3}')
+    assert result.returncode != 0
+    assert "Failed" in result.stdout, result.stdout[-3000:]
+    log = worker["worker_log"].read_text()
+    assert "max_stepz" in log, log[-4000:]
+    assert _snapshot(root) == before
+    assert run(["git", "worktree", "list", "--porcelain"], root).stdout.count("worktree ") == 1
