@@ -100,7 +100,11 @@ class TrainerConfig(_Strict):
     devices: int | Literal["auto"] = 1
     num_nodes: int = Field(1, gt=0)
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="auto: one device, else DDP; ddp: DDP (weights replicated); fsdp: FSDP2, "
+        "the UNet, its EMA, gradients and AdamW state sharded over the ranks (for 2b_res_64)",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,
@@ -256,6 +260,22 @@ class StageConfig(_Strict):
                 f"{key}.resolution: {p.resolution} must be smaller than the UNet's image_size "
                 f"{size}, divide it, and be a multiple of {step} (its {levels} levels halve it "
                 f"{levels - 1} times)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_supported(self) -> StageConfig:
+        if self.trainer.strategy != "fsdp":
+            return self
+        if self.trainer.precision in ("16", "16-mixed"):
+            raise ValueError(
+                f"trainer.strategy fsdp with trainer.precision {self.trainer.precision}: fp16's "
+                "gradient scaler is not supported on sharded gradients; use bf16 or 32"
+            )
+        if self.model.inductor:
+            raise ValueError(
+                "trainer.strategy fsdp with model.inductor true: compiling a sharded UNet is "
+                "not supported; set model.inductor false"
             )
         return self
 

@@ -21,7 +21,7 @@ from imagen.config import StageConfig
 from imagen.mlops.tracking import StageRun
 from imagen.train.grids import SampleGrid
 from imagen.train.heldout import HeldoutLoss
-from imagen.train.module import ImagenStage
+from imagen.train.module import ImagenStage, full_tensor, local_shard
 
 
 class DeviceMean:
@@ -141,7 +141,9 @@ class Progress(Callback):
                 self.run.log_metrics(metrics, step=step)
             self.log_heldout(trainer)
             self._images, self._t_last = 0, now
-        if self.grid is not None and step % self.stage.trainer.sample_every_n_steps == 0:
+        grid_every = self.stage.trainer.sample_every_n_steps
+        sharded = getattr(pl_module, "sharded", False)  # every rank gathers rank zero's EMA
+        if (self.grid is not None or sharded) and step % grid_every == 0:
             self.sample(trainer, pl_module)
 
     def measure_heldout(self, trainer: pl.Trainer, pl_module: ImagenStage, step: int) -> None:
@@ -184,8 +186,15 @@ class Progress(Callback):
 
     def sample(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
         t0 = time.perf_counter()
-        if trainer.is_global_zero and self.grid is not None:
-            self.grid.write(pl_module, trainer.global_step, self.out, self.run)
+        held = getattr(pl_module, "sharded", False) and pl_module._ema_full is None
+        if held:  # a collective: every rank comes here at the same steps
+            pl_module.hold_full_ema(pl_module.ema_state_dict())
+        try:
+            if trainer.is_global_zero and self.grid is not None:
+                self.grid.write(pl_module, trainer.global_step, self.out, self.run)
+        finally:
+            if held:
+                pl_module.hold_full_ema(None)
         self._t_last += time.perf_counter() - t0  # sampling is not training time
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: ImagenStage) -> None:
@@ -199,8 +208,8 @@ def weights_digest(module: torch.nn.Module) -> str:
     """A short hash of a module's weights (ranks of a DDP run must agree)."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
+        h.update(k.encode())  # sharded: the whole tensor (a collective: every rank calls it)
+        h.update(full_tensor(v.detach()).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -227,6 +236,11 @@ class KeyRecorder(Callback):
             "keys": self.keys,
             "weights": weights_digest(pl_module.net),
             "ema_weights": weights_digest(pl_module.ema.module),
+            # the parameters this rank holds: all of them, or its shard (trainer.strategy fsdp)
+            "parameters_held": sum(local_shard(p).numel() for p in pl_module.net.parameters()),
+            "ema_parameters_held": sum(
+                local_shard(p).numel() for p in pl_module.ema.module.parameters()
+            ),
         }
         path.write_text(json.dumps(info, indent=1))
 

@@ -73,7 +73,9 @@ def update_ema(
                 [*net.parameters(), *net.buffers()], strict=True)  # fmt: skip
     floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for e, p in pairs:
-        p = p.detach().to(e.device)
+        # sharded (trainer.strategy fsdp): the EMA of this rank's shard, shard by shard
+        e, p = local_shard(e), local_shard(p.detach())
+        p = p.to(e.device)
         if e.is_floating_point() and e.dtype == p.dtype:
             floats[0].append(e.detach())
             floats[1].append(p)
@@ -90,6 +92,54 @@ def update_ema(
         w = weight.to(dtype)
         torch._foreach_lerp_(es, ps, [w.expand_as(e) for e in es])
     n.add_(1 if skip is None else (~skip).to(n.dtype))
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (``DTensor``) tensor, a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (``DTensor``) tensor, gathered from every rank (a collective:
+    every rank calls it), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def broadcast_from_zero(*modules: torch.nn.Module, device: torch.device) -> None:
+    """Give every rank rank zero's parameters and buffers, one tensor at a time through
+    ``device`` (NCCL broadcasts device tensors only)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            buf = t.detach().to(device)
+            dist.broadcast(buf, src=0)
+            t.detach().copy_(buf)
+
+
+def shard_unet(net: torch.nn.Module, mesh: Any) -> None:
+    """FSDP2 (``fully_shard``) over ``mesh``: each block of the UNet's block lists is a unit
+    (its weights gathered for its forward and backward, freed after), the UNet the root unit.
+    Parameters become ``DTensor`` shards; state-dict keys do not change."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [
+        block
+        for lst in net.modules()
+        if isinstance(lst, torch.nn.ModuleList)
+        for block in lst
+        if not isinstance(block, torch.nn.ModuleList) and any(True for _ in block.parameters())
+    ]
+    for block in reversed(blocks):  # inner units before the units holding them
+        fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
 
 
 def unused_parameters(net: torch.nn.Module) -> list[str]:
@@ -158,6 +208,8 @@ class ImagenStage(pl.LightningModule):
         self._nonfinite: torch.Tensor | None = None
         self._step: torch.Tensor | None = None
         self._read_at = -1  # the step of the last check_nonfinite read
+        self.sharded = False  # trainer.strategy fsdp: UNet and EMA sharded (configure_model)
+        self._ema_full: torch.nn.Module | None = None  # a gathered EMA UNet (rank zero)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -183,6 +235,19 @@ class ImagenStage(pl.LightningModule):
                 lowres = lowres.contiguous(memory_format=torch.channels_last)
             cond.update(sr_condition(lowres, self.stage.model, training=True))
         return cond
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp`` shard the UNet and its EMA alike (FSDP2 over the
+        data-parallel ranks): each rank keeps and averages its own shard of both."""
+        if self.sharded or self.stage.trainer.strategy != "fsdp":
+            return
+        mesh = self.device_mesh["data_parallel"]
+        # every rank built its own random initialisation (seeded by its rank): rank zero's is
+        # the one (DDP broadcasts it when it wraps the model; fully_shard does not)
+        broadcast_from_zero(self.net, self.ema.module, device=self.trainer.strategy.root_device)
+        shard_unet(self.net, mesh)
+        shard_unet(self.ema.module, mesh)
+        self.sharded = True
 
     def on_train_start(self) -> None:
         self._nonfinite = torch.tensor([0.0, -1.0, 0.0, 0.0], device=self.device)
@@ -226,7 +291,7 @@ class ImagenStage(pl.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        self._norm = norm.detach().float()
+        self._norm = full_tensor(norm.detach()).float()  # sharded: all-reduced
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         if scaler is None:  # fp16's loss scaler skips non-finite gradients itself
@@ -349,10 +414,34 @@ class ImagenStage(pl.LightningModule):
         self.skipped_nonfinite = self._skipped_before = saved
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA UNet's weights, keyed like the UNet itself."""
+        """The EMA UNet's weights, keyed like the UNet itself. Sharded, the whole weights
+        gathered on rank zero (a collective: every rank calls it; the others get ``{}``)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.ema.module, options=options)
         return {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
 
+    def hold_full_ema(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Sharded: sample from an unsharded EMA UNet built from ``state`` (gathered by
+        :meth:`ema_state_dict`) on this rank alone, until called with None."""
+        if not state:
+            self._ema_full = None
+            return
+        from imagen.nn import build_unet
+
+        net = build_unet(self.stage.model)
+        net.load_state_dict(state)
+        self._ema_full = net.to(self.device).requires_grad_(False)
+
     def ema_denoiser(self) -> torch.nn.Module:
+        """The EMA weights in their preconditioning. Sharded, a collective on every rank
+        unless :meth:`hold_full_ema` gave this rank the whole EMA."""
         from imagen.diffusion.denoiser import build_denoiser
 
-        return build_denoiser(self.stage.model, self.ema.module).eval()
+        net = self._ema_full if self._ema_full is not None else self.ema.module
+        return build_denoiser(self.stage.model, net).eval()

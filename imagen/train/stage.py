@@ -174,23 +174,27 @@ def train_stage(
         final = out / "checkpoints" / LAST_CKPT
         # the final state, also when max_steps was already reached before this run
         trainer.save_checkpoint(final, weights_only=False)
+        ema = module.ema_state_dict()  # sharded: gathered on rank zero (every rank calls it)
         if not trainer.is_global_zero:
             return {}
+        module.hold_full_ema(ema if module.sharded else None)
         if progress.grid is not None and progress.start_step < trainer.global_step:
             progress.sample(trainer, module)
-        return _finish(stage, out, module, trainer, progress, run, time.perf_counter() - wall0)
+        wall = time.perf_counter() - wall0
+        return _finish(stage, out, module, ema, trainer, progress, run, wall)
 
 
 def _finish(
     stage: StageConfig,
     out: Path,
     module: ImagenStage,
+    ema: dict[str, Any],
     trainer: pl.Trainer,
     progress: Progress,
     run: StageRun,
     wall: float,
 ) -> dict[str, Any]:
-    """Write model.pt, metrics.json and loss.csv; log them to the run."""
+    """Write model.pt (``ema``: the EMA weights), metrics.json and loss.csv; log them."""
     from imagen.nn import count_parameters
 
     losses = [v for _, v in progress.history[-5:]]
@@ -211,7 +215,7 @@ def _finish(
         metrics["heldout_loss"] = progress.heldout_last["heldout/loss"]
         metrics["heldout_loss_step"] = int(progress.heldout_last["step"])
     extra = {"metrics": metrics, "mlflow_run_id": run.run_id}
-    save_stage(out, stage, module.ema_state_dict(), step=trainer.global_step, extra=extra)
+    save_stage(out, stage, ema, step=trainer.global_step, extra=extra)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_loss_csv(out / "loss.csv", progress.history)
     numbers = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}

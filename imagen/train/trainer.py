@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.strategies import ModelParallelStrategy, Strategy
 
 from imagen.config import StageConfig
 from imagen.train.callbacks import StepBar
@@ -42,6 +43,21 @@ def tf32(allow: bool | None) -> Iterator[None]:
         matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
+class ShardedDataParallel(ModelParallelStrategy):
+    """``trainer.strategy: fsdp``: FSDP2 (``fully_shard``) over every rank, no tensor
+    parallelism; the module shards itself in ``configure_model``. Checkpoints are whole
+    (gathered on rank zero into one file, like DDP's), so resume checks, the keeping rule and
+    a resume under another strategy or number of ranks work as they do unsharded."""
+
+    def __init__(self) -> None:
+        super().__init__(save_distributed_checkpoint=False)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
 def build_trainer(
     stage: StageConfig,
     out: Path,
@@ -55,9 +71,11 @@ def build_trainer(
     quiet_lightning()
     t = stage.trainer
     distributed = (t.devices == "auto" or int(t.devices) > 1) or t.num_nodes > 1
-    strategy = t.strategy
+    strategy: str | Strategy = t.strategy
     if strategy == "auto" and distributed:
         strategy = "ddp"
+    elif strategy == "fsdp":
+        strategy = ShardedDataParallel()
     folder = out / "checkpoints"
     terminal = sys.stderr.isatty() if terminal is None else terminal
     bar: list[Callback] = [StepBar()] if terminal else []
