@@ -237,6 +237,16 @@ def show(params: Params, *, uri: str | None = None) -> list[dict[str, str]]:
     from imagen.mlops.registry import CASCADE_MODEL
 
     client = _client(uri or tracking_uri(params))
+    # search_model_versions leaves a version's aliases empty: read them from the model
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(CASCADE_MODEL)
+    except MlflowException:
+        return []  # nothing registered yet
+    aliases: dict[str, list[str]] = {}
+    for alias, version in model.aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
     for mv in sorted(client.search_model_versions(f"name = '{CASCADE_MODEL}'"),
                      key=lambda v: -int(v.version)):  # fmt: skip
@@ -244,7 +254,7 @@ def show(params: Params, *, uri: str | None = None) -> list[dict[str, str]]:
         rows.append(
             {
                 "version": str(mv.version),
-                "aliases": ",".join(mv.aliases),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                 "selection": f"{ev.metric} {ev.value:.4f}" if ev else "",
                 "experiment": mv.tags.get("imagen.dvc.exp_name", ""),
                 "description": (mv.description or "").splitlines()[0] if mv.description else "",
