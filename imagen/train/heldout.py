@@ -43,7 +43,7 @@ class HeldoutLoss:
         self.available = self.cfg.num > 0
 
     def _load(self, device: torch.device) -> None:
-        from imagen.data.loader import OnlineEncoding, collate, make_dataset
+        from imagen.data.loader import OnlineEncoding, collate, finish_batch, make_dataset
 
         try:
             data = make_dataset(self.params, self.stage, "holdout", epochs=1, train=False)
@@ -62,7 +62,8 @@ class HeldoutLoss:
                 raise ConfigError(f"keep.monitor heldout/loss: no held-out samples ({why})")
             warnings.warn(f"held-out loss off: {why}", RuntimeWarning, stacklevel=3)
             return
-        batch = collate(examples)
+        # as the training step reads a batch: images in [-1, 1], text padded to token_length
+        batch = finish_batch(collate(examples), self.stage.model.conditioning.token_length)
         if "text_embed" not in batch:
             batch = OnlineEncoding(self.params)(batch, device="cpu")
         keep = ("image", "lowres", "text_embed", "text_mask")
