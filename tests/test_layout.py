@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("imagen.presets", "imagen.images", "imagen.mlops"),  # plain data, image helpers; a map
     ("imagen.config",),  # typed params.yaml
     ("imagen.embedded",),  # the synthetic captioned world and its evaluator
-    ("imagen.text", "imagen.nn", "imagen.diffusion", "imagen.mlops.client"),
+    ("imagen.text", "imagen.nn", "imagen.diffusion", "imagen.mlops.client", "imagen.progress"),
     ("imagen.mlops.parent",),  # one MLflow parent run per pipeline execution
     ("imagen.mlops.tracking",),  # one MLflow child run per stage
     ("imagen.checkpoint", "imagen.data"),  # stage model files; ingest, precache, loading

@@ -138,7 +138,7 @@ def _eval_loss(net: torch.nn.Module, stage: StageConfig, batch: dict[str, Any]) 
 def test_cli_trains_base_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from imagen.data.loader import holdout_batches
+    from imagen.data.holdout import holdout_batches
     from imagen.nn import build_unet
 
     params = make_project(tmp_path)

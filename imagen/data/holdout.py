@@ -8,6 +8,7 @@ grammar names so the evaluator can score agreement attribute by attribute.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from imagen.config import ConfigError, Params
-from imagen.data.loader import pick_image
+from imagen.config import ConfigError, Params, StageConfig
+from imagen.data.loader import OnlineEncoding, add_nemo_keys, collate, make_dataset, pick_image
 
 
 @dataclass
@@ -106,3 +107,30 @@ def load_holdout(params: Params, num: int, resolution: int) -> HeldOut:
     if not captions:
         raise ConfigError(f"evaluate: no held-out samples found ({pattern} holds none)")
     return HeldOut(captions, attrs, torch.stack(images), source)
+
+
+def holdout_batches(
+    params: Params, n: int, stage: str | StageConfig = "base64", batch_size: int | None = None
+) -> list[dict[str, Any]]:
+    """The first ``n`` held-out examples (center crops, file order) as batches, for evaluation.
+
+    Each batch has the training keys (text features included, encoded on the fly when
+    ``online_encoding``) plus ``attributes`` (from the sample metadata, for the embedded set).
+    """
+    st = params.stage(stage) if isinstance(stage, str) else stage
+    ds = make_dataset(params, st, "holdout", epochs=1, train=False)
+    online = OnlineEncoding(params) if params.conditioning.online_encoding else None
+    size = batch_size or n
+    examples = []
+    for s, ex in itertools.islice(ds.decoded(), n):
+        meta = json.loads(s["json"]) if "json" in s else {}
+        ex["attributes"] = meta.get("attributes", {})
+        examples.append(ex)
+    out_key = params.conditioning.out_key
+    length = params.conditioning.token_length
+    batches = [
+        collate(examples[i : i + size], out_key, length) for i in range(0, len(examples), size)
+    ]
+    if online:
+        batches = [add_nemo_keys(online(b), out_key) for b in batches]
+    return batches

@@ -39,7 +39,8 @@ training batch: ``image`` (B,3,C,C) and ``lowres`` (B,3,c,c) float32 in [-1, 1],
 normalising and padding in the worker), ``caption`` and ``key`` lists; the same two text
 tensors also under NeMo's names ``<out_key>_embeddings`` and ``<out_key>_mask``
 (``model.conditioning.out_key``, e.g. ``t5_text_embeddings``; added by the data module after
-the device transfer, so the device holds one copy, and by :func:`holdout_batches`).
+the device transfer, so the device holds one copy, and by
+:func:`imagen.data.holdout.holdout_batches`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import os
 import random
 import warnings
@@ -461,40 +461,12 @@ class ImagenDataModule(pl.LightningDataModule):
         return add_nemo_keys(batch, self.params.conditioning.out_key)
 
 
-def holdout_batches(
-    params: Params, n: int, stage: str | StageConfig = "base64", batch_size: int | None = None
-) -> list[dict[str, Any]]:
-    """The first ``n`` held-out examples (center crops, file order) as batches, for evaluation.
-
-    Each batch has the training keys (text features included, encoded on the fly when
-    ``online_encoding``) plus ``attributes`` (from the sample metadata, for the embedded set).
-    """
-    st = params.stage(stage) if isinstance(stage, str) else stage
-    ds = make_dataset(params, st, "holdout", epochs=1, train=False)
-    online = OnlineEncoding(params) if params.conditioning.online_encoding else None
-    size = batch_size or n
-    examples = []
-    for s, ex in itertools.islice(ds.decoded(), n):
-        meta = json.loads(s["json"]) if "json" in s else {}
-        ex["attributes"] = meta.get("attributes", {})
-        examples.append(ex)
-    out_key = params.conditioning.out_key
-    length = params.conditioning.token_length
-    batches = [
-        collate(examples[i : i + size], out_key, length) for i in range(0, len(examples), size)
-    ]
-    if online:
-        batches = [add_nemo_keys(online(b), out_key) for b in batches]
-    return batches
-
-
 __all__ = [
     "ImagenDataModule",
     "StageBatches",
     "add_nemo_keys",
     "collate",
     "finish_batch",
-    "holdout_batches",
     "make_dataset",
     "normalise",
     "progressive_batch",

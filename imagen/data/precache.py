@@ -44,8 +44,6 @@ fly; precache still builds/checks the encoder and records it, so training finds 
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,24 +51,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from imagen.config import ConditioningConfig, ConfigError, DataConfig, Params
-from imagen.data.nemo_format import PICKLE_MEMBER, BadRecord, encodings_pickle, read_encodings
+from imagen.data.encode_shard import FORMATS, encode_shard, is_nemo_shard, shard_name
+from imagen.data.nemo_format import PICKLE_MEMBER
 from imagen.data.parts import Part
-from imagen.data.shards import store_tar
-from imagen.data.storage import Store, iter_samples, local_file, sha256
+from imagen.data.ranks import ranks_dir, resolve_device, wait_for_ranks, world_from_env
+from imagen.data.storage import Store, local_file, sha256
 from imagen.progress import interval as progress_interval
 from imagen.progress import progress as progress_bar
 from imagen.text import (
     TextEncoder,
-    default_device,
     encoder_dtype,
     encoder_fingerprint,
     load_text_encoder,
     record_external_encoder,
-    to_storage,
 )
 
 
@@ -86,108 +80,6 @@ def input_shards(data: DataConfig) -> list[str]:
             "run `imagen ingest` first"
         )
     return shards
-
-
-def _name(shard: str) -> str:
-    """A shard's file name (of a path or a URL)."""
-    return shard.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-FORMATS: tuple[str, ...] = ("project", "nemo")  # <key>.npy, or NeMo's <key>.pickle
-
-
-def _read_samples(src: str) -> list[dict[str, Any]]:
-    out = []
-    for s in iter_samples([src]):
-        out.append({k: v for k, v in s.items() if not k.startswith("_") or k == "__key__"})
-    return out
-
-
-def is_nemo_shard(src: str) -> bool:
-    """Whether a shard's first sample carries NeMo's precached ``pickle`` member."""
-    for s in iter_samples([src]):
-        return PICKLE_MEMBER in s
-    return False
-
-
-def _store(emb: np.ndarray, cond: ConditioningConfig, fmt: str) -> tuple[str, bytes]:
-    """(member name, bytes) of one caption's unpadded embeddings in ``fmt``."""
-    if fmt == "nemo":
-        dtype = "float32" if cond.storage_dtype == "bfloat16" else cond.storage_dtype
-        return PICKLE_MEMBER, encodings_pickle(emb.astype(dtype), cond.precached_key)
-    return f"{cond.precached_key}.npy", _npy_bytes(to_storage(emb, cond.storage_dtype))
-
-
-def _check_nemo(
-    samples: list[dict[str, Any]], cond: ConditioningConfig
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """Split samples into (kept, to encode) and count NeMo's precached ones; bad ones are
-    dropped into ``stats["bad"]`` entries with their reason."""
-    kept, todo, bad = [], [], []
-    stats = {"tokens": 0, "embedding_bytes": 0, "nemo_precached": 0}
-    for s in samples:
-        if PICKLE_MEMBER not in s:
-            todo.append(s)
-            kept.append(s)
-            continue
-        try:
-            emb = read_encodings(s[PICKLE_MEMBER], cond.precached_key, cond.embed_dim)
-        except BadRecord as e:
-            bad.append({"key": s["__key__"], "reason": e.reason, "detail": e.detail})
-            continue
-        stats["tokens"] += emb.shape[0]
-        stats["embedding_bytes"] += len(s[PICKLE_MEMBER])
-        stats["nemo_precached"] += 1
-        kept.append(s)
-    return kept, todo, {**stats, "bad": bad}  # type: ignore[dict-item]
-
-
-def encode_shard(
-    src: str,
-    dst: tuple[Store, str],
-    encoder: TextEncoder | Callable[[], TextEncoder],
-    cond: ConditioningConfig,
-    batch_size: int,
-    on_batch: Callable[[int], Any] = lambda n: None,
-    fmt: str = "project",
-) -> dict[str, Any]:
-    """Copy one shard's samples to ``dst`` (a folder and a name) adding their embeddings in
-    ``fmt``; returns stats.
-
-    Samples that carry NeMo's precached pickle are checked and kept as they are (bad ones are
-    left out and listed under ``bad_records``); ``encoder`` may be a callable that loads it, so
-    a shard of NeMo samples only never loads T5.
-    """
-    kept, todo, stats = _check_nemo(_read_samples(src), cond)
-    on_batch(len(kept) - len(todo) + len(stats["bad"]))
-    captions = []
-    for s in todo:
-        if "txt" not in s:
-            raise ConfigError(f"{src}: sample {s['__key__']!r} has no caption (.txt)")
-        captions.append(s["txt"].decode("utf-8"))
-    if todo and callable(encoder) and not isinstance(encoder, TextEncoder):
-        encoder = encoder()
-    # sorted by length, each batch padded to its longest caption; results in sample order
-    embs = encoder.encode_sorted(captions, batch_size, on_batch) if todo else []  # type: ignore[union-attr]
-    for s, emb in zip(todo, embs, strict=True):
-        name, blob = _store(emb, cond, fmt)
-        s[name] = blob
-        stats["tokens"] += emb.shape[0]
-        stats["embedding_bytes"] += len(blob)
-    info = store_tar(*dst, kept)
-    info.update(
-        tokens=stats["tokens"],
-        embedding_bytes=stats["embedding_bytes"],
-        nemo_precached=stats["nemo_precached"],
-        bad_records=stats["bad"],
-    )
-    return info
 
 
 def _encoder_record(cond: ConditioningConfig, encoder: TextEncoder) -> dict[str, Any]:
@@ -217,39 +109,6 @@ def _finished(out: Store, side: str, in_hash: str, expect: dict[str, Any]) -> di
     return prev if same else None
 
 
-def world_from_env() -> tuple[int, int]:
-    """(rank, world size) of this process: torchrun's ``RANK`` / ``WORLD_SIZE``, or SLURM's
-    ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` (a task of ``srun``); else (0, 1)."""
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
-        if not os.environ.get(w):
-            continue
-        try:
-            rank, world = int(os.environ.get(r, "0")), int(os.environ[w])
-        except ValueError as e:
-            raise ConfigError(f"{r} / {w}: not integers ({e})") from e
-        if not 0 <= rank < world:
-            raise ConfigError(f"{r}: {rank} is not a rank of {w} {world}")
-        return rank, world
-    return 0, 1
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: auto (None) is CUDA when present, else the CPU; a bare ``cuda`` is the
-    local rank's GPU under torchrun / srun. A device this machine lacks is a ConfigError."""
-    if name in (None, "auto"):
-        return torch.device(default_device())
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"precache --device: {name!r} is not a torch device ({e})") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"precache --device: {name!r}, but no CUDA device is visible")
-        if dev.index is None:
-            dev = torch.device(default_device())
-    return dev
-
-
 @dataclass
 class _Shard:
     """An input shard, its hash, and its side-car when it was finished before this run."""
@@ -260,13 +119,13 @@ class _Shard:
 
     @property
     def name(self) -> str:
-        return _name(self.src)
+        return shard_name(self.src)
 
 
 def _plan(shards: list[str], out: Store, expect: dict[str, Any]) -> list[_Shard]:
     plan = []
     for src in shards:
-        name, in_hash = _name(src), sha256(src)
+        name, in_hash = shard_name(src), sha256(src)
         prev = _finished(out, f"{name}.json", in_hash, expect) if out.exists(name) else None
         plan.append(_Shard(src, in_hash, prev))
     return plan
@@ -290,31 +149,6 @@ def _encode_one(
     return entry
 
 
-def _ranks_dir(out: Store) -> Store:
-    """Where the ranks of one launch report their shards to rank 0 (removed after it)."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not run and os.environ.get("SLURM_JOB_ID"):
-        run = f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
-    return out.sub(".ranks").sub(run or "run")
-
-
-def _wait_for_ranks(out: Store, world: int, log: Callable[[str], Any]) -> dict[str, Any]:
-    """Rank 0: the shard entries of every other rank of this launch, once each has reported."""
-    folder = _ranks_dir(out)
-    files = [f"rank-{r}.json" for r in range(1, world)]
-    if not all(folder.exists(f) for f in files):
-        log(f"precache rank 0/{world}: waiting for the other ranks to finish their shards")
-    while not all(folder.exists(f) for f in files):
-        time.sleep(0.5)
-    done: dict[str, Any] = {}
-    for f in files:
-        done.update(folder.read_json(f))
-    folder.remove_all()
-    if not out.sub(".ranks").list():
-        out.sub(".ranks").remove_all()
-    return done
-
-
 _STAND_IN_NOTE = (
     "precache: note: your captions are encoded by the project's own small random T5, a "
     "stand-in that knows no language; for a pretrained encoder set "
@@ -328,7 +162,7 @@ def _no_encoder() -> TextEncoder:
 
 
 def _remove_stale(out: Store, shards: list[str]) -> None:
-    names = {_name(s) for s in shards}
+    names = {shard_name(s) for s in shards}
     for old in out.list("*.tar"):
         if old not in names:  # shards of an earlier ingest that no longer exist
             out.remove(old)
@@ -499,12 +333,12 @@ def precache(
     if world > 1:
         log(f"{label}: {len(todo)} shards, {encoded} captions encoded at {rate:.1f} captions/s")
     if rank != 0:
-        _ranks_dir(out).mkdir()
-        _ranks_dir(out).write_json(f"rank-{rank}.json", done)
+        ranks_dir(out).mkdir()
+        ranks_dir(out).write_json(f"rank-{rank}.json", done)
         return {"rank": rank, "world": world, "shards": sorted(done), "captions_per_s": rate}
     if world > 1:
-        done.update(_wait_for_ranks(out, world, log))
-    results = [done[_name(s)] for s in selected]
+        done.update(wait_for_ranks(out, world, log))
+    results = [done[shard_name(s)] for s in selected]
     if part is not None:
         return _part_message(part, results, encoded, elapsed, out, log)
     _remove_stale(out, shards)

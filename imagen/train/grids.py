@@ -42,7 +42,7 @@ class SampleGrid:
             encoder = load_text_encoder(stage.model.conditioning)
             self.text_embed, self.text_mask = encoder.encode(self.captions)
             return
-        from imagen.data.loader import holdout_batches
+        from imagen.data.holdout import holdout_batches
 
         try:
             batches = holdout_batches(params, n, stage)
