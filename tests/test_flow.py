@@ -48,10 +48,11 @@ def _spawn(cmd: list[str], root: Path, log: Path, env: dict[str, str]) -> subpro
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
+    """A worker stops on SIGINT (Ctrl-C); SIGKILL after 10 s (it keeps nothing of its own)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
