@@ -23,12 +23,12 @@ from PIL import Image
 from tiny import TINY_TEXT
 
 from imagen.config import ConfigError, Params, deep_merge, resolve_params
+from imagen.data.holdout import holdout_batches
 from imagen.data.ingest import ingest
 from imagen.data.loader import (
     BadRecordWarning,
     ImagenDataModule,
     collate,
-    holdout_batches,
     make_dataset,
 )
 from imagen.data.nemo_format import BadRecord, read_encodings, safe_loads
