@@ -33,9 +33,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # Every test, slow and integration ones included (a tiny end-to-end `dvc repro`, a real
-# Prefect server + deployment run); the slowest are listed at the end.
+# Prefect server + deployment run); the slowest are listed at the end. TEST_WORKERS pytest-xdist
+# workers share the cores, a test file each at a time (its module fixtures are built once).
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Set-up + `dvc repro` of the whole cascade on the embedded default, under one MLflow parent
 # run, with a per-stage timing summary. A second `make demo` with nothing changed takes seconds.

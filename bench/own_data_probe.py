@@ -12,6 +12,7 @@ Measured without any trained evaluator, on plain pixels, so it can check the eva
 
     python bench/own_data_probe.py                       # in a project that ran `dvc repro`
     python bench/own_data_probe.py --guidance 1 2 3 --n 64 --params params.yaml
+    python bench/own_data_probe.py --guidance 2 --grid own.png   # generated | real, 16 captions
 
 Prints one table row per guidance scale; appends them to ``bench/results/own_data.jsonl``.
 """
@@ -64,6 +65,12 @@ def main() -> None:
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", "-S", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--grid",
+        default=None,
+        help="write a picture of the first 16 captions: generated (at the first --guidance) "
+        "beside the caption's real image",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -99,6 +106,12 @@ def main() -> None:
             batch_size=32,
         )["base64"]
         fake = to_uint8(gen)
+        if args.grid and w == args.guidance[0]:
+            from imagen.train.grids import grid_image
+
+            k = min(16, len(pick))
+            reals = real[pick[:k]].float() / 127.5 - 1  # uint8 -> [-1, 1]
+            grid_image([gen[:k].float(), reals], prompts[:k], cols=4).save(args.grid)
         f16 = pix16(fake)
         ranks = own_image_ranks(f16, real16, pick)
         row = {

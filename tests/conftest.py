@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 from imagen.cli import OFFLINE_ENV
 
@@ -11,8 +14,11 @@ for _k, _v in OFFLINE_ENV.items():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny import CORES  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs 2 workers) the workers share the cores; tiny.env gives
+# the `imagen` subprocesses a test starts the same share.
+torch.set_num_threads(CORES)
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +33,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One real Prefect server on 127.0.0.1 for the whole session (started with flows/serve.py's
+    own functions, stopped by pid): starting one costs ~30 s on this CPU. Yields the client
+    settings (PREFECT_HOME, PREFECT_API_URL) a flow run or a CLI call needs."""
+    from flows.serve import prefect_env, start_server, stop, wait_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home: Path = tmp_path_factory.mktemp("prefect-home")
+    env = prefect_env(port, home) | {"PREFECT_UI_ENABLED": "false"}
+    proc = start_server(port, env)
+    try:
+        wait_healthy(env["PREFECT_API_URL"], proc=proc)
+        yield {"PREFECT_HOME": env["PREFECT_HOME"], "PREFECT_API_URL": env["PREFECT_API_URL"]}
+    finally:
+        stop(proc)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

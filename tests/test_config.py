@@ -188,6 +188,32 @@ def test_tokenizer_and_token_length_follow_the_data_source():
     assert (cond.encoder.tokenizer, cond.token_length) == ("byt5", 40)
 
 
+def test_encoder_path_auto_picks_the_built_t5_or_minilm_from_the_data_source():
+    """params.yaml's encoder_path auto: the word T5 built here for the embedded captions; the
+    packaged pretrained all-MiniLM-L6-v2 (384 wide, 32 tokens) for a folder or webdataset,
+    unless encoder.tokenizer or embed_dim asks for the built encoder; precache prints why."""
+    from imagen.config.encoders import MINILM
+
+    shipped = ROOT / "params.yaml"
+    assert yaml.safe_load(shipped.read_text())["model"]["conditioning"]["encoder_path"] == "auto"
+    embedded = load_params(shipped).conditioning
+    assert (embedded.encoder_path, embedded.encoder.tokenizer) == ("data/encoder", "word")
+    assert (embedded.embed_dim, embedded.token_length, embedded._chosen) == (256, 24, None)
+    own = ["data.source=folder", "data.source_path=photos"]
+    for source in ("folder", "webdataset"):
+        params = load_params(shipped, [f"data.source={source}", "data.source_path=photos"])
+        for stage in params.stages.values():
+            cond = stage.model.conditioning
+            assert (cond.encoder_path, cond.embed_dim, cond.token_length) == (MINILM, 384, 32)
+            assert "all-MiniLM-L6-v2" in cond._chosen and "encoder.tokenizer" in cond._chosen
+    byt5 = load_params(shipped, [*own, "model.conditioning.encoder.tokenizer=byt5"]).conditioning
+    assert (byt5.encoder_path, byt5.embed_dim, byt5.token_length) == ("data/encoder", 256, 128)
+    width = load_params(shipped, [*own, "model.conditioning.embed_dim=256"]).conditioning
+    assert (width.encoder_path, width.encoder.tokenizer) == ("data/encoder", "byt5")
+    longer = load_params(shipped, [*own, "model.conditioning.token_length=64"]).conditioning
+    assert (longer.encoder_path, longer.token_length) == (MINILM, 64)
+
+
 def test_preset_applies_and_explicit_keys_override_it():
     params = resolve_params(base({"unet": {"embed_dim": 24, "attention_type": "cross"}}))
     unet = params.stages["base64"].model.unet

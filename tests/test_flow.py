@@ -1,5 +1,5 @@
-"""The Prefect flow imagen/cascade-train on one real Prefect server on 127.0.0.1 (started here
-with flows/serve.py's own functions, stopped by pid): served with the documented command
+"""The Prefect flow imagen/cascade-train on one real Prefect server on 127.0.0.1 (the session's,
+tests/conftest.py): served with the documented command
 (`python -m flows.serve`, what `make prefect` runs) for a run in the checkout, then deployed
 from prefect.yaml to a process work pool (`prefect deploy`, `prefect worker start`) for two
 concurrent runs with overrides, each a DVC experiment in an isolated copy that leaves the
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,19 +20,12 @@ import pytest
 from tiny import BIN, copy_project, run
 from tiny import env as project_env
 
-from flows.serve import prefect_env, start_server, stop, wait_healthy
 from imagen.mlops.pipeline import DVC_STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
 STAGES = list(DVC_STAGES)
 POOL = "imagen"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(cmd: list[str], root: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -59,23 +51,13 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One Prefect server for the module, and a tiny project (a git copy of the repository)."""
+def server(
+    prefect_server: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The session's Prefect server, and a tiny project (a git copy of the repository)."""
     base = tmp_path_factory.mktemp("flow")
     root = copy_project(base / "repo")
-    port = _free_port()
-    env = prefect_env(port, base / "prefect-home") | {"PREFECT_UI_ENABLED": "false"}
-    proc = start_server(port, env)
-    try:
-        wait_healthy(env["PREFECT_API_URL"], proc=proc)
-        client_env = {
-            "PREFECT_HOME": env["PREFECT_HOME"],
-            "PREFECT_API_URL": env["PREFECT_API_URL"],
-            "PREFECT_LOGGING_LEVEL": "INFO",
-        }
-        yield {"root": root, "base": base, "env": client_env}
-    finally:
-        stop(proc)
+    return {"root": root, "base": base, "env": {**prefect_server, "PREFECT_LOGGING_LEVEL": "INFO"}}
 
 
 def _trigger(server: dict[str, Any], *params: str) -> subprocess.CompletedProcess:

@@ -100,9 +100,11 @@ def test_precache_parts_then_the_stage_writes_the_manifest(tmp_path: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_flow_maps_ingest_parts_over_a_dask_cluster(tmp_path: Path) -> None:
+def test_the_flow_maps_ingest_parts_over_a_dask_cluster(
+    tmp_path: Path, prefect_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("prefect_dask")
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.parts import map_parts
 
@@ -114,7 +116,9 @@ def test_the_flow_maps_ingest_parts_over_a_dask_cluster(tmp_path: Path) -> None:
         write_params(raw, tmp_path / name / "params.yaml")
     one = resolve_params(raw).data
     ingest(one.model_copy(update={"shards_dir": str(tmp_path / "one/data/shards")}), **QUIET)
-    with prefect_test_harness(server_startup_timeout=120):
+    for k, v in prefect_server.items():  # the session's real server on 127.0.0.1
+        monkeypatch.setenv(k, v)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
         done = map_parts("ingest", str(tmp_path / "dask"), 3, dask="local")
     assert sorted(d["part"] for d in done) == [0, 1, 2]
     res = imagen(tmp_path / "dask", "ingest", "--no-progress")  # what `dvc repro ingest` runs

@@ -50,7 +50,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("pipeline")
     folder = write_caption_folder(base / "my-images")
     data = {"data": {"source": "folder", "source_path": str(folder), "num_holdout": 8}}
-    root = copy_project(base / "repo", data)
+    # the toy sizes' embed_dim unset: params.yaml's encoder_path auto gives a user's captions
+    # the packaged pretrained MiniLM (at the toy token_length)
+    text = {"model": {"conditioning": {"embed_dim": None}}}
+    root = copy_project(base / "repo", {**data, **text})
     start = time.monotonic()
     first = run(["dvc", "repro"], root, timeout=1200)
     elapsed = time.monotonic() - start
@@ -74,6 +77,12 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
         "caption_auc_dual",
     )
     assert metrics["evaluator_quality"]["heldout"]["pairs"] == 8
+    # the user's captions were encoded by the pretrained MiniLM, and precache said why
+    assert "encoder_path auto: data.source is 'folder'" in project["output"]
+    encoder = json.loads((root / "data/encoded/encoder.json").read_text())
+    assert encoder["embed_dim"] == 384 and "minilm" in encoder["path"].lower()
+    cut = json.loads((root / "data/encoded/manifest.json").read_text())["captions_cut"]
+    assert (cut > 0) == ("were cut to it" in project["output"])
     assert "caption_agreement_embedded" not in metrics["scales"][0]
     # the SR stages run on the user's pictures too, their tiles measured by the evaluator
     assert metrics["sr256"]["fidelity_metric"] == "fd_dual" and (reports / "sr_sr256.png").exists()

@@ -130,6 +130,9 @@ def test_packaged_minilm_gives_sensible_embeddings() -> None:
     emb, mask = enc.encode(CAPTIONS)
     assert emb.shape == (4, 128, 384) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [5, 5, 5, 7]  # [CLS] words [SEP], WordPiece
+    # precache counts the captions token_length cuts (and warns, naming the key)
+    assert enc.over_length(CAPTIONS) == 0
+    assert load_text_encoder(_cond("minilm", token_length=6)).over_length(CAPTIONS) == 1
     assert (emb[~mask] == 0).all()
     v = _pooled(emb, mask)
     apple_fruit, apple_train = float(v[0] @ v[1]), float(v[0] @ v[2])

@@ -28,6 +28,8 @@ from imagen.config import Params, deep_merge, resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# This test process's share of the (at most 2) cores: pytest-xdist workers split them
+CORES = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
 
 TINY_TEXT = {
     "embed_dim": 32,
@@ -167,7 +169,7 @@ def env(root: Path | None = None, **extra: str) -> dict[str, str]:
     e.update(
         PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}",
         PYTHONPATH=str(root if root is not None else REPO),
-        IMAGEN_THREADS="1" if root is None else "2",
+        IMAGEN_THREADS="1" if root is None else str(CORES),
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test",

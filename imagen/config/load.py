@@ -18,8 +18,13 @@ import yaml
 from pydantic import ValidationError
 
 from imagen.config.base import STAGE_RESOLUTIONS, ConfigError
-from imagen.config.encoders import fill_from_folder
-from imagen.config.model import DEFAULT_ENCODER_PATH, validate_unet
+from imagen.config.encoders import MINILM, fill_from_folder
+from imagen.config.model import (
+    AUTO_ENCODER_PATH,
+    DEFAULT_ENCODER_PATH,
+    ConditioningConfig,
+    validate_unet,
+)
 from imagen.config.run import Params, StageConfig, StageOverride
 from imagen.presets import PRESETS
 
@@ -142,12 +147,43 @@ def _conditioning_errors(stages: Mapping[str, StageConfig]) -> list[str]:
 _TOKEN_LENGTH = {"word": 24, "byt5": 128}
 
 
+# MiniLM word pieces an own caption gets under encoder_path auto: alt-text-like captions of up
+# to ~25 words; precache counts (and prints) the captions it had to cut.
+OWN_TOKEN_LENGTH = 32
+
+
+def _choose_encoder(cond: ConditioningConfig, source: str) -> None:
+    """``encoder_path: auto``: the small T5 built here for the embedded captions (its word
+    tokenizer knows their grammar); for anyone else's, the pretrained all-MiniLM-L6-v2 that
+    installs with the project (a random encoder knows no language: on a real folder its
+    captions were not followed, docs/own_data.md), unless ``encoder.tokenizer`` asks for the
+    built one or ``embed_dim`` is set to another width (for example precached NeMo embeddings,
+    which need their own encoder for new prompts: set encoder_path to it)."""
+    if cond.encoder_path != AUTO_ENCODER_PATH:
+        return
+    if source == "embedded" or cond.encoder.tokenizer != "auto" or cond.embed_dim is not None:
+        cond.encoder_path = DEFAULT_ENCODER_PATH
+        if cond.embed_dim is None:
+            cond.embed_dim = cond.encoder.d_model
+        return
+    cond.encoder_path = MINILM
+    if cond.token_length is None:
+        cond.token_length = OWN_TOKEN_LENGTH
+    cond._chosen = (
+        f"model.conditioning.encoder_path auto: data.source is {source!r}, so your captions "
+        f"are encoded by the pretrained all-MiniLM-L6-v2 (packaged, offline), token_length "
+        f"{cond.token_length}; set encoder.tokenizer: byt5 for the small random T5 built here"
+    )
+
+
 def _fill_text_defaults(params: Params) -> None:
-    """The tokenizer follows the data source unless set: word for the embedded captions, bytes
-    for anyone else's; token_length follows the tokenizer unless set."""
+    """encoder_path auto is chosen from the data source; the built encoder's tokenizer follows
+    the data source unless set: word for the embedded captions, bytes for anyone else's;
+    token_length follows the tokenizer unless set."""
     source = params.data.source
     for sc in params.stages.values():
         cond = sc.model.conditioning
+        _choose_encoder(cond, source)
         if cond.encoder.tokenizer == "auto":
             cond.encoder.tokenizer = "word" if source == "embedded" else "byt5"
         if cond.encoder_path != DEFAULT_ENCODER_PATH:

@@ -10,11 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imagen.config.base import Strict as _Strict
 
 DEFAULT_ENCODER_PATH = "data/encoder"  # where the embedded default builds its small T5
+AUTO_ENCODER_PATH = "auto"  # params.yaml's: chosen from data.source (imagen.config.load)
 AttentionType = Literal["self", "cross", "stacked", "fused"]
 UNetType = Literal["base", "sr-unet", "sr"]
 
@@ -62,9 +70,12 @@ class ConditioningConfig(_Strict):
     encoder_path: str = Field(
         DEFAULT_ENCODER_PATH,
         description="a text-encoder folder or cached hub id (T5, CLIP text, BERT-like; "
-        "imagen.config.encoders), 'minilm' for the packaged all-MiniLM-L6-v2; the default is "
-        "built here",
+        "imagen.config.encoders), 'minilm' for the packaged all-MiniLM-L6-v2, data/encoder for "
+        "the small T5 built here, or 'auto' (params.yaml's): the built T5 for the embedded "
+        "captions, minilm (token_length 32) for your own unless encoder.tokenizer is set",
     )
+    # how encoder_path 'auto' was resolved, for precache to print (set by imagen.config.load)
+    _chosen: str | None = PrivateAttr(default=None)
     encoder: EncoderConfig = EncoderConfig()
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     encoder_dtype: Literal["auto", "bfloat16", "float32"] = Field(

@@ -111,6 +111,7 @@ def encode_shard(
         stats["embedding_bytes"] += len(blob)
     info = store_tar(*dst, kept)
     info.update(
+        cut=encoder.over_length(captions) if todo else 0,  # type: ignore[union-attr]
         tokens=stats["tokens"],
         embedding_bytes=stats["embedding_bytes"],
         nemo_precached=stats["nemo_precached"],

@@ -183,6 +183,7 @@ def _manifest(
         "samples": n,
         "bytes_per_sample": emb_bytes / max(1, n),
         "mean_tokens": tokens / max(1, n),
+        "captions_cut": sum(r.get("cut", 0) for r in results),  # longer than token_length
         "padded_float32_bytes_per_sample": cond.token_length * cond.embed_dim * 4,
         "payload_bytes_per_sample": tokens / max(1, n) * cond.embed_dim * itemsize,
         "nemo_precached": sum(r.get("nemo_precached", 0) for r in results),
@@ -303,6 +304,8 @@ def precache(
     encoder = None if len(nemo) == len(shards) else load_text_encoder(cond, dev, dtype=None)
     record = _nemo_record(cond) if encoder is None else _encoder_record(cond, encoder)
     if rank == 0:
+        if cond._chosen:
+            log(f"precache: {cond._chosen}")
         if encoder is not None and encoder.built and data.source != "embedded":
             log(_STAND_IN_NOTE)
         out.write_json("encoder.json", record)
@@ -347,6 +350,12 @@ def precache(
     if nemo:
         log(_nemo_message(cond, len(nemo), len(shards), manifest, out))
     log(_summary(cond, manifest, out, encoded, rate) + (" on rank 0" if world > 1 else ""))
+    if manifest["captions_cut"]:
+        log(
+            f"precache: warning: {manifest['captions_cut']} of {manifest['samples']} captions "
+            f"have more than model.conditioning.token_length ({cond.token_length}) tokens and "
+            "were cut to it; raise token_length to keep them whole"
+        )
     manifest["captions_per_s"] = rate
     return manifest
 

@@ -250,6 +250,11 @@ class TextEncoder:
         ids = self.tokenizer(list(captions), truncation=True, max_length=self.token_length)
         return [len(x) for x in ids["input_ids"]]
 
+    def over_length(self, captions: list[str]) -> int:
+        """How many captions have more tokens than token_length (they are cut)."""
+        ids = self.tokenizer(list(captions), truncation=False)["input_ids"]
+        return sum(len(x) > self.token_length for x in ids)
+
     def encode_sorted(
         self, captions: list[str], batch_size: int, on_batch: Callable[[int], Any] | None = None
     ) -> list[np.ndarray]:
