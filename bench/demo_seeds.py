@@ -3,7 +3,7 @@
 One training run is one draw: another seed, or another CPU model (whose kernels sum in another
 order), lands elsewhere. In a project where `make demo` (or `dvc repro`) has run, this script
 runs one DVC experiment per extra seed (``dvc exp run`` with
-``-S stages.<stage>.trainer.seed=N``, named ``<stage>-seed-N``; only the stage and what reads it
+``-S ++stages.<stage>.trainer.seed=N``, named ``<stage>-seed-N``; only the stage and what reads it
 re-run, every MLflow run lands in the project's store under the experiment's parent), then
 reads every seed's ``reports/metrics.json`` from ``dvc exp show`` and prints, per guidance scale
 and at each run's best scale, every measure's value per seed, median and range.
@@ -63,7 +63,8 @@ def run_seeds(stage: str, seeds: list[int], jobs: int, existing: set[str]) -> No
     todo = [s for s in seeds if f"{stage}-seed-{s}" not in existing]
     for s in todo:
         name = f"{stage}-seed-{s}"
-        args = ["exp", "run", "-n", name, "-S", f"stages.{stage}.trainer.seed={s}"]
+        # ++: set the key, adding it where params.yaml leaves it at its default
+        args = ["exp", "run", "-n", name, "-S", f"++stages.{stage}.trainer.seed={s}"]
         t0 = time.monotonic()
         if jobs == 1:
             print(f"== {name}: dvc {' '.join(args)} --temp", flush=True)
