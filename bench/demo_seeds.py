@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen.config import load_params
+from imagen.mlops.experiments import by_name as experiments
 
 METRICS = "reports/metrics.json"
 # measures shown when present, in this order; the sweep's own axes are always shown
@@ -38,24 +39,6 @@ def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and res.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
-
-
-def experiments(shown: Any) -> dict[str, dict[str, Any]]:
-    """name -> the ``data`` of each experiment in ``dvc exp show --json`` (any nesting)."""
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict):
-                found[node["name"]] = node["data"]
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(shown)
-    return found
 
 
 def run_seeds(stage: str, seeds: list[int], jobs: int, existing: set[str]) -> None:

@@ -20,6 +20,7 @@ import pytest
 from tiny import BIN, copy_project, run
 from tiny import env as project_env
 
+from imagen.mlops.experiments import by_name, flat
 from imagen.mlops.pipeline import DVC_STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -106,24 +107,8 @@ def _experiments(root: Path) -> dict[str, dict[str, Any]]:
     """``dvc exp show --json``: experiment name -> its params and metrics (flattened files)."""
     shown = run(["dvc", "exp", "show", "--json"], root)
     assert shown.returncode == 0, shown.stdout
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict):
-                data = node["data"]
-                found[node["name"]] = {
-                    "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
-                    "metrics": {k: v.get("data", {}) for k, v in data.get("metrics", {}).items()},
-                }
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(json.loads(shown.stdout[shown.stdout.index("[") :]))
-    return found
+    listed = by_name(json.loads(shown.stdout[shown.stdout.index("[") :]))
+    return {name: flat(data) for name, data in listed.items()}
 
 
 def test_make_prefect_serves_the_flow_which_runs_in_the_checkout(server: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from tiny import copy_project, run, write_caption_folder
 
+from imagen.mlops.experiments import by_name
 from imagen.mlops.pipeline import DVC_STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -204,24 +205,6 @@ def test_dvc_exp_run_reruns_exactly_what_a_base64_change_affects(project: dict[s
     assert "stages.base64" in shown.stdout or "max_steps" in shown.stdout
 
 
-def _experiments(shown: Any) -> dict[str, dict[str, Any]]:
-    """name -> the `data` of each experiment in `dvc exp show --json` (any nesting)."""
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict):
-                found[node["name"]] = node["data"]
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(shown)
-    return found
-
-
 def _steps(data: dict[str, Any], path: str) -> int:
     return data["metrics"][path]["data"]["steps"]
 
@@ -279,7 +262,7 @@ def test_queued_experiments_run_in_parallel_and_keep_everything(project: dict[st
     # `dvc exp show` has both experiments' metrics (read from the cache by the exp commits)
     shown = run(["dvc", "exp", "show", "--json"], root)
     assert shown.returncode == 0, shown.stdout
-    exps = _experiments(json.loads(shown.stdout))
+    exps = by_name(json.loads(shown.stdout))
     for name, steps in names.items():
         assert _steps(exps[name], "models/sr256/metrics.json") == steps, exps.get(name)
         assert "reports/metrics.json" in exps[name]["metrics"]
