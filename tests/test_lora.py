@@ -30,9 +30,13 @@ def star_folder(dest: Path, n: int = 4, size: int = 32) -> Path:
         colour = list(COLOURS)[i % len(COLOURS)]
         img = Image.new("RGB", (size, size), (245, 245, 240))
         c, r = size / 2, size * (0.3 + 0.05 * i)
-        points = [(c + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / 5),
-                   c - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / 5))
-                  for k in range(10)]  # fmt: skip
+        points = [
+            (
+                c + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / 5),
+                c - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         ImageDraw.Draw(img).polygon(points, fill=COLOURS[colour])
         img.save(dest / f"star{i}.png")
         rows.append(f"star{i}.png,a {colour} star in the center on a light background")
@@ -53,11 +57,30 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base_file = Path(params.models_dir) / "base64" / "model.pt"
     before = sha(base_file)
     out = root / "lora"
-    res = imagen(root, "finetune", "--images", str(star_folder(root / "stars")), "--out",
-                 str(out), "--steps", "40", "--lr", "5e-3", "--prior", "2", timeout=600)  # fmt: skip
+    res = imagen(
+        root,
+        "finetune",
+        "--images",
+        str(star_folder(root / "stars")),
+        "--out",
+        str(out),
+        "--steps",
+        "40",
+        "--lr",
+        "5e-3",
+        "--prior",
+        "2",
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
-    return {"root": root, "params": params, "out": out, "base": base_file, "sha": before,
-            "log": res.stdout}  # fmt: skip
+    return {
+        "root": root,
+        "params": params,
+        "out": out,
+        "base": base_file,
+        "sha": before,
+        "log": res.stdout,
+    }
 
 
 def test_the_adapted_model_fits_the_pictures_better(tuned) -> None:

@@ -1,6 +1,6 @@
 """``imagen finetune``: teach a trained stage a few captioned pictures with LoRA adapters.
 
-    imagen finetune --stage base64 --images my-stars/ [--prior 16] [--from models:/imagen-base64@champion]
+    imagen finetune --stage base64 --images my-stars/ [--prior 16] [--from MODEL]
 
 Everything the command needs is checked first (the folder and each picture's caption, the
 source model, the prior captions), then it trains (:mod:`imagen.lora.tune`) and writes
@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from imagen.checkpoint import MODEL_FILE, read_stage, save_stage
 from imagen.config import STAGES, ConfigError, Params, StageConfig
 from imagen.lora.images import TeachImages, read_images
@@ -38,12 +36,21 @@ from imagen.lora.tune import TuneResult, TuneSettings, encode, finetune, generat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default="base64", choices=["base64"], help="stage to adapt")
-    parser.add_argument("--images", required=True, metavar="DIR",
-                        help="folder of pictures with captions (captions.csv / captions.jsonl / "
-                        ".txt beside each image), as ingest reads")  # fmt: skip
-    parser.add_argument("--from", dest="source", default=None, metavar="MODEL",
-                        help="the trained stage: a model.pt, its folder or a registered model "
-                        "(models:/imagen-base64@champion); default <models_dir>/<stage>")  # fmt: skip
+    parser.add_argument(
+        "--images",
+        required=True,
+        metavar="DIR",
+        help="folder of pictures with captions (captions.csv / captions.jsonl / "
+        ".txt beside each image), as ingest reads",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        metavar="MODEL",
+        help="the trained stage: a model.pt, its folder or a registered model "
+        "(models:/imagen-base64@champion); default <models_dir>/<stage>",
+    )
     parser.add_argument("--out", default=None, help="default: <models_dir>/lora-<folder name>")
     d = TuneSettings()
     parser.add_argument("--steps", type=int, default=d.steps)
@@ -51,12 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--prior", type=int, default=0, metavar="N",
-                        help="prior preservation: N samples the model draws from other captions "
-                        "(--prior-prompts, default the held-out captions) train beside the "
-                        "pictures")  # fmt: skip
-    parser.add_argument("--prior-prompts", default=None, metavar="FILE",
-                        help="one caption a line for the prior samples")  # fmt: skip
+    parser.add_argument(
+        "--prior",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prior preservation: N samples the model draws from other captions "
+        "(--prior-prompts, default the held-out captions) train beside the "
+        "pictures",
+    )
+    parser.add_argument(
+        "--prior-prompts",
+        default=None,
+        metavar="FILE",
+        help="one caption a line for the prior samples",
+    )
     parser.add_argument("--prior-weight", type=float, default=d.prior_weight)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--alias", default="lora", help="registry alias of the new version")
@@ -80,8 +96,10 @@ def resolve_model(spec: str, stage: str, params: Params) -> tuple[Path, Path | N
     path = Path(spec)
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(f"--from {spec}: no stage model file ({file} not found; train the "
-                          f"stage first with `imagen train --stage {stage}`)")  # fmt: skip
+        raise ConfigError(
+            f"--from {spec}: no stage model file ({file} not found; train the "
+            f"stage first with `imagen train --stage {stage}`)"
+        )
     return file, None
 
 
@@ -167,16 +185,24 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from imagen.sample.cascade import load_encoder
     from imagen.text import resolve_encoder_path
 
-    settings = TuneSettings(steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                            batch_size=args.batch_size, prior=args.prior,
-                            prior_weight=args.prior_weight, seed=args.seed)  # fmt: skip
+    settings = TuneSettings(
+        steps=args.steps,
+        lr=args.lr,
+        rank=args.rank,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        prior=args.prior,
+        prior_weight=args.prior_weight,
+        seed=args.seed,
+    )
     try:
         settings.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not Path(args.images).is_dir():
-        raise ConfigError(f"--images {args.images}: not a folder (give a folder of captioned "
-                          "images)")  # fmt: skip
+        raise ConfigError(
+            f"--images {args.images}: not a folder (give a folder of captioned images)"
+        )
     spec = args.source or str(Path(params.models_dir) / args.stage)
     source_file, shipped_encoder = resolve_model(spec, args.stage, params)
     stage, state, meta = read_stage(source_file)
@@ -188,15 +214,18 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     cond = stage.model.conditioning
     encoder_dir = str(shipped_encoder) if shipped_encoder else resolve_encoder_path(cond)
     encoder = load_encoder(cond, encoder_dir)
-    _say(f"{len(teach)} picture(s) from {args.images} at {stage.resolution} px; adapting "
-         f"{spec} ({source_file}, step {meta['step']}) -> {out}")  # fmt: skip
+    _say(
+        f"{len(teach)} picture(s) from {args.images} at {stage.resolution} px; adapting "
+        f"{spec} ({source_file}, step {meta['step']}) -> {out}"
+    )
     from imagen.nn import build_unet
 
     net = build_unet(stage.model)
     net.load_state_dict(state)
     tags = {"imagen.lora.images": str(Path(args.images).resolve()), "imagen.lora.source": spec}
-    with stage_run(params, f"finetune@{stage.name}", parent_run_id=args.parent_run_id,
-                   tags=tags) as mlrun:  # fmt: skip
+    with stage_run(
+        params, f"finetune@{stage.name}", parent_run_id=args.parent_run_id, tags=tags
+    ) as mlrun:
         mlrun.log_params({f"lora.{k}": v for k, v in vars(settings).items()})
         result = finetune(net, stage, teach, encoder, settings, priors, say=_say)
         metrics = {
@@ -221,19 +250,27 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         for path in ("metrics.json", "loss.csv", "compare.png"):
             mlrun.log_artifact(out / path)
         mlrun.log_artifact(out / "adapter", "adapter")
-        _say(f"loss on the pictures {result.loss_before:.4f} -> {result.loss_after:.4f} in "
-             f"{result.seconds:.0f} s; wrote {file}"
-             + (f" (and {', '.join(copied)} copied beside it)" if copied else ""))  # fmt: skip
+        _say(
+            f"loss on the pictures {result.loss_before:.4f} -> {result.loss_after:.4f} in "
+            f"{result.seconds:.0f} s; wrote {file}"
+            + (f" (and {', '.join(copied)} copied beside it)" if copied else "")
+        )
         if not args.no_register and mlrun.active:
             from imagen.mlops.registry import register_stage_models
 
             versions = register_stage_models(
-                mlrun.run_id, {stage.name: file}, encoder_dir, tracking_uri=tracking_uri(params),
+                mlrun.run_id,
+                {stage.name: file},
+                encoder_dir,
+                tracking_uri=tracking_uri(params),
                 alias=args.alias or None,
-                tags={"imagen.lora.images": tags["imagen.lora.images"], "imagen.lora.source": spec,
-                      "imagen.lora.loss_before": f"{result.loss_before:.5f}",
-                      "imagen.lora.loss_after": f"{result.loss_after:.5f}"},
-            )  # fmt: skip
+                tags={
+                    "imagen.lora.images": tags["imagen.lora.images"],
+                    "imagen.lora.source": spec,
+                    "imagen.lora.loss_before": f"{result.loss_before:.5f}",
+                    "imagen.lora.loss_after": f"{result.loss_after:.5f}",
+                },
+            )
             metrics["registered"] = {f"imagen-{s}": v for s, v in versions.items()}
             alias = f"@{args.alias}" if args.alias else ""
             _say(f"registered imagen-{stage.name} version {versions[stage.name]}{alias}")

@@ -57,8 +57,10 @@ def read_images(folder: str | Path, resolution: int, option: str = "--images") -
             )
         img, _, reason, detail = decode_image(bytes(rec.image or b""))
         if img is None:
-            raise ConfigError(f"{option} {folder}: {rec.origin} is not a readable image "
-                              f"({reason}{': ' + detail if detail else ''})")  # fmt: skip
+            raise ConfigError(
+                f"{option} {folder}: {rec.origin} is not a readable image "
+                f"({reason}{': ' + detail if detail else ''})"
+            )
         img, _ = normalise_image(img, cfg)  # Lanczos down to the resolution
         if img.size != (resolution, resolution):
             img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)

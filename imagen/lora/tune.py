@@ -106,8 +106,13 @@ def generate(
     for bi, i in enumerate(range(0, len(embeds), batch_size)):
         e, m = embeds[i : i + batch_size], mask[i : i + batch_size]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + bi)
-        x = sample(denoiser, (len(e), channels, res, res), {"text_embed": e, "text_mask": m},
-                   stage.sampling, generator=gen)  # fmt: skip
+        x = sample(
+            denoiser,
+            (len(e), channels, res, res),
+            {"text_embed": e, "text_mask": m},
+            stage.sampling,
+            generator=gen,
+        )
         out.append(x.float().clamp(-1, 1))
     return torch.cat(out)
 
@@ -118,8 +123,11 @@ def _batch(
     from imagen.diffusion import drop_mask
 
     idx = torch.randint(len(images), (n,), generator=gen)
-    cond = {"text_embed": embeds[idx], "text_mask": mask[idx],
-            "drop_text": drop_mask(n, drop_rate, generator=gen)}  # fmt: skip
+    cond = {
+        "text_embed": embeds[idx],
+        "text_mask": mask[idx],
+        "drop_text": drop_mask(n, drop_rate, generator=gen),
+    }
     return images[idx], cond
 
 
