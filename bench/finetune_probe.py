@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--prior", type=int, default=16)
+    ap.add_argument("--skip-plain", action="store_true", help="only the run with --prior")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--sample-steps", type=int, default=16)
@@ -159,7 +160,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base, _ = load_stage(model)
     rows.append(measure("base", base, stage, encoder, teach, heldout, alignment, args.seed))
-    for prior in (0, args.prior):
+    for prior in (args.prior,) if args.skip_plain else (0, args.prior):
         net, _ = load_stage(model)
         s = TuneSettings(steps=args.steps, lr=args.lr, rank=args.rank, prior=prior, seed=args.seed)
         t1 = time.perf_counter()
