@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "imagen.train.listing",
         "list a stage's checkpoints: step, time, size, settings that differ",
     ),
+    "finetune": (
+        "imagen.lora.command",
+        "teach a trained stage a few captioned pictures (LoRA adapters)",
+    ),
     "sample": ("imagen.sample.cli", "generate images for prompts with the trained cascade"),
     "evaluator": (
         "imagen.evaluate.dual_stage",

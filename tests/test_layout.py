@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("imagen.train", "imagen.sample"),  # the stages that make and use models
     ("imagen.mlops.registry",),  # registered models, the imagen-cascade pyfunc
     ("imagen.mlops.promote",),  # challenger / champion: the registry promotes on evidence
-    ("imagen.evaluate", "imagen.sample.cli"),  # the sweep; `imagen sample`
+    ("imagen.evaluate", "imagen.sample.cli", "imagen.lora"),  # the sweep; sample; finetune
     ("imagen.mlops.pipeline",),  # `imagen pipeline`: dvc repro under a parent run
     ("imagen.cli", "imagen.__main__"),  # the `imagen` command
 ]
