@@ -214,6 +214,22 @@ class SamplingConfig(_Strict):
         "auto", description="sigma discretisation; auto: karras for EDM, uniform t for DDPM"
     )
     eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 ancestral")
+    guidance: Literal["cfg", "auto"] = Field(
+        "cfg",
+        description="cfg: classifier-free guidance (NeMo); auto: autoguidance (Karras et al. "
+        "2024), D_guide + guidance_scale (D - D_guide) with the guide model on the same text",
+    )
+    guide: str | None = Field(
+        None,
+        description="guidance auto: the guide, a weaker version of this stage (a model.pt or "
+        "its folder, a training checkpoint .ckpt, or a models:/ URI)",
+    )
+
+    @model_validator(mode="after")
+    def _guide_named(self) -> SamplingConfig:
+        if self.guidance == "auto" and not self.guide:
+            raise ValueError("guide: guidance 'auto' (autoguidance) needs a guide model path")
+        return self
 
     @field_validator("guidance_interval")
     @classmethod
@@ -379,6 +395,14 @@ class EvaluateConfig(_Strict):
         ge=0,
         description="more pairs where needed so each SR stage's Frechet distance sees at least "
         "this many 64 px tiles (sr256: 16 a picture, sr1024: 256)",
+    )
+    guide: str | None = Field(
+        None,
+        description="autoguidance beside CFG in the sweep: the base64 guide (a model.pt, a "
+        "training checkpoint .ckpt or a models:/ URI; None: CFG only)",
+    )
+    guide_scales: list[float] | None = Field(
+        None, min_length=1, description="autoguidance scales swept (None: guidance_scales)"
     )
 
 
