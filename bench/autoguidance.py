@@ -7,10 +7,11 @@ training checkpoint); the guide is an earlier training checkpoint of the same st
 before it is rotated out). Both sweeps sample the same ``--n`` held-out captions with the same
 seed and steps, so every scale but 1 costs the same two network evaluations a step (CFG: the
 conditional and unconditional halves of one batch; autoguidance: the main model and the guide).
-Each scale is scored as ``imagen evaluate`` scores it (imagen.evaluate.sweep): the embedded
-evaluator's Frechet distance to the held-out images, caption agreement, and sharpness (mean
-absolute Laplacian over the real images'; 1 = as sharp as the real ones). Prints both tables;
-appends them to bench/results/autoguidance.jsonl.
+Steps and sampler default to the project's ``evaluate`` block. The stage's guidance interval
+applies to both kinds alike. Each scale is scored as ``imagen evaluate`` scores it
+(imagen.evaluate.sweep): the embedded evaluator's Frechet distance to the held-out images,
+caption agreement, and sharpness (mean absolute Laplacian over the real images'; 1 = as sharp
+as the real ones). Prints both tables; appends them to bench/results/autoguidance.jsonl.
 
     python bench/autoguidance.py --project /path/to/demo --guide step=0002100-...ckpt
 """
@@ -47,7 +48,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="held-out captions")
     ap.add_argument("--cfg-scales", type=_floats, default=[1.0, 2.0, 4.0])
     ap.add_argument("--auto-scales", type=_floats, default=[1.5, 2.0, 3.0])
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: stage's)")
+    ap.add_argument("--steps", type=int, default=None, help="steps (default: evaluate.steps)")
+    ap.add_argument("--sampler", default=None, help="sampler (default: evaluate.sampler)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -69,8 +71,9 @@ def main() -> None:
         cascade = Cascade.from_models_dir(params.models_dir, depth="base64")
     cascade.set_guide(guide, stage="base64", key="--guide")
     sampling = cascade.stages["base64"].config.sampling
-    steps = args.steps or sampling.steps
-    sampler = "heun" if sampling.sampler == "auto" else sampling.sampler
+    steps = args.steps or params.evaluate.steps or sampling.steps
+    sampler = args.sampler or params.evaluate.sampler or sampling.sampler
+    sampler = "heun" if sampler == "auto" else sampler
     held = load_holdout(params, args.n, 64)
     fidelity, alignment = Fidelity(), Alignment(None, embedded=True)
     print(f"{len(held)} held-out captions, {sampler} {steps} steps; guide {guide}")
@@ -81,8 +84,8 @@ def main() -> None:
     for kind, scales in (("cfg", args.cfg_scales), ("auto", args.auto_scales)):
         result = sweep(
             cascade, held, scales, depth="base64", fidelity=fidelity, alignment=alignment,
-            steps=steps, seed=params.evaluate.seed, batch_size=args.batch_size, keep=0,
-            kind=kind,
+            steps=steps, sampler=sampler, seed=params.evaluate.seed, batch_size=args.batch_size,
+            keep=0, kind=kind,
         )  # fmt: skip
         for r in result.rows:
             w = r["guidance_scale"]
