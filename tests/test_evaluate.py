@@ -205,18 +205,28 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(
         "cascade_steps": 1,
         "sr_pairs": 2,
         "sr_tiles": 0,
+        # autoguidance beside CFG, the guide being the base model itself: every scale then
+        # gives the base model's own samples, i.e. CFG's w = 1 row exactly
+        "guide": str(tmp_path / "models" / "base64" / "model.pt"),
+        "guide_scales": [1, 3],
     }
     params = make_tiny_cascade(tmp_path, overrides={"evaluate": evaluate_cfg})
     metrics = evaluate(params, log=None)
-    # 2 scales + the untrained reference, 8 images each, in batches of 8
+    # 2 scales + the untrained reference + 2 autoguidance scales, 8 images each, batches of 8
     lines = re.findall(
-        r"imagen evaluate: (\d+)/24 image, [\d.]+ image/s, \dm\d\ds left", capsys.readouterr().err
+        r"imagen evaluate: (\d+)/40 image, [\d.]+ image/s, \dm\d\ds left", capsys.readouterr().err
     )
-    assert lines == ["8", "16", "24"]
+    assert lines == ["8", "16", "24", "32", "40"]
     reports = Path(params.evaluate.reports_dir)
     saved = json.loads((reports / "metrics.json").read_text())
     assert saved["fidelity_metric"] == FD_EMBEDDED and saved["alignment_metric"] == AGREEMENT
     assert [r["guidance_scale"] for r in saved["scales"]] == [1.0, 4.0]
+    auto = saved["autoguidance"]["scales"]
+    assert [r["guidance_scale"] for r in auto] == [1.0, 3.0]
+    for r in auto:  # the same images (FD's matrix square root of 8 samples is not bitwise)
+        assert r["sharpness"] == saved["scales"][0]["sharpness"]
+        assert r[AGREEMENT] == saved["scales"][0][AGREEMENT]
+        assert r[FD_EMBEDDED] == pytest.approx(saved["scales"][0][FD_EMBEDDED], rel=0.01)
     # residual sampling noise shows as sharpness well above the real images' (1.0)
     assert all(r["sharpness"] > 0 for r in saved["scales"])
     assert saved["best"]["guidance_scale"] in (1.0, 4.0) and "rule" in saved["best"]
@@ -242,7 +252,8 @@ def test_evaluate_writes_reports_logs_to_mlflow_and_registers(
     assert rows[0] == ["guidance_scale", "fidelity", "alignment", FD_EMBEDDED, AGREEMENT]
     assert len(rows) == 3
     assert "FID" not in rows[0]
-    for name in ("fid_clip.png", "cascade.png", "grids/scale_1.png", "grids/scale_4.png"):
+    grids = ("grids/scale_1.png", "grids/scale_4.png", "grids/auto_3.png")
+    for name in ("fid_clip.png", "cascade.png", *grids):
         assert Image.open(reports / name).size[0] > 100
     client = MlflowClient(params.mlflow.tracking_uri)
     exp = client.get_experiment_by_name("test")

@@ -119,6 +119,11 @@ def test_pyfunc_loads_from_the_registry_and_generates_pngs(registered, tracking)
     assert list(images[0].getdata()) == list(to_pil(direct["sr1024"][0]).getdata())
     # a plain list of prompts, a partial cascade, every stage
     small = model.predict(PROMPTS[:1], params={"depth": "base64", "steps": 1})
+    # a negative prompt (a param for every prompt, or a "negative" column) changes the image
+    neg = model.predict(
+        PROMPTS[:1], params={"depth": "base64", "steps": 1, "negative_prompt": "blue"}
+    )
+    assert neg["image"][0] != small["image"][0]
     assert (small["width"][0], small["stage"][0]) == (16, "base64")
     every = model.predict(PROMPTS[:1], params={"depth": "sr256", "all_stages": True, "steps": 1})
     assert every["stage"].tolist() == ["base64", "sr256"]

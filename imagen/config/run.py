@@ -10,11 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from imagen.config.base import ConfigError, StageName
 from imagen.config.base import Strict as _Strict
 from imagen.config.model import ConditioningConfig, ModelConfig
+from imagen.config.sampling import SamplerName, SamplingConfig
 
 # --------------------------------------------------------------------------------------------
 # trainer / optimiser / sampling
 # --------------------------------------------------------------------------------------------
-SamplerName = Literal["heun", "euler", "ddpm", "ddim", "dpmpp_2m"]
 
 
 class OptimConfig(_Strict):
@@ -186,43 +186,6 @@ NEMO_INFERENCE: dict[str, tuple[int, float]] = {
 }
 
 
-class SamplingConfig(_Strict):
-    """How a stage samples. A stage's unset steps / guidance_scale take NeMo's inference
-    defaults (steps 30/20/20, guidance 7.5/8/7.5); ``sampler: auto`` is NeMo's choice: the EDM
-    Heun sampler for EDM stages, ancestral DDPM for DDPM stages."""
-
-    sampler: SamplerName | Literal["auto"] = "auto"
-    steps: int = Field(30, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
-    guidance_interval: tuple[float, float] | None = Field(
-        None,
-        description="[lo, hi]: guide only at noise levels lo < sigma <= hi, the conditional "
-        "prediction alone elsewhere (Kynkaanniemi et al. 2024; NeMo: every level)",
-    )
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(80.0, gt=0)
-    rho: float = Field(7.0, gt=0)
-    dynamic_threshold: float | None = Field(0.995, gt=0.5, le=1.0)
-    s_churn: float = Field(0.0, ge=0)
-    s_tmin: float = Field(0.0, ge=0)
-    s_tmax: float = Field(float("inf"), ge=0)
-    s_noise: float = Field(1.0, gt=0)
-    thresholding: Literal["dynamic", "static", "none"] = Field(
-        "dynamic", description="x0 clipping: dynamic (percentile dynamic_threshold), [-1, 1], off"
-    )
-    schedule: Literal["auto", "karras", "uniform_t"] = Field(
-        "auto", description="sigma discretisation; auto: karras for EDM, uniform t for DDPM"
-    )
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="ddim: 0 deterministic, 1 ancestral")
-
-    @field_validator("guidance_interval")
-    @classmethod
-    def _ordered_interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0 <= v[0] < v[1]:
-            raise ValueError(f"must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
-        return v
-
-
 class StageConfig(_Strict):
     """One cascade stage, resolved: the shared defaults merged under the stage's own keys."""
 
@@ -379,6 +342,14 @@ class EvaluateConfig(_Strict):
         ge=0,
         description="more pairs where needed so each SR stage's Frechet distance sees at least "
         "this many 64 px tiles (sr256: 16 a picture, sr1024: 256)",
+    )
+    guide: str | None = Field(
+        None,
+        description="autoguidance beside CFG in the sweep: the base64 guide (a model.pt, a "
+        "training checkpoint .ckpt or a models:/ URI; None: CFG only)",
+    )
+    guide_scales: list[float] | None = Field(
+        None, min_length=1, description="autoguidance scales swept (None: guidance_scales)"
     )
 
 

@@ -284,8 +284,15 @@ def sample(
     callback: Callback | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    guide: Denoiser | None = None,
+    negative: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Draw samples of ``shape`` from ``denoiser`` as ``sampling`` configures.
+
+    ``sampling.guidance == "auto"`` (autoguidance) needs ``guide``, the loaded guide denoiser
+    (``sampling.guide`` names its file; loading it is the caller's job). ``negative`` (CFG
+    only) conditions the unconditional branch on negative prompts: ``text_embed``,
+    ``text_mask`` and ``null`` (B,), see :class:`~imagen.diffusion.guidance.GuidedDenoiser`.
 
     The sampler, step count, schedule (``sampling.schedule``; auto: Karras for EDM, uniform t
     for DDPM), guidance and thresholding all come from ``sampling``; ``guidance_scale``
@@ -318,7 +325,20 @@ def sample(
     if thresholding == "dynamic" and sampling.dynamic_threshold is None:
         thresholding = "none"  # dynamic_threshold: null switches it off
     interval = tuple(sampling.guidance_interval) if sampling.guidance_interval else None
-    denoise_fn = GuidedDenoiser(denoiser, cond, scale, thresholding, percentile, interval)
+    if sampling.guidance == "auto" and guide is None:
+        raise ValueError(
+            f"sampling.guide: guidance 'auto' needs the guide model ({sampling.guide}) loaded"
+        )
+    denoise_fn = GuidedDenoiser(
+        denoiser,
+        cond,
+        scale,
+        thresholding,
+        percentile,
+        interval,
+        guide=guide if sampling.guidance == "auto" else None,
+        negative=negative,
+    )
     like = torch.empty(0, device=device, dtype=dtype)
     x_T = randn(tuple(shape), like, generator) * sigmas[0]
     fn = SAMPLERS[sampling.sampler]

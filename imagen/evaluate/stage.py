@@ -247,7 +247,14 @@ def evaluate(
     )
     if register_models is None:
         register_models = params.mlflow.register_models
-    sweeps = len(cfg.guidance_scales) + (cfg.depth == "base64")  # + the untrained reference
+    auto_scales = (cfg.guide_scales or cfg.guidance_scales) if cfg.guide else []
+    if cfg.guide:  # a missing or unfit guide fails here, before any sampling
+        from imagen.mlops.client import tracking_uri
+
+        uri = tracking_uri(params)
+        cascade.set_guide(cfg.guide, stage="base64", key="evaluate.guide", tracking_uri=uri)
+    # + the untrained reference, + the autoguidance sweep
+    sweeps = len(cfg.guidance_scales) + (cfg.depth == "base64") + len(auto_scales)
     lines = log_lines("imagen evaluate", sweeps * len(holdout), "image")
     with stage_run(params, "evaluate", parent_run_id=parent_run_id) as run:
         common = dict(
@@ -270,7 +277,26 @@ def evaluate(
             log=say,
             **common,
         )
+        also = None
+        if auto_scales:
+            also = sweep(
+                cascade,
+                holdout,
+                auto_scales,
+                depth=cfg.depth,
+                fidelity=fidelity,
+                alignment=alignment,
+                keep=cfg.grid_images,
+                progress=progress,
+                log=say,
+                kind="auto",
+                **common,
+            )
+            for i, row in enumerate(also.rows):
+                run.log_metrics({f"auto_{k}": v for k, v in row.items()}, step=i)
         extra = {"steps": cfg.steps, "seed": cfg.seed}
+        if cfg.guide:
+            extra["guide"] = cfg.guide
         if alignment.dual is not None:
             extra["chance_dual"] = alignment.chance(holdout.captions)
             extra["evaluator_quality"] = evaluator_quality(params)
@@ -310,6 +336,7 @@ def evaluate(
             tolerance=cfg.tradeoff_tolerance,
             margin=cfg.tradeoff_margin,
             extra=extra,
+            also=also,
         )
         best = metrics["best"]
         log_sweep(run, result, best, out)

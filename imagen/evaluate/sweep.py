@@ -30,6 +30,7 @@ class SweepResult:
     rows: list[dict[str, float]] = field(default_factory=list)
     samples: dict[float, Tensor] = field(default_factory=dict)  # first images per scale
     seconds: float = 0.0
+    kind: str = "cfg"  # the base stage's guidance: cfg, or auto (autoguidance)
 
 
 def sweep(
@@ -49,9 +50,12 @@ def sweep(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     on_batch: Callable[[int], Any] | None = None,
+    kind: str = "cfg",
 ) -> SweepResult:
     """Generate ``holdout``'s captions at every guidance scale; fidelity + alignment each (and
-    every ``extra_fidelity`` distance beside the sweep's own)."""
+    every ``extra_fidelity`` distance beside the sweep's own). ``kind`` "auto" sweeps
+    autoguidance (the guide set on the cascade's base stage) instead of CFG: the same two
+    network evaluations a step at every scale but 1."""
     start = time.perf_counter()
     res = cascade.stages[depth].resolution
     real = holdout.images
@@ -62,6 +66,7 @@ def sweep(
         f.set_real(real, batch_size)
     real_sharpness = mean_abs_laplacian(real)
     result = SweepResult(depth, fidelity.name, fidelity.label, alignment.name, alignment.label)
+    result.kind = kind
     for w in scales:
         t0 = time.perf_counter()
         images = cascade.generate(
@@ -70,6 +75,7 @@ def sweep(
             steps=steps,
             sampler=sampler,
             guidance={"base64": float(w)},
+            guidance_kind={"base64": kind},
             seed=seed,
             batch_size=batch_size,
             progress=progress,
@@ -86,7 +92,8 @@ def sweep(
         result.samples[float(w)] = images[:keep]
         if log:
             log(
-                f"guidance {w:g}: {fidelity.name} {row[fidelity.name]:.3f}, "
+                f"{'autoguidance' if kind == 'auto' else 'guidance'} {w:g}: "
+                f"{fidelity.name} {row[fidelity.name]:.3f}, "
                 f"{alignment.name} {row[alignment.name]:.3f} ({row['seconds']:.1f} s)"
             )
     result.seconds = time.perf_counter() - start

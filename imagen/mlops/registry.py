@@ -31,7 +31,9 @@ and ``mlflow models serve -m models:/imagen-cascade@champion --env-manager local
 Predict params (all optional): ``depth`` (base64 | sr256 | sr1024; default: every stage
 logged), ``seed`` (0), ``steps`` (0 = each stage's own), ``guidance_scale`` (< 0 = each
 stage's own), ``batch_size`` (4), ``all_stages`` (false: only the last stage's image per
-prompt; true: one row per prompt and stage).
+prompt; true: one row per prompt and stage), ``negative_prompt`` ("": none; else the negative
+prompt of every prompt: classifier-free guidance's unconditional branch is conditioned on it).
+A DataFrame input may also carry a ``negative`` column, one negative prompt per row.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import io
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ import torch
 
 from imagen.checkpoint import MODEL_FILE
 from imagen.config import STAGES
+from imagen.mlops.pyfunc_io import negatives_of, prompts_of
 
 __all__ = [
     "CASCADE_MODEL",
@@ -92,33 +95,6 @@ def decode_png(text: str) -> Any:
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")
-
-
-def _prompts(model_input: Any) -> list[str]:
-    """A DataFrame with a "prompt" column, a list of strings, or one string -> prompts."""
-    import pandas as pd
-
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, pd.DataFrame):
-        if "prompt" in model_input.columns:
-            return [str(p) for p in model_input["prompt"]]
-        if model_input.shape[1] == 1:  # a bare list arrives as a one-column frame
-            return [str(p) for p in model_input.iloc[:, 0]]
-        raise ValueError(
-            f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}"
-        )
-    if isinstance(model_input, pd.Series):
-        return [str(p) for p in model_input]
-    if isinstance(model_input, Mapping) and "prompt" in model_input:
-        value = model_input["prompt"]
-        return [value] if isinstance(value, str) else [str(p) for p in value]
-    if isinstance(model_input, Sequence):
-        return [str(p) for p in model_input]
-    raise ValueError(
-        f"input must be a DataFrame with a 'prompt' column or a list of strings, "
-        f"got {type(model_input).__name__}"
-    )
 
 
 def _lowres(model_input: Any) -> torch.Tensor | None:
@@ -172,11 +148,12 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
         from imagen.images import to_pil
 
         p = dict(params or {})
-        prompts = _prompts(model_input)
+        prompts = prompts_of(model_input)
         steps = int(p.get("steps") or 0) or None
         guidance = p.get("guidance_scale")
         guidance = None if guidance is None or float(guidance) < 0 else float(guidance)
         lowres = _lowres(model_input)
+        negative = negatives_of(model_input) or (p.get("negative_prompt") or None)
         if lowres is None and "base64" not in self.cascade.stages:
             raise ValueError(
                 "this model starts at a super-resolution stage: give a 'lowres' column of "
@@ -190,6 +167,7 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
             seed=int(p.get("seed") or 0),
             batch_size=int(p.get("batch_size") or 4),
             lowres=lowres,
+            negative=negative,
         )
         stages = list(images) if p.get("all_stages") else [list(images)[-1]]
         rows = []
@@ -214,7 +192,7 @@ def pyfunc_signature(depth: str, lowres: bool = False) -> Any:
     Input: one string column (a DataFrame "prompt" column or a list of strings); with
     ``lowres`` (a model of SR stages only) the columns "prompt" and "lowres" (base64 PNG).
     Output: prompt, stage, width, height, image (base64 PNG). Params: depth, seed, steps,
-    guidance_scale, batch_size, all_stages.
+    guidance_scale, batch_size, all_stages, negative_prompt.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -243,6 +221,7 @@ def pyfunc_signature(depth: str, lowres: bool = False) -> Any:
                 ParamSpec("guidance_scale", "double", -1.0),
                 ParamSpec("batch_size", "long", 4),
                 ParamSpec("all_stages", "boolean", False),
+                ParamSpec("negative_prompt", "string", ""),
             ]
         ),
     )

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from imagen.config import (
     StageConfig,
 )
 from imagen.images import image_grid, to_pil, wrap_text
+from imagen.sample.options import PerStage, for_stage, negative_prompts, parse_stage_values
 
 __all__ = [
     "Cascade",
@@ -52,9 +53,6 @@ __all__ = [
     "parse_stage_values",
     "to_pil",
 ]
-
-T = TypeVar("T")
-PerStage = T | Mapping[str, T] | None  # one value for every stage, or stage -> value
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,39 +87,6 @@ def cascade_grid(
     return sheet
 
 
-# --------------------------------------------------------------------------------------------
-# Per-stage option values
-# --------------------------------------------------------------------------------------------
-def parse_stage_values(text: str | None, cast: type, option: str) -> PerStage:
-    """``"30"`` -> 30 (all stages); ``"base64=30,sr256=20"`` -> {"base64": 30, "sr256": 20}."""
-    if text is None:
-        return None
-    text = text.strip()
-    if "=" not in text:
-        try:
-            return cast(text)
-        except ValueError as e:
-            raise ConfigError(f"{option}: {text!r} is not a {cast.__name__}") from e
-    out: dict[str, Any] = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise ConfigError(f"{option}: {part!r} should be stage=value (e.g. base64=30)")
-        stage, value = (s.strip() for s in part.split("=", 1))
-        if stage not in STAGES:
-            raise ConfigError(f"{option}: unknown stage {stage!r}; allowed: {list(STAGES)}")
-        try:
-            out[stage] = cast(value)
-        except ValueError as e:
-            raise ConfigError(f"{option}: {stage}={value!r} is not a {cast.__name__}") from e
-    return out
-
-
-def _for_stage(value: PerStage, stage: str) -> Any:
-    if isinstance(value, Mapping):
-        return value.get(stage)
-    return value
-
-
 def missing_stage_message(path: Path, stage: str) -> str:
     """What to run when a stage model file is missing."""
     return (
@@ -143,6 +108,8 @@ class CascadeStage:
     config: StageConfig
     net: nn.Module
     denoiser: nn.Module
+    guide: nn.Module | None = None  # autoguidance's guide denoiser, once loaded
+    guide_source: str | None = None  # where it was read from
 
     @property
     def resolution(self) -> int:
@@ -153,9 +120,15 @@ class CascadeStage:
         steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        kind: str | None = None,
     ) -> SamplingConfig:
-        """The stage's SamplingConfig with the given overrides (validated)."""
-        update = {"steps": steps, "guidance_scale": guidance, "sampler": sampler}
+        """The stage's SamplingConfig with the given overrides (validated); ``kind`` "auto"
+        without a configured ``sampling.guide`` takes the guide set on this stage."""
+        update: dict[str, Any] = {
+            "steps": steps, "guidance_scale": guidance, "sampler": sampler, "guidance": kind
+        }  # fmt: skip
+        if kind == "auto" and self.guide_source is not None:
+            update["guide"] = self.guide_source
         update = {k: v for k, v in update.items() if v is not None}
         if not update:
             return self.config.sampling
@@ -277,6 +250,43 @@ class Cascade:
                 raise FileNotFoundError(missing_stage_message(file, name))
         return cls.from_files(files, encoder_path=encoder_path, device=device, precision=precision)
 
+    # ---------------------------------------------------------------- autoguidance
+    def set_guide(
+        self,
+        source: str | Path,
+        *,
+        stage: str | None = None,
+        key: str = "--guide",
+        tracking_uri: str | None = None,
+    ) -> str:
+        """Load an autoguidance guide (:mod:`imagen.sample.guide`) for the stage it holds;
+        returns that stage's name. A guide of a stage this cascade did not load, or one that
+        does not fit the stage, is a :class:`ConfigError` naming ``key``."""
+        from imagen.diffusion import build_denoiser
+        from imagen.sample.guide import check_guide_fits, read_guide
+
+        net, config = read_guide(source, stage, key=key, tracking_uri=tracking_uri)
+        if config.name not in self.stages:
+            raise ConfigError(
+                f"{key}={source}: a {config.name} guide, and this cascade has no {config.name} "
+                f"stage (loaded: {list(self.stages)})"
+            )
+        target = self.stages[config.name]
+        check_guide_fits(config, target.config, str(source), key)
+        net = net.to(self.device)
+        target.guide = build_denoiser(config.model, net)
+        target.guide_source = str(source)
+        return config.name
+
+    def _guide_for(self, name: str, sampling: SamplingConfig) -> nn.Module | None:
+        """The guide denoiser ``sampling`` asks for (loaded once from ``sampling.guide``)."""
+        if sampling.guidance != "auto":
+            return None
+        stage = self.stages[name]
+        if stage.guide is None or stage.guide_source != sampling.guide:
+            self.set_guide(str(sampling.guide), stage=name, key=f"stages.{name}.sampling.guide")
+        return stage.guide
+
     # ---------------------------------------------------------------- sampling
     @property
     def depth(self) -> str:
@@ -300,12 +310,15 @@ class Cascade:
         noise_aug: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        negative: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One stage for one batch: (B, 3, res, res) in [-1, 1].
 
         SR stages take ``lowres`` (the previous stage's output), resize it to the stage's
         ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's sampling
         level, ``model.noise_cond_aug``) -- Imagen's noise conditioning augmentation.
+        ``negative`` (text_embed, text_mask, null) conditions CFG's unconditional branch;
+        ``sampling.guidance`` auto samples with the stage's guide (loaded when first needed).
         """
         from imagen.diffusion import sample, sr_condition
 
@@ -331,14 +344,18 @@ class Cascade:
                 )
             )  # lowres (B, C, lowres, lowres), aug_level (B,) when augmented
         shape = (b, cfg.model.unet.channels, cfg.resolution, cfg.resolution)  # (B, C, R, R)
+        sampling = sampling or cfg.sampling
+        guide = self._guide_for(name, sampling)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = sample(
                 stage.denoiser,
                 shape,
                 cond,
-                sampling or cfg.sampling,
+                sampling,
                 generator=generator,
                 progress=progress,
+                guide=guide,
+                negative=negative,
             )
         return out.float().clamp(-1, 1)
 
@@ -373,6 +390,8 @@ class Cascade:
         batch_size: int = 4,
         progress: bool = False,
         on_batch: Callable[[int], Any] | None = None,
+        guidance_kind: PerStage[str] = None,
+        negative: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate every prompt through the cascade up to ``depth``.
 
@@ -381,7 +400,11 @@ class Cascade:
         stage -> value; what is not given comes from each stage's ``sampling`` config.
         ``seeds`` (one per prompt) gives each image its own noise; ``lowres`` (N, 3, h, w) in
         [-1, 1] starts the cascade at its first SR stage from those images. ``on_batch(n)``
-        is called once each batch of n prompts is through every stage.
+        is called once each batch of n prompts is through every stage. ``guidance_kind``
+        ("cfg" or "auto", one or per stage) picks classifier-free guidance or autoguidance
+        (the guide from :meth:`set_guide` or ``sampling.guide``); ``negative`` (one per
+        prompt, or one for all; "" keeps the null text) conditions CFG's unconditional branch
+        on negative prompts instead of the null text.
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
@@ -391,16 +414,31 @@ class Cascade:
         for what, given in (("seeds", seeds), ("lowres", lowres)):
             if given is not None and len(given) != len(prompts):
                 raise ValueError(f"{len(given)} {what} for {len(prompts)} prompts")
+        negatives = negative_prompts(negative, len(prompts))
         names = self._stage_names(depth, lowres is not None)
-        per_stage = (steps, guidance, sampler)
+        per_stage = (steps, guidance, sampler, guidance_kind)
         samplings = {
-            n: self.stages[n].sampling(*(_for_stage(v, n) for v in per_stage)) for n in names
+            n: self.stages[n].sampling(*(for_stage(v, n) for v in per_stage)) for n in names
         }
+        auto = [n for n in names if samplings[n].guidance == "auto"]
+        if negatives is not None and auto:
+            raise ConfigError(
+                f"negative prompts condition classifier-free guidance's unconditional branch; "
+                f"{auto} sample with autoguidance (sampling.guidance auto), which has none"
+            )
+        for n in auto:  # a missing or unfit guide fails before any sampling
+            self._guide_for(n, samplings[n])
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         starts = range(0, len(prompts), batch_size)
         bar = _progress_bar(len(starts) * len(names), progress)
         for bi, i in enumerate(starts):
             text_embed, text_mask = self.encode(prompts[i : i + batch_size])
+            neg = None
+            if negatives is not None:
+                chunk = negatives[i : i + batch_size]
+                neg_embed, neg_mask = self.encode(chunk)
+                null = torch.tensor([not t for t in chunk], device=self.device)
+                neg = {"text_embed": neg_embed, "text_mask": neg_mask, "null": null}
             images = None if lowres is None else lowres[i : i + batch_size].float()
             for name in names:
                 if bar is not None:
@@ -413,7 +451,7 @@ class Cascade:
                 )
                 images = self.sample_stage(
                     name, text_embed, text_mask, images, sampling=samplings[name],
-                    noise_aug=_for_stage(noise_aug, name), generator=gen,
+                    noise_aug=for_stage(noise_aug, name), generator=gen, negative=neg,
                 )  # fmt: skip
                 out[name].append(images.cpu())
                 if bar is not None:

@@ -11,6 +11,14 @@ folder unless given here. As in NeMo's inference pipeline:
 - ``--lowres IMAGE`` (NeMo's low_res_input) starts at sr256 from the user's picture, resized
   (bicubic, centre square) to that stage's low-res size, and super-resolves it;
 - ``--output-res R`` stops the cascade at the stage that makes R px images.
+
+Beyond NeMo (named options, off by default):
+
+- ``--negative TEXT`` (one for all prompts, or repeated once per prompt) conditions classifier-
+  free guidance's unconditional branch on the negative prompt instead of the null text;
+- ``--guide PATH`` samples the guide's stage with autoguidance (Karras et al. 2024) at
+  ``--guide-scale`` (default 2): the guide is a weaker version of that stage, e.g. an earlier
+  checkpoint ``models/base64/checkpoints/step=...ckpt``, a model.pt, or a models:/ URI.
 """
 
 from __future__ import annotations
@@ -110,6 +118,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sampler", help="heun | euler | ddpm | ddim | dpmpp_2m, one or per stage (base64=heun)"
     )
     parser.add_argument(
+        "--negative",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="negative prompt: the unconditional branch of classifier-free guidance is "
+        "conditioned on it instead of the null text; one for all prompts, or repeat it once "
+        'per prompt ("" keeps the null text for that prompt)',
+    )
+    parser.add_argument(
+        "--guide",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="autoguidance: a weaker version of a stage (an earlier checkpoint .ckpt, a "
+        "model.pt, or a models:/ URI) that guides that stage instead of classifier-free "
+        "guidance; repeat for several stages",
+    )
+    parser.add_argument(
+        "--guide-scale",
+        default=None,
+        help="autoguidance scale w, D_guide + w (D - D_guide): one or per stage "
+        "(base64=2.5; default 2)",
+    )
+    parser.add_argument(
         "--noise-aug",
         help="noise augmentation level of the SR stages' low-res input: sigma_aug for NeMo's "
         "kind edm, the level in [0, 1] for cosine_vp (default: each stage's sampling level), "
@@ -202,12 +234,40 @@ def stage_for_resolution(cascade: Cascade, res: int) -> str:
     return found[0]
 
 
+def set_guides(
+    cascade: Cascade, args: argparse.Namespace, params: Params, per_stage: dict[str, Any]
+) -> list[str]:
+    """Load every ``--guide`` into the cascade; their stages sample with autoguidance at
+    ``--guide-scale`` (2 unless given). Returns the guided stages."""
+    from imagen.mlops.client import tracking_uri
+
+    scales = parse_stage_values(args.guide_scale, float, "--guide-scale")
+    if scales is not None and not args.guide:
+        raise ConfigError("--guide-scale: give the guide model with --guide PATH")
+    guided = []
+    for source in args.guide:
+        guided.append(cascade.set_guide(source, key="--guide", tracking_uri=tracking_uri(params)))
+    given = per_stage["guidance"]
+    guidance = dict(given) if isinstance(given, Mapping) else dict.fromkeys(STAGES, given)
+    for stage in guided:
+        scale = scales.get(stage) if isinstance(scales, Mapping) else scales
+        guidance[stage] = 2.0 if scale is None else scale
+    if guided:
+        per_stage["guidance"] = {k: v for k, v in guidance.items() if v is not None}
+    return guided
+
+
 def main(args: argparse.Namespace, params: Params) -> int:
     prompts = read_prompts(args, params)
     if not prompts:
         print("imagen sample: give at least one prompt (or --prompts-file)", file=sys.stderr)
         return 2
     prompts, pictures = pair_up(prompts, args.lowres)
+    if len(args.negative) not in (0, 1, len(prompts)):
+        raise ConfigError(
+            f"--negative: {len(args.negative)} negative prompts for {len(prompts)} prompts; "
+            "give one for all, or one per prompt"
+        )
     per_stage = {
         "steps": parse_stage_values(args.steps, int, "--steps"),
         "guidance": parse_stage_values(args.guidance, float, "--guidance"),
@@ -223,7 +283,10 @@ def main(args: argparse.Namespace, params: Params) -> int:
         print(f"imagen sample: {e}", file=sys.stderr)
         return 2
     depth = stage_for_resolution(cascade, res) if res else depth
+    guided = set_guides(cascade, args, params, per_stage)
     n = args.num_images or params.sample.num_images
+    negative = [t for t in args.negative for _ in range(n)] if len(args.negative) > 1 else None
+    negative = negative or (args.negative or None)
     prompts = [p for p in prompts for _ in range(n)]
     seeds = [args.seed + k for k in range(len(prompts))]
     images: dict[str, torch.Tensor] = {}
@@ -240,6 +303,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
         lowres=lowres,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        guidance_kind=dict.fromkeys(guided, "auto") or None,
+        negative=negative,
         **per_stage,
     )
     elapsed = time.perf_counter() - start
