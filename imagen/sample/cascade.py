@@ -14,6 +14,11 @@ line.
 The cascade may also start at an SR stage from images the caller has (NeMo's low_res_input):
 ``generate(prompts, lowres=images)`` super-resolves them through sr256 (and sr1024).
 
+Inpainting: ``generate(prompts, inpaint_image=images, inpaint_mask=masks)`` samples only the
+masked region at every stage it runs; the rest of each stage's output is the image resized to
+that stage's resolution, exactly (:mod:`imagen.diffusion.inpaint`). An SR stage still takes the
+previous stage's output as its low-res input.
+
 Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
 same on the same machine (every random draw comes from a generator on the sampling device seeded by
 ``(seed, stage, batch)``). With ``seeds`` (one per image) each image's noise comes from its own
@@ -300,12 +305,15 @@ class Cascade:
         noise_aug: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        inpaint: Any = None,
     ) -> torch.Tensor:
         """One stage for one batch: (B, 3, res, res) in [-1, 1].
 
         SR stages take ``lowres`` (the previous stage's output), resize it to the stage's
         ``lowres`` size if needed, and noise it at ``noise_aug`` (default: the stage's sampling
         level, ``model.noise_cond_aug``) -- Imagen's noise conditioning augmentation.
+        ``inpaint`` (an :class:`imagen.diffusion.Inpaint` at the stage's resolution) keeps its
+        known image outside its mask.
         """
         from imagen.diffusion import sample, sr_condition
 
@@ -339,8 +347,10 @@ class Cascade:
                 sampling or cfg.sampling,
                 generator=generator,
                 progress=progress,
+                inpaint=inpaint,
             )
-        return out.float().clamp(-1, 1)
+        out = out.float().clamp(-1, 1)
+        return out if inpaint is None else inpaint.paste(out)
 
     def _stage_names(self, depth: str | None, from_lowres: bool) -> list[str]:
         """The stages a generate call runs: from base64 (or the first SR stage) to depth."""
@@ -370,6 +380,9 @@ class Cascade:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         lowres: torch.Tensor | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
+        resample: int = 1,
         batch_size: int = 4,
         progress: bool = False,
         on_batch: Callable[[int], Any] | None = None,
@@ -381,14 +394,21 @@ class Cascade:
         stage -> value; what is not given comes from each stage's ``sampling`` config.
         ``seeds`` (one per prompt) gives each image its own noise; ``lowres`` (N, 3, h, w) in
         [-1, 1] starts the cascade at its first SR stage from those images. ``on_batch(n)``
-        is called once each batch of n prompts is through every stage.
+        is called once each batch of n prompts is through every stage. ``inpaint_image``
+        (N, 3, H, W) in [-1, 1] and ``inpaint_mask`` (N, 1, H, W) bool, True where to sample
+        new content, inpaint at every stage; ``resample`` is RePaint's r (1: off).
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise ValueError("no prompts to generate")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for what, given in (("seeds", seeds), ("lowres", lowres)):
+        if (inpaint_image is None) != (inpaint_mask is None):
+            raise ValueError("inpainting needs both inpaint_image and inpaint_mask")
+        if inpaint_mask is not None and not inpaint_mask.flatten(1).any(1).all():
+            raise ValueError("inpaint_mask: a mask with nothing to regenerate (all False)")
+        checked = (("seeds", seeds), ("lowres", lowres), ("inpaint_image", inpaint_image))
+        for what, given in (*checked, ("inpaint_mask", inpaint_mask)):
             if given is not None and len(given) != len(prompts):
                 raise ValueError(f"{len(given)} {what} for {len(prompts)} prompts")
         names = self._stage_names(depth, lowres is not None)
@@ -396,6 +416,14 @@ class Cascade:
         samplings = {
             n: self.stages[n].sampling(*(_for_stage(v, n) for v in per_stage)) for n in names
         }
+        if inpaint_mask is not None:  # a sampler that cannot resample: refused before any work
+            from imagen.diffusion.inpaint import check_resample
+
+            for n in names:
+                try:
+                    check_resample(resample, samplings[n].sampler)
+                except ValueError as e:
+                    raise ConfigError(f"stage {n}: {e}") from None
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         starts = range(0, len(prompts), batch_size)
         bar = _progress_bar(len(starts) * len(names), progress)
@@ -414,6 +442,8 @@ class Cascade:
                 images = self.sample_stage(
                     name, text_embed, text_mask, images, sampling=samplings[name],
                     noise_aug=_for_stage(noise_aug, name), generator=gen,
+                    inpaint=self._inpaint(name, inpaint_image, inpaint_mask, i, batch_size,
+                                          resample),
                 )  # fmt: skip
                 out[name].append(images.cpu())
                 if bar is not None:
@@ -423,6 +453,19 @@ class Cascade:
         if bar is not None:
             bar.close()
         return {n: torch.cat(v) for n, v in out.items()}
+
+    def _inpaint(
+        self, name: str, image: Any, mask: Any, start: int, size: int, resample: int
+    ) -> Any:
+        """The batch's known image and mask at the stage's resolution (None: no inpainting)."""
+        if image is None:
+            return None
+        from imagen.diffusion import Inpaint, fit_image, fit_mask
+
+        res = self.stages[name].resolution
+        batch = slice(start, start + size)
+        known = fit_image(image[batch].float(), res).to(self.device)
+        return Inpaint(known, fit_mask(mask[batch], res).to(self.device), resample)
 
 
 def stages_to(depth: str) -> list[str]:
