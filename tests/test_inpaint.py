@@ -94,3 +94,100 @@ def test_fit_mask_keeps_thin_strokes() -> None:
     small = fit_mask(mask, 16)
     assert small.shape == (1, 1, 16, 16) and small.sum() == 1 and small[0, 0, 2, 5]
     assert torch.equal(fit_mask(small, 32)[0, 0, 4:6, 10:12], torch.ones(2, 2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ a tiny real cascade
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """Random base64 (16 px) and sr256 (16 -> 32 px) stage files, params.yaml, a picture and
+    a mask (32 px: the base stage sees them resized, sr256 at their size)."""
+    root = tmp_path_factory.mktemp("inpaint")
+    make_tiny_cascade(root, ("base64", "sr256"))
+    params = write_params(shrink(root, stages=("base64", "sr256")), root / "params.yaml")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "img.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:20, 4:28] = 255  # white: regenerate
+    Image.fromarray(mask).save(root / "mask.png")
+    return root, params
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _sample(root, params, *args: str) -> int:
+    return cli_main(
+        ["sample", "a red circle", "--params", str(params), "--no-progress",
+         "--image", str(root / "img.png"), "--mask", str(root / "mask.png"), *args]
+    )  # fmt: skip
+
+
+def test_sample_keeps_the_picture_outside_the_mask_at_every_stage(tiny, tmp_path, capsys):
+    root, params = tiny
+    out = tmp_path / "out"
+    assert _sample(root, params, "--depth", "sr256", "--out", str(out), "--seed", "3") == 0
+    picture = torch.from_numpy(_pixels(root / "img.png")).permute(2, 0, 1)[None] / 127.5 - 1
+    regenerate = torch.from_numpy(_pixels(root / "mask.png")[..., 0] >= 128)[None, None]
+    for stage, res in (("base64", 16), ("sr256", 32)):
+        (png,) = (out / stage).glob("*.png")
+        got = _pixels(png)
+        known = fit_image(picture.float(), res)[0].add(1).mul(127.5).round().permute(1, 2, 0)
+        regen = fit_mask(regenerate, res)[0, 0].numpy()
+        assert regen.any() and not regen.all()
+        # the kept region is the picture at the stage's resolution, to the pixel
+        assert np.array_equal(got[~regen], known.numpy().astype(np.int16)[~regen]), stage
+        # the masked region is new: a random net does not redraw random pixels
+        assert np.abs(got[regen] - known.numpy()[regen]).mean() > 20, stage
+    assert np.array_equal(
+        _pixels(out / "sr256" / png.name)[~regen], _pixels(root / "img.png")[~regen]
+    )
+    assert (out / "input").is_dir() and "1 image(s)" in capsys.readouterr().out
+
+
+def test_resample_runs_and_changes_the_masked_region(tiny, tmp_path) -> None:
+    root, params = tiny
+    common = ("--depth", "base64", "--sampler", "euler", "--steps", "3")
+    assert _sample(root, params, *common, "--out", str(tmp_path / "r1")) == 0
+    assert _sample(root, params, *common, "--resample", "3", "--out", str(tmp_path / "r3")) == 0
+    (a,), (b,) = (list((tmp_path / r / "base64").glob("*.png")) for r in ("r1", "r3"))
+    keep = ~fit_mask(torch.from_numpy(_pixels(root / "mask.png")[..., 0] >= 128)[None, None], 16)
+    keep = keep[0, 0].numpy()
+    assert np.array_equal(_pixels(a)[keep], _pixels(b)[keep])
+    assert not np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_bad_inpainting_inputs_are_clear_errors(tiny, tmp_path, capsys) -> None:
+    root, params = tiny
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    Image.new("L", (24, 32), 255).save(tmp_path / "small.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    base = ["sample", "x", "--params", str(params), "--no-progress", "--depth", "base64"]
+    img, mask = str(root / "img.png"), str(root / "mask.png")
+    cases = [
+        (["--image", str(tmp_path / "nope.png"), "--mask", mask], "--image", "no such file"),
+        (["--image", str(tmp_path / "broken.png"), "--mask", mask], "--image", "not a readable"),
+        (["--image", img, "--mask", str(tmp_path / "small.png")], "--mask", "24x32 px"),
+        (["--image", img, "--mask", str(tmp_path / "black.png")], "--mask", "all black"),
+        (["--image", img], "--image needs --mask", ""),
+        (["--resample", "2"], "--resample", "only with --image"),
+        (["--image", img, "--mask", mask, "--resample", "0"], "--resample", ">= 1"),
+        (["--image", img, "--mask", mask, "--resample", "2", "--sampler", "dpmpp_2m"],
+         "stage base64", "multistep"),
+        (["--image", img, "--mask", mask, "--lowres", img], "--lowres", "exclude"),
+    ]  # fmt: skip
+    for args, *needles in cases:
+        assert cli_main([*base, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert all(n in err for n in needles), (args, err)
+
+
+def test_cascade_refuses_a_mask_with_nothing_to_regenerate(tiny) -> None:
+    root, _ = tiny
+    cascade = Cascade.from_models_dir(root / "models", depth="base64")
+    image, mask = torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="nothing to regenerate"):
+        cascade.generate(["x"], inpaint_image=image, inpaint_mask=mask)
+    with pytest.raises(ConfigError, match="multistep"):
+        cascade.generate(["x"], inpaint_image=image, inpaint_mask=~mask, resample=2,
+                         sampler="dpmpp_2m")  # fmt: skip
