@@ -63,7 +63,7 @@ def test_regenerated_coordinate_follows_the_kept_one(kind: str, sampler: str) ->
     y = _inpaint_mixture(kind, sampler, 1)
     # Unconditionally 70% of samples come from B: P(x[1] > 0) = .31, mean -0.24. Given
     # x[0] = -1 they come from A, x[1] ~ N(0.6, 0.1): P(x[1] > 0) = .97. The replacement method
-    # is approximate (measured at 4000 samples: mean .26-.41, P .78-.92 over the samplers).
+    # is approximate (measured at 4000 samples: mean .26-.41, P .77-.92 over the samplers).
     assert (y > 0).double().mean() > 0.7 and y.mean() > 0.2, ((y > 0).double().mean(), y.mean())
 
 
