@@ -126,7 +126,8 @@ def _sample(root, params, *args: str) -> int:
 def test_sample_keeps_the_picture_outside_the_mask_at_every_stage(tiny, tmp_path, capsys):
     root, params = tiny
     out = tmp_path / "out"
-    assert _sample(root, params, "--depth", "sr256", "--out", str(out), "--seed", "3") == 0
+    args = ("--depth", "sr256", "--out", str(out), "--seed", "3", "--resample", "base64=2")
+    assert _sample(root, params, *args) == 0
     picture = torch.from_numpy(_pixels(root / "img.png")).permute(2, 0, 1)[None] / 127.5 - 1
     regenerate = torch.from_numpy(_pixels(root / "mask.png")[..., 0] >= 128)[None, None]
     for stage, res in (("base64", 16), ("sr256", 32)):
@@ -172,6 +173,7 @@ def test_bad_inpainting_inputs_are_clear_errors(tiny, tmp_path, capsys) -> None:
         (["--image", img], "--image needs --mask", ""),
         (["--resample", "2"], "--resample", "only with --image"),
         (["--image", img, "--mask", mask, "--resample", "0"], "--resample", ">= 1"),
+        (["--image", img, "--mask", mask, "--resample", "sr9=2"], "--resample", "unknown stage"),
         (["--image", img, "--mask", mask, "--resample", "2", "--sampler", "dpmpp_2m"],
          "stage base64", "multistep"),
         (["--image", img, "--mask", mask, "--lowres", img], "--lowres", "exclude"),

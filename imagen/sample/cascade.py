@@ -382,7 +382,7 @@ class Cascade:
         lowres: torch.Tensor | None = None,
         inpaint_image: torch.Tensor | None = None,
         inpaint_mask: torch.Tensor | None = None,
-        resample: int = 1,
+        resample: PerStage[int] = 1,
         batch_size: int = 4,
         progress: bool = False,
         on_batch: Callable[[int], Any] | None = None,
@@ -396,7 +396,8 @@ class Cascade:
         [-1, 1] starts the cascade at its first SR stage from those images. ``on_batch(n)``
         is called once each batch of n prompts is through every stage. ``inpaint_image``
         (N, 3, H, W) in [-1, 1] and ``inpaint_mask`` (N, 1, H, W) bool, True where to sample
-        new content, inpaint at every stage; ``resample`` is RePaint's r (1: off).
+        new content, inpaint at every stage; ``resample`` is RePaint's r (1: off), one value
+        or per stage.
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
@@ -421,7 +422,7 @@ class Cascade:
 
             for n in names:
                 try:
-                    check_resample(resample, samplings[n].sampler)
+                    check_resample(_for_stage(resample, n) or 1, samplings[n].sampler)
                 except ValueError as e:
                     raise ConfigError(f"stage {n}: {e}") from None
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -443,7 +444,7 @@ class Cascade:
                     name, text_embed, text_mask, images, sampling=samplings[name],
                     noise_aug=_for_stage(noise_aug, name), generator=gen,
                     inpaint=self._inpaint(name, inpaint_image, inpaint_mask, i, batch_size,
-                                          resample),
+                                          _for_stage(resample, name) or 1),
                 )  # fmt: skip
                 out[name].append(images.cpu())
                 if bar is not None:

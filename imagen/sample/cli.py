@@ -116,11 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resample",
-        type=int,
-        default=1,
+        default=None,
         metavar="R",
         help="with --image: take every sampling step R times, jumping back between takes "
-        "(RePaint; R times the network evaluations; not with dpmpp_2m). Default: 1 (off)",
+        "(RePaint; R times the network evaluations; not with dpmpp_2m); one number or per "
+        "stage, e.g. base64=3. Default: 1 (off)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -205,7 +205,7 @@ def read_inpaint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] 
     import numpy as np
 
     if args.image is None and args.mask is None:
-        if args.resample != 1:
+        if args.resample is not None:
             raise ConfigError("--resample: only with --image and --mask (inpainting)")
         return None
     if args.image is None or args.mask is None:
@@ -213,7 +213,9 @@ def read_inpaint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] 
         raise ConfigError(f"{given} needs {missing} (white = regenerate, black = keep)")
     if args.lowres:
         raise ConfigError("--image (inpainting) and --lowres (super-resolution) exclude each other")
-    if args.resample < 1:
+    resample = parse_stage_values(args.resample, int, "--resample")
+    values = resample.values() if isinstance(resample, dict) else [resample]
+    if any(v is not None and v < 1 for v in values):
         raise ConfigError(f"--resample: got {args.resample}; it must be >= 1 (1 = off)")
     img = _open_rgb(args.image, "--image", "RGB")
     mask = _open_rgb(args.mask, "--mask", "L")
@@ -311,7 +313,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
         from imagen.diffusion import fit_image, fit_mask
 
         image, mask = (t.expand(len(prompts), *t.shape[1:]) for t in inpaint)
-        extra = dict(inpaint_image=image, inpaint_mask=mask, resample=args.resample)
+        resample = parse_stage_values(args.resample, int, "--resample")
+        extra = dict(inpaint_image=image, inpaint_mask=mask, resample=resample or 1)
         res0 = next(iter(cascade.stages.values())).resolution  # the input, masked region grey
         images["input"] = fit_image(image, res0).masked_fill(fit_mask(mask, res0), 0.0)
     start = time.perf_counter()
