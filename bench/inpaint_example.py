@@ -40,7 +40,8 @@ def main() -> int:
     p.add_argument("--index", type=int, default=3, help="held-out image number")
     p.add_argument("--box", default="0.22,0.03,0.76,0.56", help="mask box x0,y0,x1,y1 (0-1)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--resample", default="3")
+    p.add_argument("--resample", default="base64=3", help="--resample of imagen sample")
+    p.add_argument("--depth", default="sr256", help="--depth of imagen sample")
     p.add_argument("--seed", default="0")
     p.add_argument("--height", type=int, default=200, help="height of each panel")
     p.add_argument("--out", type=Path, default=Path("docs/inpaint_example.jpg"))
@@ -56,15 +57,16 @@ def main() -> int:
         image.save(tmp / "image.png")
         mask.save(tmp / "mask.png")
         cmd = [
-            sys.executable, "-m", "imagen.cli", "sample", args.prompt,
+            sys.executable, "-P", "-m", "imagen.cli", "sample", args.prompt,
             "--models", str(args.project / "models"),
             "--image", str(tmp / "image.png"), "--mask", str(tmp / "mask.png"),
-            "--resample", args.resample, "--seed", args.seed, "--out", str(tmp / "out"),
+            "--resample", args.resample, "--depth", args.depth, "--seed", args.seed,
+            "--out", str(tmp / "out"),
             "--no-progress",
         ]  # fmt: skip
         print(" ".join(cmd[2:]))
         # in the project folder, as its own commands run (its params' relative paths), with
-        # this repository's code; the command writes nothing but its --out folder
+        # this repository's code (-P: not the project's copy); it writes only its --out folder
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         subprocess.run(cmd, check=True, cwd=args.project, env=env)
         last = [d for d in ("sr1024", "sr256", "base64") if (tmp / "out" / d).is_dir()][0]
