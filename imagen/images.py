@@ -4,7 +4,7 @@ PIL conversion and captioned contact sheets (the grids people look at in MLflow 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -87,4 +87,34 @@ def image_grid(
         if captions:
             for k, line in enumerate(wrap_text(draw, captions[i], cell_w, font, caption_lines)):
                 draw.text((x0, y0 + cell + 2 + 12 * k), line, fill="black", font=font)
+    return sheet
+
+
+def cascade_grid(
+    images: Mapping[str, torch.Tensor], prompts: Sequence[str], *, cell: int = 256
+) -> Image.Image:
+    """Rows = prompts, columns = stages (64 -> 256 -> 1024), every image shown at ``cell`` px.
+
+    Each stage is resized with nearest-neighbour so a 64 px image shows its real pixels beside
+    the 256 px and 1024 px ones.
+    """
+    # input (a given low-res image) first, then the stages in the order given
+    stages = sorted(images, key=lambda s: s != "input")
+    font = ImageFont.load_default()
+    label_w, head_h, pad = 180, 18, 6
+    width = label_w + len(stages) * (cell + pad) + pad
+    height = head_h + len(prompts) * (cell + pad) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, stage in enumerate(stages):
+        res = images[stage].shape[-1]
+        draw.text((label_w + j * (cell + pad), 3), f"{stage} ({res} px)", fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y0 = head_h + i * (cell + pad)
+        for k, line in enumerate(wrap_text(draw, prompt, label_w - 10, font, cell // 12)):
+            draw.text((pad, y0 + 12 * k), line, fill="black", font=font)
+        for j, stage in enumerate(stages):
+            img = to_pil(images[stage][i])
+            resample = Image.NEAREST if img.width <= cell else Image.LANCZOS
+            sheet.paste(img.resize((cell, cell), resample), (label_w + j * (cell + pad), y0))
     return sheet

@@ -23,6 +23,7 @@ from imagen.diffusion.guidance import (
     dynamic_threshold,
     static_threshold,
 )
+from imagen.diffusion.inpaint import Inpaint, fit_image, fit_mask
 from imagen.diffusion.noise_aug import (
     augment_lowres,
     lowres_condition,
@@ -54,12 +55,15 @@ __all__ = [
     "Denoiser",
     "EDMDenoiser",
     "GuidedDenoiser",
+    "Inpaint",
     "apply_threshold",
     "augment_lowres",
     "build_denoiser",
     "drop_mask",
     "dynamic_threshold",
     "elementwise_loss",
+    "fit_image",
+    "fit_mask",
     "karras_sigmas",
     "log_snr_cosine",
     "log_snr_linear",

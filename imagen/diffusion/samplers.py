@@ -4,7 +4,8 @@
 (``x = x0 + sigma * eps``): a :class:`~imagen.diffusion.denoiser.Denoiser` (EDM or DDPM
 preconditioning), a :class:`~imagen.diffusion.guidance.GuidedDenoiser`, or an exact analytic
 denoiser. ``sigmas`` is a decreasing (N + 1,) tensor ending in 0, i.e. N steps. All randomness
-comes from ``generator``. ``callback`` gets a dict (i, sigma, sigma_next, x, denoised) per step.
+comes from ``generator``. ``callback`` gets a dict (i, sigma, sigma_next, x, denoised) per step;
+a tensor it returns replaces x (how inpainting keeps the known region).
 
 :func:`sample` is the entry point that training and evaluation use: it reads a
 :class:`~imagen.config.SamplingConfig` and is deterministic for a given seed.
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from imagen.config import SamplingConfig
 from imagen.diffusion.denoiser import DDPMDenoiser, Denoiser, randn
 from imagen.diffusion.guidance import GuidedDenoiser
+from imagen.diffusion.inpaint import Inpaint, sample_inpaint
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -34,9 +36,13 @@ def _steps(sigmas: torch.Tensor, progress: bool, desc: str):
     return tqdm(range(n), desc=desc, disable=not progress, leave=False)
 
 
-def _report(callback: Callback | None, i: int, s, s_next, x, denoised) -> None:
+def _report(callback: Callback | None, i: int, s, s_next, x, denoised) -> torch.Tensor:
+    """Call ``callback`` with the step; x, or the tensor the callback returned in its place."""
     if callback is not None:
-        callback({"i": i, "sigma": s, "sigma_next": s_next, "x": x, "denoised": denoised})
+        out = callback({"i": i, "sigma": s, "sigma_next": s_next, "x": x, "denoised": denoised})
+        if isinstance(out, torch.Tensor):
+            return out
+    return x
 
 
 @torch.no_grad()
@@ -58,7 +64,7 @@ def sample_euler(
         # written as D + (s_next / s)(x - D) so that a huge first level (a DDPM stage's t = 1
         # is sigma ~ 1e7) does not cancel D away in float32
         x = denoised + (s_next / s) * (x - denoised)
-        _report(callback, i, s, s_next, x, denoised)
+        x = _report(callback, i, s, s_next, x, denoised)
     return x
 
 
@@ -105,7 +111,7 @@ def sample_heun(
             d_next = (x_next - denoise_fn(x_next, s_next)) / s_next
             x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
         x = x_next
-        _report(callback, i, s, s_next, x, denoised)
+        x = _report(callback, i, s, s_next, x, denoised)
     return x
 
 
@@ -141,7 +147,7 @@ def _ancestral(
         x = denoised + sigma_down * eps_hat
         if eta > 0 and s_next > 0:
             x = x + sigma_up * randn(x.shape, x, generator)
-        _report(callback, i, s, s_next, x, denoised)
+        x = _report(callback, i, s, s_next, x, denoised)
     return x
 
 
@@ -218,7 +224,7 @@ def sample_dpmpp_2m(
             x = (s_next / s) * x - torch.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        _report(callback, i, s, s_next, x, denoised)
+        x = _report(callback, i, s, s_next, x, denoised)
     return x
 
 
@@ -286,6 +292,7 @@ def sample(
     dtype: torch.dtype | None = None,
     guide: Denoiser | None = None,
     negative: Mapping[str, Any] | None = None,
+    inpaint: Inpaint | None = None,
 ) -> torch.Tensor:
     """Draw samples of ``shape`` from ``denoiser`` as ``sampling`` configures.
 
@@ -298,7 +305,8 @@ def sample(
     for DDPM), guidance and thresholding all come from ``sampling``; ``guidance_scale``
     overrides its guidance (evaluation sweeps). All noise is drawn from ``generator`` or, when
     none is given, a generator on ``device`` seeded with ``seed``: the same seed gives the same
-    samples on the same device.
+    samples on the same device. With ``inpaint`` only its regenerated region is sampled; the
+    rest is its known image (:mod:`imagen.diffusion.inpaint`).
     """
     sampling = sampling or SamplingConfig()
     if sampling.sampler == "auto":  # NeMo's: Heun for EDM, ancestral DDPM for DDPM
@@ -306,6 +314,8 @@ def sample(
         sampling = sampling.model_copy(update={"sampler": kind})
     if sampling.sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampling.sampler!r}; allowed: {sorted(SAMPLERS)}")
+    if inpaint is not None:
+        inpaint.check(tuple(shape), sampling.sampler)
     mod_device, mod_dtype = _module_device_dtype(denoiser)
     device = torch.device(device) if device is not None else mod_device
     dtype = dtype or mod_dtype
@@ -342,6 +352,18 @@ def sample(
     like = torch.empty(0, device=device, dtype=dtype)
     x_T = randn(tuple(shape), like, generator) * sigmas[0]
     fn = SAMPLERS[sampling.sampler]
+    if inpaint is not None:
+        return sample_inpaint(
+            fn,
+            denoise_fn,
+            x_T,
+            sigmas,
+            inpaint,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+            **sampler_options(sampling),
+        )
     return fn(
         denoise_fn,
         x_T,

@@ -14,6 +14,11 @@ line.
 The cascade may also start at an SR stage from images the caller has (NeMo's low_res_input):
 ``generate(prompts, lowres=images)`` super-resolves them through sr256 (and sr1024).
 
+Inpainting: ``generate(prompts, inpaint_image=images, inpaint_mask=masks)`` samples only the
+masked region at every stage it runs; the rest of each stage's output is the image resized to
+that stage's resolution, exactly (:mod:`imagen.diffusion.inpaint`). An SR stage still takes the
+previous stage's output as its low-res input.
+
 Determinism: for a given seed, batch size and set of prompts the images are bit-for-bit the
 same on the same machine (every random draw comes from a generator on the sampling device seeded by
 ``(seed, stage, batch)``). With ``seeds`` (one per image) each image's noise comes from its own
@@ -30,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from imagen.checkpoint import MODEL_FILE
@@ -41,8 +45,15 @@ from imagen.config import (
     SamplingConfig,
     StageConfig,
 )
-from imagen.images import image_grid, to_pil, wrap_text
-from imagen.sample.options import PerStage, for_stage, negative_prompts, parse_stage_values
+from imagen.images import cascade_grid, image_grid, to_pil
+from imagen.sample.options import (
+    PerStage,
+    batch_generator,
+    for_stage,
+    image_generators,
+    negative_prompts,
+    parse_stage_values,
+)
 
 __all__ = [
     "Cascade",
@@ -53,38 +64,6 @@ __all__ = [
     "parse_stage_values",
     "to_pil",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-def cascade_grid(
-    images: Mapping[str, torch.Tensor], prompts: Sequence[str], *, cell: int = 256
-) -> Image.Image:
-    """Rows = prompts, columns = stages (64 -> 256 -> 1024), every image shown at ``cell`` px.
-
-    Each stage is resized with nearest-neighbour so a 64 px image shows its real pixels beside
-    the 256 px and 1024 px ones.
-    """
-    stages = [s for s in ("input", *STAGES) if s in images]  # input: a given low-res image
-    font = ImageFont.load_default()
-    label_w, head_h, pad = 180, 18, 6
-    width = label_w + len(stages) * (cell + pad) + pad
-    height = head_h + len(prompts) * (cell + pad) + pad
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, stage in enumerate(stages):
-        res = images[stage].shape[-1]
-        draw.text((label_w + j * (cell + pad), 3), f"{stage} ({res} px)", fill="black", font=font)
-    for i, prompt in enumerate(prompts):
-        y0 = head_h + i * (cell + pad)
-        for k, line in enumerate(wrap_text(draw, prompt, label_w - 10, font, cell // 12)):
-            draw.text((pad, y0 + 12 * k), line, fill="black", font=font)
-        for j, stage in enumerate(stages):
-            img = to_pil(images[stage][i])
-            resample = Image.NEAREST if img.width <= cell else Image.LANCZOS
-            sheet.paste(img.resize((cell, cell), resample), (label_w + j * (cell + pad), y0))
-    return sheet
 
 
 def missing_stage_message(path: Path, stage: str) -> str:
@@ -136,27 +115,6 @@ class CascadeStage:
             return SamplingConfig.model_validate({**self.config.sampling.model_dump(), **update})
         except ValueError as e:
             raise ConfigError(f"sampling override for {self.name}: {e}") from e
-
-
-def _image_generators(seeds: Sequence[int], stage_index: int, device: torch.device) -> Any:
-    """One generator per image on ``device``, seeded by (its seed, the stage)."""
-    from imagen.diffusion import SampleGenerators
-
-    return SampleGenerators(
-        torch.Generator(device).manual_seed((int(s) * 1_000_003 + stage_index * 10_007) % (2**63))
-        for s in seeds
-    )
-
-
-def _batch_generator(
-    seed: int, stage_index: int, batch_index: int, device: torch.device
-) -> torch.Generator:
-    # One generator per (seed, stage, batch) on the sampling device: the noise is drawn where
-    # the networks run (no host randn and copy per step); a seed gives the same images on the
-    # same kind of device.
-    return torch.Generator(device).manual_seed(
-        (int(seed) * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
-    )
 
 
 class Cascade:
@@ -311,6 +269,7 @@ class Cascade:
         generator: torch.Generator | None = None,
         progress: bool = False,
         negative: Mapping[str, torch.Tensor] | None = None,
+        inpaint: Any = None,
     ) -> torch.Tensor:
         """One stage for one batch: (B, 3, res, res) in [-1, 1].
 
@@ -319,6 +278,8 @@ class Cascade:
         level, ``model.noise_cond_aug``) -- Imagen's noise conditioning augmentation.
         ``negative`` (text_embed, text_mask, null) conditions CFG's unconditional branch;
         ``sampling.guidance`` auto samples with the stage's guide (loaded when first needed).
+        ``inpaint`` (an :class:`imagen.diffusion.Inpaint` at the stage's resolution) keeps its
+        known image outside its mask.
         """
         from imagen.diffusion import sample, sr_condition
 
@@ -356,8 +317,10 @@ class Cascade:
                 progress=progress,
                 guide=guide,
                 negative=negative,
+                inpaint=inpaint,
             )
-        return out.float().clamp(-1, 1)
+        out = out.float().clamp(-1, 1)
+        return out if inpaint is None else inpaint.paste(out)
 
     def _stage_names(self, depth: str | None, from_lowres: bool) -> list[str]:
         """The stages a generate call runs: from base64 (or the first SR stage) to depth."""
@@ -387,6 +350,9 @@ class Cascade:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         lowres: torch.Tensor | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
+        resample: PerStage[int] = 1,
         batch_size: int = 4,
         progress: bool = False,
         on_batch: Callable[[int], Any] | None = None,
@@ -405,13 +371,22 @@ class Cascade:
         (the guide from :meth:`set_guide` or ``sampling.guide``); ``negative`` (one per
         prompt, or one for all; "" keeps the null text) conditions CFG's unconditional branch
         on negative prompts instead of the null text.
+        is called once each batch of n prompts is through every stage. ``inpaint_image``
+        (N, 3, H, W) in [-1, 1] and ``inpaint_mask`` (N, 1, H, W) bool, True where to sample
+        new content, inpaint at every stage; ``resample`` is RePaint's r (1: off), one value
+        or per stage.
         """
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise ValueError("no prompts to generate")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for what, given in (("seeds", seeds), ("lowres", lowres)):
+        if (inpaint_image is None) != (inpaint_mask is None):
+            raise ValueError("inpainting needs both inpaint_image and inpaint_mask")
+        if inpaint_mask is not None and not inpaint_mask.flatten(1).any(1).all():
+            raise ValueError("inpaint_mask: a mask with nothing to regenerate (all False)")
+        checked = (("seeds", seeds), ("lowres", lowres), ("inpaint_image", inpaint_image))
+        for what, given in (*checked, ("inpaint_mask", inpaint_mask)):
             if given is not None and len(given) != len(prompts):
                 raise ValueError(f"{len(given)} {what} for {len(prompts)} prompts")
         negatives = negative_prompts(negative, len(prompts))
@@ -428,6 +403,14 @@ class Cascade:
             )
         for n in auto:  # a missing or unfit guide fails before any sampling
             self._guide_for(n, samplings[n])
+        if inpaint_mask is not None:  # a sampler that cannot resample: refused before any work
+            from imagen.diffusion.inpaint import check_resample
+
+            for n in names:
+                try:
+                    check_resample(for_stage(resample, n) or 1, samplings[n].sampler)
+                except ValueError as e:
+                    raise ConfigError(f"stage {n}: {e}") from None
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         starts = range(0, len(prompts), batch_size)
         bar = _progress_bar(len(starts) * len(names), progress)
@@ -445,13 +428,15 @@ class Cascade:
                     bar.set_description(f"{name} batch {bi + 1}/{len(starts)}")
                 k = STAGES.index(name)
                 gen = (
-                    _batch_generator(seed, k, bi, self.device)
+                    batch_generator(seed, k, bi, self.device)
                     if seeds is None
-                    else _image_generators(seeds[i : i + batch_size], k, self.device)
+                    else image_generators(seeds[i : i + batch_size], k, self.device)
                 )
                 images = self.sample_stage(
                     name, text_embed, text_mask, images, sampling=samplings[name],
                     noise_aug=for_stage(noise_aug, name), generator=gen, negative=neg,
+                    inpaint=self._inpaint(name, inpaint_image, inpaint_mask, i, batch_size,
+                                          for_stage(resample, name) or 1),
                 )  # fmt: skip
                 out[name].append(images.cpu())
                 if bar is not None:
@@ -461,6 +446,19 @@ class Cascade:
         if bar is not None:
             bar.close()
         return {n: torch.cat(v) for n, v in out.items()}
+
+    def _inpaint(
+        self, name: str, image: Any, mask: Any, start: int, size: int, resample: int
+    ) -> Any:
+        """The batch's known image and mask at the stage's resolution (None: no inpainting)."""
+        if image is None:
+            return None
+        from imagen.diffusion import Inpaint, fit_image, fit_mask
+
+        res = self.stages[name].resolution
+        batch = slice(start, start + size)
+        known = fit_image(image[batch].float(), res).to(self.device)
+        return Inpaint(known, fit_mask(mask[batch], res).to(self.device), resample)
 
 
 def stages_to(depth: str) -> list[str]:

@@ -19,6 +19,11 @@ Beyond NeMo (named options, off by default):
 - ``--guide PATH`` samples the guide's stage with autoguidance (Karras et al. 2024) at
   ``--guide-scale`` (default 2): the guide is a weaker version of that stage, e.g. an earlier
   checkpoint ``models/base64/checkpoints/step=...ckpt``, a model.pt, or a models:/ URI.
+
+Inpainting (beyond NeMo): ``--image PICTURE --mask MASK`` regenerates the mask's white region
+of the picture (centre square) at every stage and keeps the rest, exactly: each stage's output
+is the picture resized to its resolution outside the mask. The mask is a picture of the same
+size (grey levels >= 128 are white); ``--resample R`` takes every step R times (RePaint).
 """
 
 from __future__ import annotations
@@ -105,6 +110,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IMAGE",
         help="super-resolve this picture through sr256 (and sr1024) instead of generating "
         "from text (NeMo's low_res_input); repeat for several, paired with the prompts",
+    )
+    parser.add_argument(
+        "--image",
+        metavar="PICTURE",
+        help="inpaint this picture (its centre square): regenerate the --mask's white region "
+        "at every stage, keep the rest exactly",
+    )
+    parser.add_argument(
+        "--mask",
+        metavar="MASK",
+        help="with --image: a picture of the same size, white = regenerate, black = keep",
+    )
+    parser.add_argument(
+        "--resample",
+        default=None,
+        metavar="R",
+        help="with --image: take every sampling step R times, jumping back between takes "
+        "(RePaint; R times the network evaluations; not with dpmpp_2m); one number or per "
+        "stage, e.g. base64=3. Default: 1 (off)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -195,6 +219,57 @@ def read_lowres(paths: Sequence[str], size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _open_rgb(path: str, option: str, mode: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigError(f"{option} {path}: not a readable image ({e})") from None
+
+
+def read_inpaint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``--image`` / ``--mask`` -> the picture's centre square (1, 3, S, S) in [-1, 1] and the
+    mask's (1, 1, S, S) bool (True = regenerate), checked before any model is loaded."""
+    import numpy as np
+
+    if args.image is None and args.mask is None:
+        if args.resample is not None:
+            raise ConfigError("--resample: only with --image and --mask (inpainting)")
+        return None
+    if args.image is None or args.mask is None:
+        given, missing = ("--image", "--mask") if args.mask is None else ("--mask", "--image")
+        raise ConfigError(f"{given} needs {missing} (white = regenerate, black = keep)")
+    if args.lowres:
+        raise ConfigError("--image (inpainting) and --lowres (super-resolution) exclude each other")
+    resample = parse_stage_values(args.resample, int, "--resample")
+    values = resample.values() if isinstance(resample, dict) else [resample]
+    if any(v is not None and v < 1 for v in values):
+        raise ConfigError(f"--resample: got {args.resample}; it must be >= 1 (1 = off)")
+    img = _open_rgb(args.image, "--image", "RGB")
+    mask = _open_rgb(args.mask, "--mask", "L")
+    if mask.size != img.size:
+        raise ConfigError(
+            f"--mask {args.mask}: {mask.width}x{mask.height} px, but --image {args.image} is "
+            f"{img.width}x{img.height} px: the mask must be the picture's size"
+        )
+    s = min(img.size)
+    box = ((img.width - s) // 2, (img.height - s) // 2)
+    box = (*box, box[0] + s, box[1] + s)
+    pixels = torch.from_numpy(np.asarray(img.crop(box), dtype=np.uint8).copy())
+    regenerate = torch.from_numpy(np.asarray(mask.crop(box), dtype=np.uint8) >= 128)
+    if not regenerate.any():
+        raise ConfigError(
+            f"--mask {args.mask}: all black (in the centre square): nothing to regenerate; "
+            "white marks the region to regenerate"
+        )
+    image = pixels.permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    return image, regenerate[None, None]
+
+
 def pair_up(prompts: list[str], images: list[str]) -> tuple[list[str], list[str]]:
     """One image for every prompt, one prompt for every image, or as many of each."""
     if not images or len(images) == len(prompts):
@@ -268,6 +343,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
             f"--negative: {len(args.negative)} negative prompts for {len(prompts)} prompts; "
             "give one for all, or one per prompt"
         )
+    inpaint = read_inpaint(args)
     per_stage = {
         "steps": parse_stage_values(args.steps, int, "--steps"),
         "guidance": parse_stage_values(args.guidance, float, "--guidance"),
@@ -295,6 +371,15 @@ def main(args: argparse.Namespace, params: Params) -> int:
         first = next(st for st in cascade.stages.values() if st.net.is_sr)
         lowres = read_lowres([p for p in pictures for _ in range(n)], first.config.lowres or 64)
         images["input"] = lowres
+    extra: dict[str, Any] = {}
+    if inpaint is not None:
+        from imagen.diffusion import fit_image, fit_mask
+
+        image, mask = (t.expand(len(prompts), *t.shape[1:]) for t in inpaint)
+        resample = parse_stage_values(args.resample, int, "--resample")
+        extra = dict(inpaint_image=image, inpaint_mask=mask, resample=resample or 1)
+        res0 = next(iter(cascade.stages.values())).resolution  # the input, masked region grey
+        images["input"] = fit_image(image, res0).masked_fill(fit_mask(mask, res0), 0.0)
     start = time.perf_counter()
     images |= cascade.generate(
         prompts,
@@ -306,6 +391,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
         guidance_kind=dict.fromkeys(guided, "auto") or None,
         negative=negative,
         **per_stage,
+        **extra,
     )
     elapsed = time.perf_counter() - start
     out = args.out or params.sample.out_dir

@@ -1,9 +1,12 @@
-"""Option values of the cascade's sampling: one for every stage or per stage, negative prompts."""
+"""Option values of the cascade's sampling: one for every stage or per stage, negative prompts,
+and the noise generators a seed gives."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+
+import torch
 
 from imagen.config import STAGES, ConfigError
 
@@ -55,3 +58,24 @@ def negative_prompts(negative: Sequence[str] | str | None, n: int) -> list[str] 
             f"{len(given)} negative prompts for {n} prompts: give one for all, or one per prompt"
         )
     return given if any(given) else None
+
+
+def image_generators(seeds: Sequence[int], stage_index: int, device: torch.device) -> Any:
+    """One generator per image on ``device``, seeded by (its seed, the stage)."""
+    from imagen.diffusion import SampleGenerators
+
+    return SampleGenerators(
+        torch.Generator(device).manual_seed((int(s) * 1_000_003 + stage_index * 10_007) % (2**63))
+        for s in seeds
+    )
+
+
+def batch_generator(
+    seed: int, stage_index: int, batch_index: int, device: torch.device
+) -> torch.Generator:
+    # One generator per (seed, stage, batch) on the sampling device: the noise is drawn where
+    # the networks run (no host randn and copy per step); a seed gives the same images on the
+    # same kind of device.
+    return torch.Generator(device).manual_seed(
+        (int(seed) * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
+    )
