@@ -116,12 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         shown = json.loads(_dvc("exp", "show", "--json").stdout)
     found = experiments(shown)
     per_seed = {base_seed: json.loads(Path(METRICS).read_text())}
+    import dvc.api
+
     for s in args.seeds:
-        data = found.get(f"{args.stage}-seed-{s}", {})
-        m = data.get("metrics", {}).get(METRICS, {}).get("data")
-        if m is None:
-            raise SystemExit(f"no {METRICS} for experiment {args.stage}-seed-{s} in `dvc exp show`")
-        per_seed[s] = m
+        rev = found.get(f"{args.stage}-seed-{s}", {}).get("rev")
+        if rev is None:
+            raise SystemExit(f"no experiment {args.stage}-seed-{s} in `dvc exp show`")
+        # the whole file (dvc exp show keeps only its scalars, not the per-scale rows)
+        per_seed[s] = json.loads(dvc.api.read(METRICS, rev=rev))
 
     rows = table(per_seed)
     seeds = list(per_seed)

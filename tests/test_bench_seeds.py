@@ -47,6 +47,6 @@ def test_median_and_range_per_scale_and_at_the_best_scale() -> None:
 
 def test_experiments_are_found_by_name_at_any_depth() -> None:
     mod = _module()
-    exp = {"name": "base64-seed-1", "data": {"metrics": {"m": 1}}}
+    exp = {"name": "base64-seed-1", "rev": "8f71", "data": {"metrics": {"m": 1}}}
     shown = [{"rev": "workspace", "data": {}}, {"rev": "abc", "experiments": [{"revs": [exp]}]}]
-    assert mod.experiments(shown) == {"base64-seed-1": {"metrics": {"m": 1}}}
+    assert mod.experiments(shown) == {"base64-seed-1": {"metrics": {"m": 1}, "rev": "8f71"}}

@@ -8,13 +8,15 @@ from typing import Any
 
 
 def by_name(shown: Any) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its ``data`` entry (``params``, ``metrics``, ...), at any nesting."""
+    """Experiment name -> its ``data`` entry (``params``, ``metrics``, ...), at any nesting, with
+    ``rev``, the experiment's commit (DVC lists only scalars of a metrics file; the whole file
+    is ``dvc.api.read(path, rev=rev)``)."""
     found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             if node.get("name") and isinstance(node.get("data"), dict):
-                found[node["name"]] = node["data"]
+                found[node["name"]] = {**node["data"], "rev": node.get("rev")}
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
