@@ -56,7 +56,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` run where CUDA is, and are skipped with the reason elsewhere."""
+    """Files with the most ``slow`` tests run first (under pytest-xdist's ``--dist loadfile``
+    the long ones start early and the quick ones fill the end); tests marked ``gpu`` run where
+    CUDA is, and are skipped with the reason elsewhere."""
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's own order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu); none on this machine")
