@@ -55,14 +55,24 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         stop(proc)
 
 
+# The longest files as CI measured them (`--durations`), longest first
+LONGEST = ("test_flow.py", "test_train_faults.py", "test_pipeline.py", "test_train.py",
+           "test_ddp.py", "test_fsdp.py")  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with the most ``slow`` tests run first (under pytest-xdist's ``--dist loadfile``
-    the long ones start early and the quick ones fill the end); tests marked ``gpu`` run where
-    CUDA is, and are skipped with the reason elsewhere."""
+    """The longest files first, then those with the most ``slow`` tests (under pytest-xdist's
+    ``--dist loadfile`` the long ones start early and the quick ones fill the end); tests
+    marked ``gpu`` run where CUDA is, and are skipped with the reason elsewhere."""
     slow: dict[Path, int] = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + ("slow" in item.keywords)
-    items.sort(key=lambda item: -slow[item.path])  # stable: a file's own order is kept
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        return (LONGEST.index(name) if name in LONGEST else len(LONGEST), -slow[item.path])
+
+    items.sort(key=rank)  # stable: a file's own order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu); none on this machine")
