@@ -42,7 +42,7 @@ from flows.parts import PARTED, map_parts, stale
 from imagen.config import STAGES, ConfigError, Params, flatten, load_params
 from imagen.mlops.client import client_and_experiment, tracking_uri
 from imagen.mlops.parent import PARENT_ENV, create_parent_run, end_parent_run, stage_runs
-from imagen.mlops.pipeline import DVC_STAGES, ReproTimer, run_url, stream
+from imagen.mlops.pipeline import DVC_STAGES, ReproTimer, run_url, stream_tail
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -122,19 +122,17 @@ def run_stage(
     log; ``env`` is added to the stage's environment."""
     logger = get_run_logger()
     timer = ReproTimer()
-    tail: list[str] = []
 
     def on_line(line: str) -> None:
         logger.info(line)
         timer.feed(line)
-        tail.append(line)
-        del tail[:-60]
 
     env = dict(env or {})
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
     start = time.monotonic()
-    rc = stream(["dvc", "repro", "--single-item", stage], cwd=root, env=env, on_line=on_line)
+    cmd = ["dvc", "repro", "--single-item", stage]
+    rc, tail = stream_tail(cmd, on_line, cwd=root, env=env, keep=60)
     seconds = time.monotonic() - start
     if rc != 0:
         raise StageFailed(stage, rc, tail)

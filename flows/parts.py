@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from imagen.config import ConfigError
-from imagen.mlops.pipeline import stream
+from imagen.mlops.pipeline import stream_tail
 
 PARTED: tuple[str, ...] = ("ingest", "precache")
 
@@ -40,16 +40,8 @@ class PartFailed(RuntimeError):
 )
 def run_part(stage: str, root: str, index: int, count: int) -> dict[str, Any]:
     """``imagen <stage> --part index/count`` in ``root``, its output in the task's log."""
-    logger = get_run_logger()
-    tail: list[str] = []
-
-    def on_line(line: str) -> None:
-        logger.info(line)
-        tail.append(line)
-        del tail[:-20]
-
     cmd = [sys.executable, "-m", "imagen.cli", stage, "--part", f"{index}/{count}"]
-    rc = stream([*cmd, "--no-progress"], cwd=root, on_line=on_line)
+    rc, tail = stream_tail([*cmd, "--no-progress"], get_run_logger().info, cwd=root, keep=20)
     if rc != 0:
         raise PartFailed(f"{' '.join(cmd)} exited with {rc}:\n" + "\n".join(tail))
     return {"stage": stage, "part": index, "count": count}

@@ -1,15 +1,18 @@
-"""``make prefect``: a local Prefect server (SQLite, 127.0.0.1) plus the served deployment.
+"""``make prefect``: a local Prefect server (SQLite, 127.0.0.1) plus the served deployments.
 
     python -m flows.serve [--port 4200] [--no-server]
 
 Starts ``prefect server start --host 127.0.0.1`` with PREFECT_HOME in the project (.prefect/,
 analytics off), waits until it is healthy, then serves the flow "imagen" as the deployment
-"cascade-train" until interrupted (Ctrl-C), and stops the server. In another shell::
+"cascade-train" and the flow "imagen-sample" as "sample" (flows/sample.py) until interrupted
+(Ctrl-C), and stops the server. In another shell::
 
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     .venv/bin/prefect deployment run imagen/cascade-train --watch
     .venv/bin/prefect deployment run imagen/cascade-train \\
         --param overrides='{"stages.base64.trainer.max_steps": 50}'
+    .venv/bin/prefect deployment run imagen-sample/sample \\
+        --param prompts='["a red circle"]' --param negative='["blurry"]'
 
 ``--no-server`` serves against the server already named by $PREFECT_API_URL.
 """
@@ -110,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"Prefect server: {os.environ['PREFECT_API_URL'].removesuffix('/api')}", flush=True
             )
+        from prefect import serve
+
         from flows.cascade import imagen_flow
+        from flows.sample import DEPLOYMENT as SAMPLE
+        from flows.sample import sample_flow
 
         os.chdir(PROJECT_DIR)
-        imagen_flow.serve(name=DEPLOYMENT, description="The Imagen cascade through DVC")
+        serve(
+            imagen_flow.to_deployment(DEPLOYMENT, description="The Imagen cascade through DVC"),
+            sample_flow.to_deployment(SAMPLE, description="Prompts -> images (imagen sample)"),
+        )
     except KeyboardInterrupt:
         pass
     finally:

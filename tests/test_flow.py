@@ -1,6 +1,7 @@
 """The Prefect flow imagen/cascade-train on one real Prefect server on 127.0.0.1 (the session's,
 tests/conftest.py): served with the documented command
-(`python -m flows.serve`, what `make prefect` runs) for a run in the checkout, then deployed
+(`python -m flows.serve`, what `make prefect` runs) for a run in the checkout, followed by a run
+of the served imagen-sample/sample (negative prompts) on the models it trained; then deployed
 from prefect.yaml to a process work pool (`prefect deploy`, `prefect worker start`) for two
 concurrent runs with overrides, each a DVC experiment in an isolated copy that leaves the
 checkout's params.yaml byte-identical."""
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import BIN, copy_project, run
+from tiny import BIN, copy_project, imagen, run
 from tiny import env as project_env
 
 from imagen.mlops.experiments import by_name, flat
@@ -118,9 +119,10 @@ def test_make_prefect_serves_the_flow_which_runs_in_the_checkout(server: dict[st
     proc = _spawn([str(BIN / "python"), "-m", "flows.serve", "--no-server"], root, log, env)
     try:
         deadline = time.monotonic() + 120
-        while run(
-            ["prefect", "deployment", "inspect", "imagen/cascade-train"], root, **env
-        ).returncode:
+        while any(
+            run(["prefect", "deployment", "inspect", name], root, **env).returncode
+            for name in ("imagen/cascade-train", "imagen-sample/sample")
+        ):
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the deployment was not served within 120 s"
             time.sleep(1)
@@ -130,8 +132,37 @@ def test_make_prefect_serves_the_flow_which_runs_in_the_checkout(server: dict[st
         assert result.returncode == 0, result.stdout[-3000:] + log.read_text()[-6000:]
         assert "Completed" in result.stdout
         print(f"served deployment run of the tiny cascade in the checkout: {seconds:.0f} s")
+
+        # the second served deployment samples the trained cascade, negative prompts included
+        prompts = ["a red circle", "a blue square"]
+        sampled = run(
+            ["prefect", "deployment", "run", "imagen-sample/sample", "--watch"]
+            + ["--param", f"prompts={json.dumps(prompts)}", "--param", 'negative=["red"]']
+            + ["--param", "depth=sr256", "--param", "guidance=3", "--param", "out=samples/flow"],
+            root,
+            timeout=600,
+            **env,
+        )
+        assert sampled.returncode == 0, sampled.stdout[-3000:] + log.read_text()[-6000:]
     finally:
         _stop_group(proc)
+
+    # exactly what `imagen sample` makes with the same options, the negative prompt recorded
+    cli = ["sample", *prompts, "--negative", "red", "--depth", "sr256", "--guidance", "3"]
+    made = imagen(root, *cli, "--out", "samples/cli", "--no-progress")
+    assert made.returncode == 0, made.stdout[-3000:]
+    flow_images = json.loads((root / "samples/flow/images.json").read_text())
+    assert [(r["prompt"], r["negative"], r["seed"]) for r in flow_images] == [
+        ("a red circle", "red", 0),
+        ("a blue square", "red", 1),
+    ]
+    for stage in ("base64", "sr256"):
+        for name in sorted(p.name for p in (root / "samples/cli" / stage).iterdir()):
+            flow_png = (root / "samples/flow" / stage / name).read_bytes()
+            assert flow_png == (root / "samples/cli" / stage / name).read_bytes(), (stage, name)
+    _, sample_rows = _tables(server, "imagen-samples")[0]
+    assert [(r["prompt"], r["negative"]) for r in sample_rows] == [(p, "red") for p in prompts]
+    assert all(Path(r["file"].removeprefix("file://")).is_file() for r in sample_rows)
 
     # the checkout's pipeline ran in the checkout: outputs and dvc.lock agree, params untouched
     assert (root / "params.yaml").read_bytes() == before

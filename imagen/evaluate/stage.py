@@ -265,33 +265,19 @@ def evaluate(
             extra_fidelity=extra_fidelity,
             on_batch=lines.update if lines else None,
         )
-        result = sweep(
-            cascade,
-            holdout,
-            cfg.guidance_scales,
+        swept = dict(
+            common,
             depth=cfg.depth,
             fidelity=fidelity,
             alignment=alignment,
             keep=cfg.grid_images,
             progress=progress,
             log=say,
-            **common,
         )
+        result = sweep(cascade, holdout, cfg.guidance_scales, **swept)
         also = None
         if auto_scales:
-            also = sweep(
-                cascade,
-                holdout,
-                auto_scales,
-                depth=cfg.depth,
-                fidelity=fidelity,
-                alignment=alignment,
-                keep=cfg.grid_images,
-                progress=progress,
-                log=say,
-                kind="auto",
-                **common,
-            )
+            also = sweep(cascade, holdout, auto_scales, kind="auto", **swept)
             for i, row in enumerate(also.rows):
                 run.log_metrics({f"auto_{k}": v for k, v in row.items()}, step=i)
         extra = {"steps": cfg.steps, "seed": cfg.seed}

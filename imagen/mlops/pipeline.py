@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,26 @@ def stream(
         proc.wait(timeout=30)
         raise
     return proc.wait()
+
+
+def stream_tail(
+    cmd: Sequence[str],
+    log: Callable[[str], Any],
+    *,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    keep: int = 40,
+) -> tuple[int, list[str]]:
+    """:func:`stream` with every line handed to ``log``; returns the exit code and the last
+    ``keep`` lines (for the error message of a failed command)."""
+    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        log(line)
+        tail.append(line)
+        del tail[:-keep]
+
+    return stream(cmd, cwd=cwd, env=env, on_line=on_line), tail
 
 
 def repro(

@@ -55,13 +55,24 @@ def save_images(
     prompts: Sequence[str],
     out_dir: str | Path,
     seeds: Sequence[int] | None = None,
+    negative: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write ``out_dir/<stage>/<index>_<slug>.png`` for every image and stage, ``grid.png`` and
-    (with ``seeds``) ``images.json``: each image's prompt, seed and files."""
+    (with ``seeds``) ``images.json``: each image's prompt, negative prompt (or null), seed and
+    files. ``negative``: one for all images, or one per image."""
     out_dir = Path(out_dir)
     written: list[Path] = []
+    negatives = list(negative or [])
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
     records: list[dict[str, Any]] = [
-        {"index": i, "prompt": p, "seed": None if seeds is None else int(seeds[i]), "files": {}}
+        {
+            "index": i,
+            "prompt": p,
+            "negative": negatives[i] if negatives and negatives[i] else None,
+            "seed": None if seeds is None else int(seeds[i]),
+            "files": {},
+        }
         for i, p in enumerate(prompts)
     ]
     for stage, batch in images.items():
@@ -395,7 +406,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     )
     elapsed = time.perf_counter() - start
     out = args.out or params.sample.out_dir
-    written = save_images(images, prompts, out, seeds)
+    written = save_images(images, prompts, out, seeds, negative)
     print(
         f"imagen sample: {len(prompts)} image(s) ({len(prompts) // n} prompt(s) x {n}, seeds "
         f"{seeds[0]}..{seeds[-1]}) to {depth} in {elapsed:.1f} s; {len(written)} files in "
