@@ -71,7 +71,7 @@ class Preemption(Callback):
                 file=sys.stderr,
                 flush=True,
             )
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
         raise Preempted(step, self.path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
