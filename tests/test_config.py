@@ -214,6 +214,41 @@ def test_encoder_path_auto_picks_the_built_t5_or_minilm_from_the_data_source():
     assert (longer.encoder_path, longer.token_length) == (MINILM, 64)
 
 
+def test_own_data_recipe_replaces_the_demo_keys_for_a_users_data_only(tmp_path):
+    """params.yaml's own_data block: merged over the demo's keys for a folder or webdataset,
+    ignored (but still checked) for the embedded data; a command-line override wins over it;
+    `imagen train` is told which keys it set."""
+    shipped = ROOT / "params.yaml"
+    raw = yaml.safe_load(shipped.read_text())
+    own = raw["own_data"]["stages"]["base64"]["model"]["preconditioning"]
+    demo = raw["stages"]["base64"]["model"]["preconditioning"]
+    assert own["p_mean"] != demo["p_mean"]
+    embedded = load_params(shipped)
+    assert embedded.stage("base64").model.preconditioning.p_mean == demo["p_mean"]
+    assert embedded.own_data_note() is None
+    folder = ["data.source=folder", "data.source_path=photos"]
+    for source in ("folder", "webdataset"):
+        params = load_params(shipped, [f"data.source={source}", "data.source_path=photos"])
+        pre = params.stage("base64").model.preconditioning
+        assert (pre.p_mean, pre.p_std) == (own["p_mean"], own["p_std"])
+        note = params.own_data_note("base64")
+        assert f"stages.base64.model.preconditioning.p_mean={own['p_mean']}" in note
+        assert params.own_data_note("sr256") is None  # nothing of it reaches the SR stages
+    cli = load_params(shipped, [*folder, "stages.base64.model.preconditioning.p_mean=0.1"])
+    assert cli.stage("base64").model.preconditioning.p_mean == 0.1
+    assert "p_mean" not in cli.own_data_note("base64") and "p_std" in cli.own_data_note()
+    # `dvc exp run -S own_data....` edits the recipe itself
+    edited = load_params(shipped, [*folder, "own_data.stages.base64.trainer.max_steps=11"])
+    assert edited.stage("base64").trainer.max_steps == 11
+    assert load_params(shipped, [*folder, "own_data={}"]).own_data_note() is None
+    # a misspelt key in the block is named even while the embedded data ignores it
+    bad = "own_data.stages.base64.model.preconditioning.p_maen=1"
+    with pytest.raises(ConfigError, match=r"(?s)own_data.*preconditioning\.p_maen: unknown key"):
+        load_params(shipped, [bad])
+    with pytest.raises(ConfigError, match=r"own_data: must be a mapping"):
+        load_params(shipped, ["own_data=3"])
+
+
 def test_preset_applies_and_explicit_keys_override_it():
     params = resolve_params(base({"unet": {"embed_dim": 24, "attention_type": "cross"}}))
     unet = params.stages["base64"].model.unet

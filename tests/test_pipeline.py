@@ -85,6 +85,8 @@ def test_repro_runs_every_stage_and_writes_the_reports(project: dict[str, Any]) 
     cut = json.loads((root / "data/encoded/manifest.json").read_text())["captions_cut"]
     assert (cut > 0) == ("were cut to it" in project["output"])
     assert "caption_agreement_embedded" not in metrics["scales"][0]
+    # params.yaml's own_data recipe reached the base stage, and training said so
+    assert "own_data recipe replaces the demo's values: stages.base64." in project["output"]
     # the SR stages run on the user's pictures too, their tiles measured by the evaluator
     assert metrics["sr256"]["fidelity_metric"] == "fd_dual" and (reports / "sr_sr256.png").exists()
     assert (reports / "fid_clip.csv").read_text().startswith("guidance_scale,")
@@ -114,6 +116,9 @@ def test_one_parent_run_holds_every_stage_run(project: dict[str, Any]) -> None:
     assert re.fullmatch(r"[0-9a-f]{40}", commit)
     for r in children:
         assert r.info.status == "FINISHED", r.data.tags["imagen.stage"]
+        # the own_data recipe (base stage keys only) is tagged on the run it changed
+        own = r.data.tags.get("imagen.own_data", "")
+        assert ("p_mean=0.5" in own) == (r.data.tags["imagen.stage"] == "base64")
         assert r.data.tags["mlflow.source.git.commit"] == commit
         assert r.data.tags["imagen.params_hash"] == parent.data.tags["imagen.params_hash"]
 

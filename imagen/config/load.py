@@ -208,7 +208,7 @@ def resolve_params(raw: Mapping[str, Any]) -> Params:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError("params.yaml: the top level must be a mapping")
-    raw = dict(raw)
+    raw, _ = apply_own_data(raw)
     shared = {k: raw.pop(k, None) or {} for k in ("model", "trainer", "sampling")}
     stage_raw = raw.pop("stages", None) or {}
     if not isinstance(stage_raw, Mapping):
@@ -271,7 +271,46 @@ def load_params(
             items.append((k.strip(), yaml.safe_load(v)))
     for k, v in items:
         _set_dotted(raw, k, v)
-    return resolve_params(raw)
+    raw, chosen = apply_own_data(raw, [k for k, _ in items])
+    for k, v in items:  # the command line wins over own_data too
+        _set_dotted(raw, k, v)
+    params = resolve_params(raw)
+    params._own_data = chosen
+    return params
+
+
+OWN_DATA = "own_data"
+
+
+def apply_own_data(
+    raw: Mapping[str, Any], keep: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """params.yaml's ``own_data`` block: the keys that replace the demo's when the data is the
+    user's own (``data.source`` folder or webdataset), measured on a real folder
+    (docs/own_data.md). Returns the params without the block (merged over them unless the data
+    is the embedded demo's) and the dotted keys it set, less those in ``keep`` (the command
+    line's, which win)."""
+    raw = dict(raw)
+    own = raw.pop(OWN_DATA, None)
+    if own is None:
+        return raw, {}
+    if not isinstance(own, Mapping):
+        raise ConfigError(f"{OWN_DATA}: must be a mapping of params keys (like stages: ...)")
+    data = raw.get("data") or {}
+    source = data.get("source", "embedded") if isinstance(data, Mapping) else "embedded"
+    if source == "embedded":
+        try:  # checked all the same, so a misspelt key shows before anyone's data needs it
+            resolve_params(deep_merge(raw, own))
+        except ConfigError as e:
+            raise ConfigError(f"{OWN_DATA} (the keys for your own data): {e}") from None
+        return raw, {}
+    keep = keep or []
+    chosen = {
+        k: v
+        for k, v in flatten(own).items()
+        if not any(k == c or k.startswith(c + ".") for c in keep)
+    }
+    return deep_merge(raw, own), chosen
 
 
 def params_hash(params: Params) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from imagen.config.base import ConfigError, StageName
 from imagen.config.base import Strict as _Strict
@@ -450,6 +457,22 @@ class Params(BaseModel):
     sample: SampleConfig = SampleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     models_dir: str = "models"
+    # the own_data keys applied (dotted key -> value): data.source is not the embedded demo's
+    _own_data: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def own_data_note(self, stage: str | None = None) -> str | None:
+        """A line saying which own_data keys replaced the demo's (with ``stage``: those that
+        reach that stage)."""
+        keys = {
+            k: v
+            for k, v in self._own_data.items()
+            if stage is None or not k.startswith("stages.") or k.startswith(f"stages.{stage}.")
+        }
+        if not keys:
+            return None
+        told = ", ".join(f"{k}={v}" for k, v in keys.items())
+        return (f"data.source is {self.data.source!r}, so params.yaml's own_data recipe "
+                f"replaces the demo's values: {told} (docs/own_data.md)")  # fmt: skip
 
     @property
     def conditioning(self) -> ConditioningConfig:

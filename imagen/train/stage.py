@@ -98,6 +98,10 @@ def _start(module: ImagenStage, resume: ResumeChoice, params: Params, run: Stage
         _say(f"fine-tuning {stage.name} from {src['source']} ({src['file']}, step {src['step']}: "
              f"{src['took']}); fresh optimiser and schedule")  # fmt: skip
     _say(rule)
+    own = params.own_data_note(stage.name)
+    if own:
+        _say(own)
+        run.set_tags({"imagen.own_data": own})
     p, t = stage.trainer.progressive, stage.trainer
     if p is not None:
         size = stage.model.unet.image_size
