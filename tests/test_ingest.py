@@ -45,6 +45,7 @@ def make_bad_corpus(folder: Path) -> None:
         "good_rgb.jpg": _jpg(_noise((80, 60), seed=1)),  # not square: center-cropped
         "big.png": _png(_noise((200, 200), seed=2)),  # larger: resized to SIZE
         "exact.jpg": _jpg(_noise((SIZE, SIZE), seed=3)),  # kept byte for byte
+        "exact_png.png": _png(_noise((SIZE, SIZE), seed=17)),  # kept byte for byte too
         "cmyk.jpg": _jpg(_noise((64, 64), "CMYK", seed=4)),
         "grey.png": _png(_noise((64, 64), "L", seed=5)),
         "rgba.png": _png(_noise((64, 64), "RGBA", seed=6)),
@@ -123,6 +124,7 @@ def test_bad_input_is_skipped_or_normalised_and_counted(tmp_path: Path) -> None:
             "good_rgb",
             "big",
             "exact",
+            "exact_png",
             "cmyk",
             "grey",
             "rgba",
@@ -133,7 +135,7 @@ def test_bad_input_is_skipped_or_normalised_and_counted(tmp_path: Path) -> None:
             "palette",
         ]
     )
-    assert m["counts"] == {"seen": 18, "written": 11, "train": 11, "holdout": 0, "rejected": 7}
+    assert m["counts"] == {"seen": 19, "written": 12, "train": 12, "holdout": 0, "rejected": 7}
     for key, s in good.items():
         ext = "jpg" if "jpg" in s else "png"
         img = Image.open(io.BytesIO(s[ext]))
@@ -144,6 +146,8 @@ def test_bad_input_is_skipped_or_normalised_and_counted(tmp_path: Path) -> None:
     assert Image.open(io.BytesIO(good["big"]["png"])).size == (SIZE, SIZE)
     assert Image.open(io.BytesIO(good["good_rgb"]["jpg"])).size == (60, 60)
     assert good["exact"]["jpg"] == (src / "exact.jpg").read_bytes()  # untouched JPEG kept
+    assert good["exact_png"]["png"] == (src / "exact_png.png").read_bytes()  # and PNG
+    assert good["rgba"]["png"] != (src / "rgba.png").read_bytes()  # changed: re-encoded
     assert json.loads(good["good_rgb"]["json"])["original_size"] == [80, 60]
     # alpha composited on white: fully transparent pixels become white
     rgba = np.asarray(Image.open(io.BytesIO(good["grey16"]["png"])))

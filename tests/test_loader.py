@@ -15,9 +15,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from imagen.config import Params, ProgressiveConfig, StageConfig, deep_merge, resolve_params
+from imagen.data.datamodule import ImagenDataModule
 from imagen.data.holdout import holdout_batches
 from imagen.data.ingest import ingest
-from imagen.data.loader import ImagenDataModule, collate, make_dataset
+from imagen.data.loader import collate, make_dataset
 from imagen.data.precache import precache
 from imagen.text import pad_or_trim
 

@@ -181,10 +181,11 @@ def normalise_image(img: Image.Image, cfg: DataConfig) -> tuple[Image.Image, lis
 
 
 def encode_image(img: Image.Image, src_format: str | None, raw: Any, changed: bool) -> tuple:
-    """(extension, bytes): a JPEG source keeps its bytes when unchanged, else is re-encoded as
-    JPEG once; everything else is stored as PNG (no JPEG artefacts on synthetic images)."""
-    if src_format == "JPEG" and not changed:
-        return "jpg", bytes(raw)
+    """(extension, bytes): a JPEG or PNG source keeps its bytes when unchanged (8-bit RGB,
+    square, no larger than data.image_size); a changed JPEG is re-encoded as JPEG once;
+    everything else is stored as PNG (no JPEG artefacts on synthetic images)."""
+    if src_format in ("JPEG", "PNG") and not changed:  # re-encoding a 1024 px PNG: ~30 ms
+        return ("jpg" if src_format == "JPEG" else "png"), bytes(raw)
     buf = io.BytesIO()
     if src_format == "JPEG":
         img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)

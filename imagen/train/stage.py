@@ -54,7 +54,7 @@ def _data(params: Params, stage: StageConfig, resume_step: int) -> Any:
     """The training data; after a resume the shard order is reshuffled (seeded by the step), so
     the first steps' samples are not replayed; every rank draws the same order and takes its
     own share, whatever the number of ranks (docs/training.md)."""
-    from imagen.data.loader import ImagenDataModule
+    from imagen.data.datamodule import ImagenDataModule
 
     if resume_step:
         t = stage.trainer.model_copy(update={"seed": stage.trainer.seed + resume_step})
