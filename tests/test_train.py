@@ -267,3 +267,41 @@ def test_ema_is_nemos_fixed_decay_unless_warmed_up(warmup: bool) -> None:
         update_ema(trained.ema, trained.net, 0.99, warmup)
     for a, e in zip(module.ema.module.parameters(), trained.ema.module.parameters(), strict=True):
         torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine"])
+def test_learning_rate_warms_up_then_holds_as_nemo_or_decays_when_asked(decay: str) -> None:
+    """NeMo's WarmupHoldPolicy: linear warm-up, then the rate holds. optim.decay cosine (a
+    departure) falls from lr after warm-up to decay_to x lr at max_steps, halfway between
+    them at the middle, and the schedule's state resumes where it was."""
+    keys = {
+        "trainer.max_steps": 110,
+        "trainer.optim.lr": 1e-3,
+        "trainer.optim.warmup_steps": 10,
+        "trainer.optim.decay": decay,
+        "trainer.optim.decay_to": 0.2,
+    }
+
+    def run(module: ImagenStage, steps: int, state: dict | None = None) -> tuple[list, dict]:
+        conf = module.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        if state is not None:
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return lrs, {"opt": opt.state_dict(), "sched": sched.state_dict()}
+
+    lrs, _ = run(ImagenStage(tiny_stage(**keys)), 111)
+    assert lrs[0] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-3)
+    if decay == "none":
+        assert lrs[60] == lrs[110] == pytest.approx(1e-3)
+    else:
+        assert lrs[60] == pytest.approx(0.6e-3) and lrs[110] == pytest.approx(0.2e-3)
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    first, state = run(ImagenStage(tiny_stage(**keys)), 40)
+    rest, _ = run(ImagenStage(tiny_stage(**keys)), 71, state)
+    assert first + rest == pytest.approx(lrs)

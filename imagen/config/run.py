@@ -25,12 +25,18 @@ from imagen.config.sampling import SamplerName, SamplingConfig
 
 
 class OptimConfig(_Strict):
-    """AdamW with linear warm-up (reference: lr 1e-4, betas 0.9/0.999, wd 0.01, 10k warm-up)."""
+    """AdamW with linear warm-up (reference: lr 1e-4, betas 0.9/0.999, wd 0.01, 10k warm-up),
+    then NeMo's constant rate (WarmupHoldPolicy) or, a departure, a cosine decay to
+    ``decay_to`` x lr at the stage's ``max_steps``."""
 
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(10000, ge=0)
+    decay: Literal["none", "cosine"] = Field(
+        "none", description="after warm-up: none (NeMo: hold the rate) or cosine to decay_to x lr"
+    )
+    decay_to: float = Field(0.1, ge=0, le=1, description="cosine decay's final rate / lr")
 
 
 class KeepConfig(_Strict):

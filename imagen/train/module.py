@@ -395,6 +395,11 @@ class ImagenStage(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LinearLR(
             opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup
         )
+        if o.decay == "cosine":  # a departure from NeMo's constant rate after warm-up
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, self.stage.trainer.max_steps - warmup), eta_min=o.lr * o.decay_to
+            )
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [sched, cosine], [warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- state
