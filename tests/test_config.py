@@ -222,6 +222,7 @@ def test_own_data_recipe_replaces_the_demo_keys_for_a_users_data_only(tmp_path):
     raw = yaml.safe_load(shipped.read_text())
     own = raw["own_data"]["stages"]["base64"]["model"]["preconditioning"]
     demo = raw["stages"]["base64"]["model"]["preconditioning"]
+    demo_prog = raw["stages"]["base64"]["trainer"]["progressive"]
     assert own["p_mean"] != demo["p_mean"]
     embedded = load_params(shipped)
     assert embedded.stage("base64").model.preconditioning.p_mean == demo["p_mean"]
@@ -231,6 +232,11 @@ def test_own_data_recipe_replaces_the_demo_keys_for_a_users_data_only(tmp_path):
         params = load_params(shipped, [f"data.source={source}", "data.source_path=photos"])
         pre = params.stage("base64").model.preconditioning
         assert (pre.p_mean, pre.p_std) == (own["p_mean"], own["p_std"])
+        prog = params.stage("base64").trainer.progressive  # merged key by key into the demo's
+        assert prog.model_dump() == {
+            **demo_prog,
+            **raw["own_data"]["stages"]["base64"]["trainer"]["progressive"],
+        }
         note = params.own_data_note("base64")
         assert f"stages.base64.model.preconditioning.p_mean={own['p_mean']}" in note
         assert params.own_data_note("sr256") is None  # nothing of it reaches the SR stages
