@@ -54,9 +54,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # the toy sizes' embed_dim unset: params.yaml's encoder_path auto gives a user's captions
     # the packaged pretrained MiniLM (at the toy token_length)
     text = {"model": {"conditioning": {"embed_dim": None}}}
-    # the toy base UNet is 16 px: own_data's 16 px phase does not fit it (its noise levels do)
-    own = {"own_data": {"stages": {"base64": {"trainer": {"progressive": None}}}}}
-    root = copy_project(base / "repo", {**data, **text, **own})
+    root = copy_project(base / "repo", {**data, **text})
     start = time.monotonic()
     first = run(["dvc", "repro"], root, timeout=1200)
     elapsed = time.monotonic() - start

@@ -1,7 +1,8 @@
 """Streaming training data: webdataset shards -> per-stage image pyramids + T5 embeddings.
 
-:class:`ImagenDataModule` streams the encoded shards (``data.encoded_dir``; the raw ingested
-shards of ``data.shards_dir`` when ``online_encoding`` is on) with webdataset:
+The streams of :class:`~imagen.data.datamodule.ImagenDataModule` read the encoded shards
+(``data.encoded_dir``; the raw ingested shards of ``data.shards_dir`` when ``online_encoding``
+is on) with webdataset:
 
     shard list (reshuffled each epoch, same order on every rank)
       -> split by node (rank) -> split by worker      (webdataset's split_by_node/_worker)
@@ -408,16 +409,6 @@ class OnlineEncoding:
             self.encoder = load_text_encoder(self.cond, device=device, dtype=None)
         batch["text_embed"], batch["text_mask"] = self.encoder.encode(batch["caption"])
         return batch
-
-
-def __getattr__(name: str) -> Any:
-    """``ImagenDataModule`` lives in :mod:`imagen.data.datamodule`, imported on first use:
-    importing Lightning costs seconds that evaluate, sample and the evaluator do not need."""
-    if name == "ImagenDataModule":
-        from imagen.data.datamodule import ImagenDataModule
-
-        return ImagenDataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
