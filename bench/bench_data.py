@@ -34,8 +34,9 @@ import torch
 import yaml
 
 from imagen.config import Params, deep_merge, resolve_params
+from imagen.data.datamodule import ImagenDataModule
 from imagen.data.ingest import ingest
-from imagen.data.loader import ImagenDataModule, resolve_num_workers
+from imagen.data.loader import resolve_num_workers
 from imagen.data.precache import precache
 
 REPO = Path(__file__).resolve().parents[1]

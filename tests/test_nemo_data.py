@@ -23,14 +23,10 @@ from PIL import Image
 from tiny import TINY_TEXT
 
 from imagen.config import ConfigError, Params, deep_merge, resolve_params
+from imagen.data.datamodule import ImagenDataModule
 from imagen.data.holdout import holdout_batches
 from imagen.data.ingest import ingest
-from imagen.data.loader import (
-    BadRecordWarning,
-    ImagenDataModule,
-    collate,
-    make_dataset,
-)
+from imagen.data.loader import BadRecordWarning, collate, make_dataset
 from imagen.data.nemo_format import BadRecord, read_encodings, safe_loads
 from imagen.data.precache import precache
 
