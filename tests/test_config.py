@@ -237,8 +237,12 @@ def test_own_data_recipe_replaces_the_demo_keys_for_a_users_data_only(tmp_path):
             **demo_prog,
             **raw["own_data"]["stages"]["base64"]["trainer"]["progressive"],
         }
+        # fewer steps in all than the demo, some of them at the full 64 px
+        steps = params.stage("base64").trainer.max_steps
+        assert prog.steps < steps < embedded.stage("base64").trainer.max_steps
         note = params.own_data_note("base64")
         assert f"stages.base64.model.preconditioning.p_mean={own['p_mean']}" in note
+        assert f"stages.base64.trainer.max_steps={steps}" in note
         assert params.own_data_note("sr256") is None  # nothing of it reaches the SR stages
     cli = load_params(shipped, [*folder, "stages.base64.model.preconditioning.p_mean=0.1"])
     assert cli.stage("base64").model.preconditioning.p_mean == 0.1
