@@ -139,6 +139,9 @@ def shrink(
     paths stay relative, as a project folder's commands expect.
     """
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TOY)
+    # the toy step counts stand for own_data's too (its base stage's are a real folder's)
+    for stage in (raw.get("own_data") or {}).get("stages", {}).values():
+        (stage.get("trainer") or {}).pop("max_steps", None)
     if root is not None:
         raw = deep_merge(
             raw,
