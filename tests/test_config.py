@@ -251,6 +251,16 @@ def test_own_data_recipe_replaces_the_demo_keys_for_a_users_data_only(tmp_path):
     edited = load_params(shipped, [*folder, "own_data.stages.base64.trainer.max_steps=11"])
     assert edited.stage("base64").trainer.max_steps == 11
     assert load_params(shipped, [*folder, "own_data={}"]).own_data_note() is None
+    assert load_params(shipped, [*folder, "own_data=null"]).own_data_note() is None
+    # `dvc exp run -S stages.base64...` edits the demo's key in params.yaml, which own_data
+    # still replaces for a folder: the note shows the value it did not use, and where to set it
+    raw_edit = yaml.safe_load(shipped.read_text())
+    raw_edit["stages"]["base64"]["trainer"]["max_steps"] = 11600
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_edit))
+    note = load_params(tmp_path / "params.yaml", folder).own_data_note("base64")
+    own_steps = raw["own_data"]["stages"]["base64"]["trainer"]["max_steps"]
+    assert f"stages.base64.trainer.max_steps={own_steps} (not 11600)" in note
+    assert "own_data.<key>" in note
     # a misspelt key in the block is named even while the embedded data ignores it
     bad = "own_data.stages.base64.model.preconditioning.p_maen=1"
     with pytest.raises(ConfigError, match=r"(?s)own_data.*preconditioning\.p_maen: unknown key"):

@@ -271,11 +271,13 @@ def load_params(
             items.append((k.strip(), yaml.safe_load(v)))
     for k, v in items:
         _set_dotted(raw, k, v)
+    before = flatten({k: v for k, v in raw.items() if k != OWN_DATA})
     raw, chosen = apply_own_data(raw, [k for k, _ in items])
     for k, v in items:  # the command line wins over own_data too
         _set_dotted(raw, k, v)
     params = resolve_params(raw)
     params._own_data = chosen
+    params._own_replaced = {k: before[k] for k in chosen if k in before and before[k] != chosen[k]}
     return params
 
 

@@ -465,6 +465,8 @@ class Params(BaseModel):
     models_dir: str = "models"
     # the own_data keys applied (dotted key -> value): data.source is not the embedded demo's
     _own_data: dict[str, Any] = PrivateAttr(default_factory=dict)
+    # what those keys held in params.yaml before own_data replaced them (dotted key -> value)
+    _own_replaced: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def own_data_note(self, stage: str | None = None) -> str | None:
         """A line saying which own_data keys replaced the demo's (with ``stage``: those that
@@ -476,9 +478,15 @@ class Params(BaseModel):
         }
         if not keys:
             return None
-        told = ", ".join(f"{k}={v}" for k, v in keys.items())
-        return (f"data.source is {self.data.source!r}, so params.yaml's own_data recipe "
-                f"replaces the demo's values: {told} (docs/own_data.md)")  # fmt: skip
+        told = ", ".join(
+            f"{k}={v}" + (f" (not {self._own_replaced[k]})" if k in self._own_replaced else "")
+            for k, v in keys.items()
+        )
+        how = "own_data.<key> (`dvc exp run -S own_data.stages...`; docs/own_data.md)"
+        return (
+            f"data.source is {self.data.source!r}, so params.yaml's own_data recipe "
+            f"replaces the demo's values: {told}; change them for your data as {how}"
+        )
 
     @property
     def conditioning(self) -> ConditioningConfig:
