@@ -463,9 +463,9 @@ class Params(BaseModel):
     sample: SampleConfig = SampleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     models_dir: str = "models"
-    # the own_data keys applied (dotted key -> value): data.source is not the embedded demo's
+    # the own_data keys applied (dotted key -> value; data.source is not the embedded demo's),
+    # and what they held in params.yaml before own_data replaced them
     _own_data: dict[str, Any] = PrivateAttr(default_factory=dict)
-    # what those keys held in params.yaml before own_data replaced them (dotted key -> value)
     _own_replaced: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def own_data_note(self, stage: str | None = None) -> str | None:
@@ -478,15 +478,11 @@ class Params(BaseModel):
         }
         if not keys:
             return None
-        told = ", ".join(
-            f"{k}={v}" + (f" (not {self._own_replaced[k]})" if k in self._own_replaced else "")
-            for k, v in keys.items()
-        )
-        how = "own_data.<key> (`dvc exp run -S own_data.stages...`; docs/own_data.md)"
-        return (
-            f"data.source is {self.data.source!r}, so params.yaml's own_data recipe "
-            f"replaces the demo's values: {told}; change them for your data as {how}"
-        )
+        r = self._own_replaced
+        told = ", ".join(f"{k}={v}" + (f" (not {r[k]})" if k in r else "") for k, v in keys.items())
+        return (f"data.source is {self.data.source!r}, so params.yaml's own_data recipe replaces "
+                f"the demo's values: {told}; change them for your data as own_data.<key> "
+                "(`dvc exp run -S own_data.stages...`; docs/own_data.md)")  # fmt: skip
 
     @property
     def conditioning(self) -> ConditioningConfig:
