@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from itertools import groupby
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imagen.config import DataConfig
+from imagen.config import ConfigError, DataConfig
 from imagen.data.ingest import ingest
 
 SIZE, MIN_RES = 64, 32
@@ -170,6 +171,27 @@ def test_bad_input_is_skipped_or_normalised_and_counted(tmp_path: Path) -> None:
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_looks_the_same(tmp_path: Path) -> None:
+    """A photo 8x the shard size is decoded by libjpeg at 1/4 scale (still above the size),
+    then resized as any image: the stored picture matches a full decode's, its json keeps the
+    photo's own size, and the photo's bytes are never stored as they were."""
+    src = tmp_path / "images"
+    src.mkdir()
+    smooth = _noise((64, 48), seed=3).resize((512, 384), Image.Resampling.BICUBIC)
+    (src / "photo.jpg").write_bytes(_jpg(smooth))
+    (src / "photo.txt").write_text("a large photo")
+    ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    got = read_shards(tmp_path / "shards")["photo"]
+    meta = json.loads(got["json"])
+    assert meta["original_size"] == [512, 384] and meta["size"] == [SIZE, SIZE]
+    assert "resized" in meta["normalised"]
+    stored = np.asarray(Image.open(io.BytesIO(got["jpg"])), dtype=np.float64)
+    full = Image.open(io.BytesIO((src / "photo.jpg").read_bytes())).convert("RGB")
+    full = full.crop((64, 0, 448, 384)).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    mse = ((stored - np.asarray(full, dtype=np.float64)) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) > 30  # dB
+
+
 def test_rerun_gives_byte_identical_shards(tmp_path: Path) -> None:
     src = tmp_path / "images"
     make_bad_corpus(src)
@@ -186,25 +208,72 @@ def test_rerun_gives_byte_identical_shards(tmp_path: Path) -> None:
         }
 
 
-@pytest.mark.parametrize("index_kind", ["csv", "jsonl"])
-def test_folder_caption_index_files(tmp_path: Path, index_kind: str) -> None:
+INDEX_LAYOUTS = {
+    "csv": ("captions.csv", "file,caption"),
+    "jsonl": ("captions.jsonl", ("file", "caption")),
+    # Hugging Face imagefolder's layout, a spreadsheet export with a byte-order mark and ./ paths
+    "hf_csv": ("metadata.csv", "file_name,text"),
+    "hf_jsonl": ("metadata.jsonl", ("file_name", "text")),
+    "excel_csv": ("captions.csv", "\ufeffimage,prompt"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(INDEX_LAYOUTS))
+def test_folder_caption_index_files(tmp_path: Path, layout: str) -> None:
     src = tmp_path / "images"
     (src / "sub").mkdir(parents=True)
     names = ["a.png", "sub/b.jpg"]
     (src / "a.png").write_bytes(_png(_noise((40, 40), seed=1)))
     (src / "sub" / "b.jpg").write_bytes(_jpg(_noise((40, 40), seed=2)))
-    if index_kind == "csv":
-        (src / "captions.csv").write_text(
-            "file,caption\n" + "".join(f'{n},"caption, of {n}"\n' for n in names)
-        )
+    index, columns = INDEX_LAYOUTS[layout]
+    listed = [f"./{n}" if layout == "excel_csv" else n for n in names]
+    if isinstance(columns, str):
+        rows = "".join(f'{n},"caption, of {n.removeprefix("./")}"\n' for n in listed)
+        (src / index).write_text(f"{columns}\n{rows}", encoding="utf-8")
     else:
-        (src / "captions.jsonl").write_text(
-            "".join(json.dumps({"file": n, "caption": f"caption, of {n}"}) + "\n" for n in names)
+        fcol, tcol = columns
+        (src / index).write_text(
+            "".join(json.dumps({fcol: n, tcol: f"caption, of {n}"}) + "\n" for n in listed)
         )
     m = ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
-    assert m["counts"]["written"] == 2
+    assert m["counts"]["written"] == 2 and m["counts"]["rejected"] == 0
     got = {k: s["txt"].decode() for k, s in read_shards(tmp_path / "shards").items()}
     assert got == {"a": "caption, of a.png", "sub_b": "caption, of sub/b.jpg"}
+
+
+@pytest.mark.filterwarnings("ignore:.*metadata.csv. needs a file column")
+def test_caption_index_without_its_columns_is_refused_by_name(tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png(_noise((40, 40), seed=1)))
+    (src / "a.txt").write_text("a caption beside")
+    (src / "metadata.csv").write_text("file_name,width\na.png,40\n")  # no captions: .txt used
+    with pytest.warns(UserWarning, match="metadata.csv: needs a file column"):
+        m = ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    assert m["counts"]["written"] == 1
+    (src / "captions.csv").write_text("name,label\na.png,x\n")
+    with pytest.raises(ConfigError, match=r"captions.csv: needs a file column .*'name', 'label'"):
+        ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+
+
+def test_names_that_clean_alike_stay_separate_samples(tmp_path: Path) -> None:
+    """Non-ASCII names (a folder captioned in Japanese or Chinese) and names that differ only in
+    characters a webdataset key cannot hold are kept, each under its own safe key; the same
+    name with two extensions is still one sample."""
+    src = tmp_path / "images"
+    (src / "動物").mkdir(parents=True)
+    names = ["猫.png", "犬.png", "動物/鳥.png", "a.b.png", "a_b.png", "Photo 1.png", "cats_1.png"]
+    names += ["dup.png", "dup.jpg"]
+    for i, name in enumerate(names):
+        (src / name).write_bytes(_png(_noise((40, 40), seed=i)))
+        (src / name).with_suffix(".txt").write_text(f"caption of {name}", encoding="utf-8")
+    m = ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    assert m["rejected_by_reason"] == {"duplicate_key": 1}
+    got = {s["txt"].decode(): k for k, s in read_shards(tmp_path / "shards").items()}
+    assert sorted(got) == sorted(f"caption of {n}" for n in names if n != "dup.png")
+    assert len(set(got.values())) == len(got)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in got.values())
+    assert got["caption of a_b.png"] == "a_b" and got["caption of cats_1.png"] == "cats_1"
 
 
 def _source_tar(path: Path) -> None:

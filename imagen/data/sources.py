@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import random
 import re
@@ -24,7 +25,15 @@ from imagen.config import ConfigError, DataConfig
 from imagen.data.parts import Part
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-CAPTION_FILES: tuple[str, ...] = ("captions.csv", "captions.jsonl")
+# caption index files, read in this order (a later one's row for a file wins)
+CAPTION_FILES: tuple[str, ...] = (
+    "metadata.csv",
+    "metadata.jsonl",
+    "captions.csv",
+    "captions.jsonl",
+)
+FILE_COLUMNS: tuple[str, ...] = ("file", "file_name", "image", "path")
+TEXT_COLUMNS: tuple[str, ...] = ("caption", "text", "prompt")
 CARRIED_MEMBERS: tuple[str, ...] = ("pickle",)  # NeMo's precached T5 encodings
 
 
@@ -46,8 +55,18 @@ _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def clean_key(key: str) -> str:
-    """A webdataset-safe key: no dots (they separate key and extension), no slashes."""
-    return _KEY_CHARS.sub("_", key).strip("_") or "_"
+    """A webdataset-safe key: no dots (they separate key and extension), no slashes.
+
+    Folders become ``_`` (``cats/001`` is ``cats_001``). A key that had to change otherwise
+    (``Photo 1``, ``猫``, ``a.b``) gets a short hash of the original, so names that clean alike
+    (``猫`` and ``犬``, ``a.b`` and ``a_b``) stay two samples instead of one being dropped as a
+    duplicate key.
+    """
+    clean = _KEY_CHARS.sub("_", key).strip("_")
+    if clean and clean == key.replace("/", "_"):
+        return clean
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    return f"{clean}-{digest}" if clean else digest
 
 
 def _embedded_records(cfg: DataConfig, part: Part | None = None) -> Iterator[RawRecord]:
@@ -62,25 +81,52 @@ def _embedded_records(cfg: DataConfig, part: Part | None = None) -> Iterator[Raw
             n += 1
 
 
+def _pick(columns: list[str] | None, names: tuple[str, ...]) -> str | None:
+    return next((c for c in names if columns and c in columns), None)
+
+
+def _index_path(name: str) -> str:
+    """An index file's path as the folder walk spells it (``./a.png``, ``sub\\a.png``)."""
+    return name.replace("\\", "/").removeprefix("./")
+
+
 def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
+    """``file -> caption`` from the folder's index files (``captions.*``, or Hugging Face
+    imagefolder's ``metadata.*``); the column names may be any of FILE_COLUMNS / TEXT_COLUMNS."""
     index: dict[str, bytes | str] = {}
-    csv_path, jsonl_path = folder / "captions.csv", folder / "captions.jsonl"
-    if csv_path.exists():
-        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                raise ConfigError(f"{csv_path}: needs the columns file,caption")
-            for row in reader:
-                index[row["file"]] = row["caption"] or ""
-    if jsonl_path.exists():
-        for n, line in enumerate(jsonl_path.read_bytes().splitlines(), 1):
+    for name in CAPTION_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if name.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+                reader = csv.DictReader(f)
+                fcol = _pick(reader.fieldnames, FILE_COLUMNS)  # type: ignore[arg-type]
+                tcol = _pick(reader.fieldnames, TEXT_COLUMNS)  # type: ignore[arg-type]
+                if fcol is None or tcol is None:
+                    msg = (
+                        f"{path}: needs a file column ({', '.join(FILE_COLUMNS)}) and a caption"
+                        f" column ({', '.join(TEXT_COLUMNS)}); it has {reader.fieldnames}"
+                    )
+                    if name.startswith("captions"):
+                        raise ConfigError(msg)
+                    warnings.warn(f"{msg}: not read for captions", stacklevel=2)
+                    continue
+                for row in reader:
+                    if row[fcol]:
+                        index[_index_path(row[fcol])] = row[tcol] or ""
+            continue
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                index[str(row["file"])] = row.get("caption") or ""
-            except (ValueError, KeyError, TypeError) as e:
-                warnings.warn(f"{jsonl_path}:{n}: skipped a bad line ({e})", stacklevel=2)
+                fcol, tcol = _pick(list(row), FILE_COLUMNS), _pick(list(row), TEXT_COLUMNS)
+                if tcol is None and name.startswith("metadata"):
+                    continue  # a metadata row without a caption: a .txt beside may have one
+                index[_index_path(str(row[fcol]))] = (row[tcol] if tcol else None) or ""
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                warnings.warn(f"{path}:{n}: skipped a bad line ({e!r})", stacklevel=2)
     return index
 
 

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images",
         required=True,
         metavar="DIR",
-        help="folder of pictures with captions (captions.csv / captions.jsonl / "
-        ".txt beside each image), as ingest reads",
+        help="folder of pictures with captions (captions.csv / captions.jsonl / metadata.csv /"
+        " metadata.jsonl / .txt beside each image), as ingest reads",
     )
     parser.add_argument(
         "--from",

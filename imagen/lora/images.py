@@ -1,6 +1,7 @@
 """The pictures to teach: a folder in any layout ingest reads, checked before any work.
 
-``captions.csv`` (``file,caption``), ``captions.jsonl`` or a ``.txt`` beside each image, read by
+``captions.csv`` (``file,caption``), ``captions.jsonl``, ``metadata.csv`` / ``metadata.jsonl``
+(``file_name,text``) or a ``.txt`` beside each image, read by
 ingest's own folder reader (:mod:`imagen.data.sources`) and normalised as ingest does (EXIF
 rotation, 8-bit RGB, centre square). A folder that is missing, holds no image, or holds an image
 without a caption or one that cannot be read is an error naming the folder and the file.
