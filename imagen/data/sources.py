@@ -14,7 +14,7 @@ import json
 import random
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def _embedded_records(cfg: DataConfig, part: Part | None = None) -> Iterator[Raw
             n += 1
 
 
-def _pick(columns: list[str] | None, names: tuple[str, ...]) -> str | None:
+def _pick(columns: Sequence[str] | None, names: tuple[str, ...]) -> str | None:
     return next((c for c in names if columns and c in columns), None)
 
 
@@ -101,8 +101,8 @@ def _read_caption_index(folder: Path) -> dict[str, bytes | str]:
         if name.endswith(".csv"):
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
-                fcol = _pick(reader.fieldnames, FILE_COLUMNS)  # type: ignore[arg-type]
-                tcol = _pick(reader.fieldnames, TEXT_COLUMNS)  # type: ignore[arg-type]
+                fcol = _pick(reader.fieldnames, FILE_COLUMNS)
+                tcol = _pick(reader.fieldnames, TEXT_COLUMNS)
                 if fcol is None or tcol is None:
                     msg = (
                         f"{path}: needs a file column ({', '.join(FILE_COLUMNS)}) and a caption"
