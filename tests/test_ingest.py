@@ -192,6 +192,52 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_looks_the_same(tmp_path:
     assert 10 * np.log10(255**2 / mse) > 30  # dB
 
 
+def test_a_folder_with_no_acceptable_image_stops_ingest_saying_why(tmp_path: Path) -> None:
+    """Not an empty success that the next stage reports as "run ingest first": the error names
+    the key, the commonest reason and its fix, and the manifest still lists every file."""
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(_png(_noise((40, 40), seed=i)))
+    with pytest.raises(
+        ConfigError,
+        match=r"data.source_path: no image of .* was accepted.*"
+        r"'missing_caption': 3.*a \.txt of the same name",
+    ):
+        ingest(_cfg(tmp_path, source="folder", source_path=str(src)), progress=False)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert sorted(r["file"] for r in manifest["rejected"]["missing_caption"]) == [
+        "0.png",
+        "1.png",
+        "2.png",
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.source_path: .*empty holds no image"):
+        ingest(_cfg(tmp_path, source="folder", source_path=str(tmp_path / "empty")), progress=False)
+
+
+def test_images_smaller_than_an_sr_stage_are_counted_and_noted(tmp_path: Path) -> None:
+    """An SR stage trains on smaller images upsampled: ingest counts them per stage in the
+    manifest and says so, once per stage that has any."""
+    src = tmp_path / "images"
+    src.mkdir()
+    for i, side in enumerate((40, 64, 300, 300)):
+        (src / f"{i}.png").write_bytes(_png(_noise((side, side), seed=i)))
+        (src / f"{i}.txt").write_text(f"picture {i}")
+    lines: list[str] = []
+    cfg = _cfg(tmp_path, source="folder", source_path=str(src), image_size=512)
+    m = ingest(cfg, progress=False, log=lines.append)
+    assert m["smaller_than_stage"] == {
+        "base64": {"resolution": 64, "images": 1},
+        "sr256": {"resolution": 256, "images": 2},
+        "sr1024": {"resolution": 1024, "images": 4},
+    }
+    notes = [line for line in lines if "NOTE" in line]
+    assert len(notes) == 2
+    assert "2 of 4 images are smaller than 256 px, sr256's resolution" in notes[0]
+    assert "4 of 4 images are smaller than 1024 px" in notes[1] and "upsampled" in notes[1]
+
+
 def test_rerun_gives_byte_identical_shards(tmp_path: Path) -> None:
     src = tmp_path / "images"
     make_bad_corpus(src)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagen.config import ConfigError, DataConfig, Params
+from imagen.config import STAGE_RESOLUTIONS, ConfigError, DataConfig, Params
 from imagen.data.normalise import (  # noqa: F401 - names users of ingest import from here
     JPEG_QUALITY,
     Result,
@@ -71,7 +71,7 @@ from imagen.data.normalise import (  # noqa: F401 - names users of ingest import
 )
 from imagen.data.parts import KeySet, Part
 from imagen.data.shards import ShardSetWriter
-from imagen.data.sources import RawRecord, records
+from imagen.data.sources import IMAGE_EXTS, RawRecord, records
 from imagen.data.storage import Store, iter_samples, local_file
 from imagen.progress import progress as progress_bar
 
@@ -93,6 +93,7 @@ class _Tally:
     rejected_counts: Counter[str] = field(default_factory=Counter)
     normalised: Counter[str] = field(default_factory=Counter)
     written: Counter[str] = field(default_factory=Counter)
+    smaller: Counter[str] = field(default_factory=Counter)  # stage -> images stored below it
     keys: KeySet = field(default_factory=KeySet)
 
     def reject(self, reason: str, key: str, origin: str, detail: str) -> None:
@@ -117,6 +118,8 @@ def _route(res: Result, cfg: DataConfig, every: int, tally: _Tally) -> str | Non
         tally.reject(res.reason, res.key, res.origin, res.detail)
         return None
     tally.normalised.update(set(res.notes))
+    side = min(json.loads(res.sample["json"])["size"]) if res.sample else 0
+    tally.smaller.update(st for st, (r, _) in STAGE_RESOLUTIONS.items() if side < r)
     split = res.split
     if split is None:
         due = tally.accepted % every == every - 1
@@ -147,6 +150,10 @@ def _manifest(cfg: DataConfig, tally: _Tally, shards: list[dict[str, Any]]) -> d
         "rejected_by_reason": dict(sorted(tally.rejected_counts.items())),
         "rejected": {k: tally.rejected[k] for k in sorted(tally.rejected)},
         "normalised": dict(sorted(tally.normalised.items())),
+        "smaller_than_stage": {
+            st: {"resolution": r, "images": tally.smaller[st]}
+            for st, (r, _) in STAGE_RESOLUTIONS.items()
+        },
         "resolution_filter": {
             "min_resolution": cfg.min_resolution,
             "image_size": cfg.image_size,
@@ -233,8 +240,51 @@ def _finish(
             f"ingest: WARNING: data.num_holdout is {cfg.num_holdout} but only "
             f"{counts['holdout']} images could be held out ({counts['written']} accepted)"
         )
+    _say_smaller(cfg, tally, counts["written"], log)
     manifest["images_per_s"] = rate
+    if counts["written"] == 0:
+        raise ConfigError(_nothing_accepted(cfg, tally, out))
     return manifest
+
+
+def _say_smaller(cfg: DataConfig, tally: _Tally, written: int, log: Callable[[str], Any]) -> None:
+    """A note for each SR stage whose resolution some images are stored below: the loader
+    upsamples them (bicubic), so that stage partly learns to reproduce upsampling."""
+    for st, (r, low) in STAGE_RESOLUTIONS.items():
+        n = tally.smaller[st]
+        if low is None or not n or not written:
+            continue
+        log(
+            f"ingest: NOTE: {n} of {written} images are smaller than {r} px, {st}'s resolution: "
+            f"{st} trains on them upsampled, so it partly learns to redo a bicubic upsampling "
+            f"rather than add detail (NeMo's {st} data keeps only images of {r} px and up)"
+        )
+
+
+# what to do when every image was rejected for one reason (the most common one is named)
+_FIXES = {
+    "missing_caption": "give each image a caption: a captions.csv (file,caption), captions.jsonl,"
+    " metadata.csv / metadata.jsonl (file_name,text), or a .txt of the same name beside it",
+    "empty_caption": "the captions are empty",
+    "below_min_resolution": "the images are smaller than data.min_resolution",
+    "not_an_image": "the files are not images PIL can open",
+    "missing_image": "the shards' samples have no image member (jpg, png, webp, ...)",
+    "unreadable_source": "the source could not be read",
+}
+
+
+def _nothing_accepted(cfg: DataConfig, tally: _Tally, out: Store) -> str:
+    """The error for an ingest that accepted no image: why, and what to do."""
+    where = str(cfg.source_path or cfg.source)
+    if not tally.rejected_counts:
+        return f"data.source_path: {where} holds no image ({', '.join(IMAGE_EXTS)})"
+    reason = tally.rejected_counts.most_common(1)[0][0]
+    fix = _FIXES.get(reason, f"most were rejected as {reason}")
+    return (
+        f"data.source_path: no image of {where} was accepted "
+        f"({dict(tally.rejected_counts)}): {fix}; every rejected file and why is in "
+        f"{out}/manifest.json"
+    )
 
 
 def ingest(
