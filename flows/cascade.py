@@ -136,8 +136,9 @@ def run_stage(
     seconds = time.monotonic() - start
     if rc != 0:
         raise StageFailed(stage, rc, tail)
-    ran = any(t.status == "ran" for t in timer.finish(True))
-    return {"stage": stage, "status": "ran" if ran else "cached", "seconds": round(seconds, 1)}
+    statuses = {t.status for t in timer.finish(True)}
+    status = next((s for s in ("ran", "checked") if s in statuses), "cached")
+    return {"stage": stage, "status": status, "seconds": round(seconds, 1)}
 
 
 def _metrics(root: Path) -> dict[str, float]:

@@ -80,11 +80,12 @@ def map_parts(stage: str, root: str, count: int, dask: str | None = None) -> lis
 
 
 def stale(stage: str, root: str) -> bool:
-    """Whether ``dvc status`` says ``stage`` would run (so its parts are worth running)."""
+    """Whether ``dvc status`` says ``stage`` itself would run (so its parts are worth running;
+    the ``source`` stage upstream is listed at every status, as DVC always runs it)."""
     out = subprocess.run(
         ["dvc", "status", "--json", stage], cwd=root, capture_output=True, text=True, check=False
     )
     try:
-        return bool(json.loads(out.stdout or "{}"))
+        return stage in json.loads(out.stdout or "{}")
     except ValueError:
         return True

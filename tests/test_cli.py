@@ -126,6 +126,8 @@ def test_outside_dvc_there_is_no_execution_parent(workdir: Path) -> None:
 
 def test_repro_timer_follows_dvc_output() -> None:
     lines = [
+        (-1.0, "Running stage 'source':"),
+        (-0.5, "> imagen ingest --fingerprint data/source.json"),
         (0.0, "Stage 'ingest' didn't change, skipping"),
         (1.0, "Running stage 'train@base64':"),
         (1.5, "> imagen train --stage base64"),
@@ -138,12 +140,13 @@ def test_repro_timer_follows_dvc_output() -> None:
         timer.feed(line, now=t)
     stages = timer.finish(ok=False, now=14.0)
     assert [(s.stage, s.status) for s in stages] == [
+        ("source", "checked"),  # DVC runs it at every repro: a listing, not work
         ("ingest", "skipped"),
         ("train@base64", "ran"),
         ("evaluate", "failed"),
     ]
-    assert stages[1].seconds == pytest.approx(8.0)
-    assert stages[2].seconds == pytest.approx(4.5)
+    assert stages[2].seconds == pytest.approx(8.0)
+    assert stages[3].seconds == pytest.approx(4.5)
     assert "train@base64" in timer.summary(14.0)
 
 

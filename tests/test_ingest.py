@@ -16,6 +16,7 @@ from PIL import Image
 
 from imagen.config import ConfigError, DataConfig
 from imagen.data.ingest import ingest
+from imagen.data.sources import fingerprint
 
 SIZE, MIN_RES = 64, 32
 
@@ -417,3 +418,30 @@ def test_folder_sorted_by_kind_gives_mixed_shards_fixed_by_the_seed(tmp_path: Pa
     assert run(0, "again") == (train, held)  # deterministic, held-out set included
     other, other_held = run(1, "s1")
     assert other != train and sorted(other + other_held) == sorted(train + held)
+
+
+def test_the_source_fingerprint_changes_with_the_folders_files_only(tmp_path: Path) -> None:
+    """What dvc.yaml's source stage writes: a new, edited or removed image or caption changes
+    it; reading the folder (an ingest) does not; the embedded set's never changes."""
+    src = tmp_path / "images"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png(_noise((40, 40), seed=1)))
+    (src / "a.txt").write_text("first")
+    cfg = _cfg(tmp_path, source="folder", source_path=str(src))
+    first = fingerprint(cfg)
+    assert first["files"] == 2 and first["bytes"] == sum(p.stat().st_size for p in src.iterdir())
+    ingest(cfg, progress=False)
+    assert fingerprint(cfg) == first
+    (src / "b.png").write_bytes(_png(_noise((40, 40), seed=2)))
+    with_b = fingerprint(cfg)
+    assert with_b["sha256"] != first["sha256"] and with_b["files"] == 3
+    (src / "b.png").unlink()
+    assert fingerprint(cfg) == first
+    (src / "a.txt").write_text("second caption")
+    assert fingerprint(cfg)["sha256"] != first["sha256"]
+    embedded = _cfg(tmp_path, source="embedded")
+    assert fingerprint(embedded) == fingerprint(embedded) and fingerprint(embedded)["files"] == 0
+    tar = tmp_path / "src-000.tar"
+    _source_tar(tar)
+    shards = fingerprint(_cfg(tmp_path, source="webdataset", source_path=str(tar)))
+    assert shards["files"] == 1 and shards["bytes"] == tar.stat().st_size

@@ -71,7 +71,7 @@ from imagen.data.normalise import (  # noqa: F401 - names users of ingest import
 )
 from imagen.data.parts import KeySet, Part
 from imagen.data.shards import ShardSetWriter
-from imagen.data.sources import IMAGE_EXTS, RawRecord, records
+from imagen.data.sources import IMAGE_EXTS, RawRecord, records, write_fingerprint
 from imagen.data.storage import Store, iter_samples, local_file
 from imagen.progress import progress as progress_bar
 
@@ -466,6 +466,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no progress bar (a log that is not a terminal still gets a line every 30 s)",
     )
     parser.add_argument(
+        "--fingerprint",
+        default=None,
+        metavar="FILE",
+        help="only write what the source holds (its files' paths, sizes and times, hashed) to "
+        "FILE and exit: dvc.yaml's `source` stage, so ingest re-runs when your folder changes",
+    )
+    parser.add_argument(
         "--part",
         default=None,
         metavar="K/N",
@@ -477,6 +484,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, params: Params) -> int:
     from imagen.mlops.tracking import stage_run
 
+    if args.fingerprint:  # DVC's `source` stage: a listing, no MLflow run
+        return write_fingerprint(params.data, Path(args.fingerprint))
     if args.part is not None:  # one share of the work: no shards, no MLflow run yet
         part = Part.parse(args.part)
         ingest_part(params.data, part, workers=args.workers, progress=not args.no_progress)

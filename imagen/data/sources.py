@@ -289,3 +289,60 @@ def records(
             total = sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
         return _folder_records(cfg, part), total
     return _webdataset_records(cfg, errors, part), None
+
+
+def _local_files(cfg: DataConfig) -> list[Path]:
+    """The local files ingest would read (none for the embedded set or a remote URL)."""
+    if cfg.source == "folder":
+        folder = Path(cfg.source_path) if isinstance(cfg.source_path, str) else None
+        return (
+            sorted(p for p in folder.rglob("*") if p.is_file())
+            if folder and folder.is_dir()
+            else []
+        )
+    if cfg.source != "webdataset" or not cfg.source_path:
+        return []
+    try:
+        urls = expand_source(cfg.source_path, cfg.source_root)
+    except ConfigError:
+        return []  # ingest itself says what is wrong with the source
+    if isinstance(urls, str):
+        import webdataset as wds
+
+        urls = wds.shardlists.expand_urls(urls)
+    paths = (
+        Path(u.removeprefix("file://")) for u in urls if "://" not in u or u.startswith("file://")
+    )
+    return sorted(p for p in paths if p.is_file())
+
+
+def fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """What ingest would read, told cheaply: the source and, for a folder or local shards, the
+    number, total size and a sha256 of every file's path, size and modification time.
+
+    DVC tracks params.yaml and the code, not a folder's files: dvc.yaml's ``source`` stage
+    writes this at every repro, and ingest depends on it, so adding, removing or editing an
+    image or caption makes ingest (and only then what follows it) stale.
+    """
+    files = _local_files(cfg)
+    digest = hashlib.sha256()
+    size = 0
+    for path in files:
+        st = path.stat()
+        size += st.st_size
+        line = f"{path.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))
+    return {
+        "source": cfg.source,
+        "source_path": cfg.source_path,
+        "files": len(files),
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def write_fingerprint(cfg: DataConfig, path: Path) -> int:
+    """:func:`fingerprint` as JSON in ``path`` (``imagen ingest --fingerprint``); returns 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint(cfg), indent=1, sort_keys=True) + "\n")
+    return 0

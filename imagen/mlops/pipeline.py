@@ -39,12 +39,18 @@ from imagen.mlops.parent import (
 
 # The stages of dvc.yaml, in pipeline order (train is a foreach over the cascade stages).
 DVC_STAGES: tuple[str, ...] = (
+    "source",
     "ingest",
     "precache",
     *(f"train@{s}" for s in STAGES),
     "evaluator",
     "evaluate",
 )
+
+# Stages DVC runs at every repro (always_changed): `source` lists the data source's files so
+# that ingest re-runs when they change. Such a run is "checked": it is not work that ran.
+CHECK_STAGES: tuple[str, ...] = ("source",)
+WORK = ("ran", "failed")  # the statuses of a stage that did (or tried to do) work
 
 # What `dvc repro` prints around each stage (DVC 3).
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -60,7 +66,7 @@ class StageTiming:
     """How one stage went in a `dvc repro`."""
 
     stage: str
-    status: str  # ran | skipped | failed
+    status: str  # ran | skipped | failed | checked (a CHECK_STAGES stage that ran)
     seconds: float = 0.0
 
 
@@ -81,6 +87,7 @@ class ReproTimer:
             self._current = StageTiming(m.group(1), "running")
             self._started = now
         elif m := _SKIPPED.match(text):
+            self._close("ran", now)  # a stage whose lock did not change prints no update
             self.stages.append(StageTiming(m.group(1), "skipped"))
         elif _LOCK.match(text):
             self._close("ran", now)
@@ -91,7 +98,8 @@ class ReproTimer:
 
     def _close(self, status: str, now: float) -> None:
         if self._current is not None:
-            self._current.status = status
+            checked = status == "ran" and self._current.stage in CHECK_STAGES
+            self._current.status = "checked" if checked else status
             self._current.seconds = now - self._started
             self.stages.append(self._current)
             self._current = None
@@ -187,7 +195,7 @@ def repro(
     total = time.monotonic() - start
     if parent:
         _close_repro_parent(params, parent, rc, timings, total)
-        if not any(t.status != "skipped" for t in timings):
+        if not any(t.status in WORK for t in timings):
             parent = None
     return rc, timings, parent
 
@@ -197,11 +205,11 @@ def _close_repro_parent(
 ) -> None:
     try:
         client, _ = client_and_experiment(params)
-        if not any(t.status != "skipped" for t in timings):
+        if not any(t.status in WORK for t in timings):
             client.delete_run(parent)
             return
         for t in timings:
-            if t.status != "skipped":
+            if t.status in WORK:
                 key = "time_s/" + t.stage.replace("@", "_")
                 client.log_metric(parent, key, t.seconds)
         client.log_metric(parent, "time_s/total", total)
