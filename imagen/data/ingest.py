@@ -240,14 +240,14 @@ def _finish(
             f"ingest: WARNING: data.num_holdout is {cfg.num_holdout} but only "
             f"{counts['holdout']} images could be held out ({counts['written']} accepted)"
         )
-    _say_smaller(cfg, tally, counts["written"], log)
+    _say_smaller(tally, counts["written"], log)
     manifest["images_per_s"] = rate
     if counts["written"] == 0:
         raise ConfigError(_nothing_accepted(cfg, tally, out))
     return manifest
 
 
-def _say_smaller(cfg: DataConfig, tally: _Tally, written: int, log: Callable[[str], Any]) -> None:
+def _say_smaller(tally: _Tally, written: int, log: Callable[[str], Any]) -> None:
     """A note for each SR stage whose resolution some images are stored below: the loader
     upsamples them (bicubic), so that stage partly learns to reproduce upsampling."""
     for st, (r, low) in STAGE_RESOLUTIONS.items():
